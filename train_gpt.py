@@ -612,7 +612,7 @@ class Evaluator:
         windows = plan_windows(self.num_targets, self.seq_len, stride)
         lo, hi = len(windows) * rank // world_size, len(windows) * (rank + 1) // world_size
         self.windows = torch.tensor(windows[lo:hi], dtype=torch.int64, device=device).view(-1, 2)
-        self.batch = max(1, batch_tokens // self.seq_len)
+        self.batch = max(1, min(batch_tokens // self.seq_len, -(-len(windows) // world_size)))
         self.luts, self.device = luts, device
         self.offsets = torch.arange(self.seq_len + 1, device=device)
 
@@ -674,7 +674,7 @@ def quantize_rows(w: Tensor, bits: int, quantiles=(1.0,)) -> tuple[Tensor, Tenso
     best_q, best_scale, best_err = None, None, None
     for quantile in quantiles:
         clip = w.abs().amax(dim=1) if quantile == 1.0 else torch.quantile(w.abs(), quantile, dim=1)
-        scale = (clip / qmax).clamp_min(1e-8).half().float()  # the error is measured with the stored scale
+        scale = (clip / qmax).half().clamp_min(2 ** -24).float()  # as stored: fp16, never 0
         q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
         err = (q * scale[:, None] - w).square().sum(dim=1)
         if best_err is None:
@@ -733,32 +733,37 @@ NUMPY_DTYPES = {"int5": np.int8, "int6": np.int8, "int8": np.int8, "fp16": np.fl
 
 
 def serialize(packed: dict[str, tuple], shape: dict) -> bytes:
-    """One zstd-22 frame per tensor (codes, then scales), behind a compressed JSON index. Separate frames
-    let each tensor's entropy tables fit its own distribution: one frame over all tensors came out 2%
-    larger, measured. The frames compress in parallel."""
+    """A compressed JSON index, one zstd-22 frame per tensor's data, then one frame of all scales.
+    Separate frames let each distribution have its own entropy tables: one frame over everything came
+    out 2% larger, and scales sharing a block with codes up to 2.6%, measured. Frames compress in parallel."""
     names = sorted(packed)
-    chunks = [b"".join(t.numpy().tobytes() for t in packed[n][1:]) for n in names]
+    chunks = [packed[n][1].numpy().tobytes() for n in names]
+    chunks.append(b"".join(packed[n][2].numpy().tobytes() for n in names if len(packed[n]) == 3))
     with ThreadPoolExecutor() as pool:
         frames = list(pool.map(lambda c: zstandard.ZstdCompressor(level=22).compress(c), chunks))
-    index = [[n, packed[n][0], list(packed[n][1].shape), len(f)] for n, f in zip(names, frames)]
-    header = zstandard.ZstdCompressor(level=22).compress(json.dumps({"shape": shape, "tensors": index}).encode())
+    index = {"shape": shape, "tensors": [[n, packed[n][0], list(packed[n][1].shape)] for n in names],
+             "frames": [len(f) for f in frames]}
+    header = zstandard.ZstdCompressor(level=22).compress(json.dumps(index).encode())
     return len(header).to_bytes(4, "little") + header + b"".join(frames)
 
 
 def deserialize(payload: bytes) -> tuple[dict, dict[str, tuple]]:
     size = int.from_bytes(payload[:4], "little")
     header = json.loads(zstandard.ZstdDecompressor().decompress(payload[4:4 + size]))
-    packed, pos = {}, 4 + size
-    for name, kind, shape, frame_bytes in header["tensors"]:
-        raw = zstandard.ZstdDecompressor().decompress(payload[pos:pos + frame_bytes])
+    frames, pos = [], 4 + size
+    for frame_bytes in header["frames"]:
+        frames.append(zstandard.ZstdDecompressor().decompress(payload[pos:pos + frame_bytes]))
         pos += frame_bytes
+    if pos != len(payload) or len(frames) != len(header["tensors"]) + 1:
+        raise ValueError("frames do not match the index")
+    packed, scale_pos = {}, 0
+    for (name, kind, shape), raw in zip(header["tensors"], frames):
         data = np.frombuffer(raw, dtype=NUMPY_DTYPES[kind], count=math.prod(shape))
         packed[name] = (kind, torch.from_numpy(data.copy()).view(shape))
         if kind.startswith("int"):
-            scales = np.frombuffer(raw, dtype=np.float16, count=shape[0], offset=data.nbytes)
+            scales = np.frombuffer(frames[-1], dtype=np.float16, count=shape[0], offset=scale_pos)
             packed[name] += (torch.from_numpy(scales.copy()),)
-    if pos != len(payload):
-        raise ValueError("trailing bytes")
+            scale_pos += scales.nbytes
     return header["shape"], packed
 
 
@@ -774,24 +779,24 @@ def write_artifact(path: str, packed: dict[str, tuple], shape: dict) -> int:
     return os.path.getsize(path)
 
 
-def read_artifact(path: str, shape: dict) -> dict[str, Tensor]:
+def read_artifact(path: str, shape: dict, variable: str = "LOAD_ARTIFACT") -> dict[str, Tensor]:
     """Reads and checks an artifact; anything wrong with it is a ConfigError naming the file."""
     try:
         blob = Path(path).read_bytes()
     except OSError as e:
-        raise ConfigError(f"LOAD_ARTIFACT={path}: cannot read it ({e.strerror})") from None
+        raise ConfigError(f"{variable}={path}: cannot read it ({e.strerror})") from None
     head = len(ARTIFACT_MAGIC) + 32
     if blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
-        raise ConfigError(f"LOAD_ARTIFACT={path}: not an artifact of this script")
+        raise ConfigError(f"{variable}={path}: not an artifact of this script")
     if len(blob) < head or hashlib.sha256(blob[head:]).digest() != blob[len(ARTIFACT_MAGIC):head]:
-        raise ConfigError(f"LOAD_ARTIFACT={path}: truncated or corrupted (checksum mismatch)")
+        raise ConfigError(f"{variable}={path}: truncated or corrupted (checksum mismatch)")
     try:
         written_shape, packed = deserialize(blob[head:])
     except (zstandard.ZstdError, ValueError, KeyError, TypeError):
-        raise ConfigError(f"LOAD_ARTIFACT={path}: unreadable payload") from None
-    for key, value in written_shape.items():
-        if shape.get(key) != value:
-            raise ConfigError(f"LOAD_ARTIFACT={path} was written with {key.upper()}={value}, "
+        raise ConfigError(f"{variable}={path}: unreadable payload") from None
+    for key in sorted(set(shape) | set(written_shape)):
+        if shape.get(key) != written_shape.get(key):
+            raise ConfigError(f"{variable}={path} was written with {key.upper()}={written_shape.get(key)}, "
                               f"this run has {key.upper()}={shape.get(key)}")
     return dequantize_state(packed)
 
@@ -1081,7 +1086,7 @@ def final_evaluation(args, base_model: GPT, evaluate, artifact_path: str, weight
     log(f"Serialized model int6+zstd: {model_bytes} bytes")
     log(f"Code size: {code_bytes} bytes")
     log(f"Total submission size int6+zstd: {model_bytes + code_bytes} bytes")
-    base_model.load_state_dict(weights if weights is not None else read_artifact(artifact_path, args.shape))
+    base_model.load_state_dict(weights if weights is not None else read_artifact(artifact_path, args.shape, "ARTIFACT_PATH"))
     val_loss, val_bpb, _, _ = evaluate()
     log(f"final_int6_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
     result = dict(roundtrip_val_bpb=val_bpb, bytes_total=model_bytes + code_bytes,

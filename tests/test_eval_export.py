@@ -1,0 +1,695 @@
+"""Evaluation (window plan, Evaluator, bits-per-byte accounting) and export (quantization, size
+estimate, artifact file) of train_gpt.py, on CPU with data the tests generate themselves."""
+import hashlib
+import json
+import math
+import os
+import socket
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import synth
+import train_gpt as tg
+
+CPU = torch.device("cpu")
+
+
+# -----------------------------
+# helpers
+# -----------------------------
+
+
+def hash_nll(x, y):
+    """Deterministic fake per-token NLL that depends on every input token of the window up to and
+    including the position (a rolling hash) and on the target. Values are float32 in [0.25, 10.25),
+    so float64 sums of up to ~10^5 of them are exact and do not depend on the summation order."""
+    h = torch.zeros(x.size(0), dtype=torch.int64)
+    out = []
+    for t in range(x.size(1)):
+        h = (h * 1000003 + x[:, t] + 1) % 2147483647
+        out.append(((h * 31 + y[:, t]) % 9973).float() / 997.3 + 0.25)
+    return torch.stack(out, dim=1)
+
+
+def tiny_gpt(seed=0):
+    """A small real GPT in float32 whose output depends on the whole context: the output projections
+    (zero at init, which would leave only the current and previous token) are randomized."""
+    torch.manual_seed(seed)
+    model = tg.GPT(vocab_size=synth.VOCAB_SIZE, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2,
+                   mlp_mult=2, max_seq_len=64, bigram_vocab_size=64, bigram_dim=16, xsa_last_n=1,
+                   coda_last_n=1, act_dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+    return model.eval()
+
+
+def row_by_row(model):
+    """nll_fn that runs the model on one window at a time: its per-row output cannot depend on what
+    else is in the batch, so any difference between batchings is the evaluator's."""
+    @torch.no_grad()
+    def nll_fn(x, y):
+        return torch.cat([model.token_nll(x[i:i + 1], y[i:i + 1]) for i in range(x.size(0))])
+    return nll_fn
+
+
+def reference_eval(tokens, seq_len, stride, nll_fn, luts):
+    """Straightforward evaluation: one window at a time from plan_windows (checked on its own below)."""
+    n = tokens.numel() - 1
+    L = min(seq_len, n)
+    nll, count, nbytes = 0.0, 0, 0
+    for start, first in tg.plan_windows(n, L, stride):
+        x, y = tokens[start:start + L][None], tokens[start + 1:start + L + 1][None]
+        nll += nll_fn(x, y)[0, first:].double().sum().item()
+        count += L - first
+        nbytes += int(tg.token_bytes(x[0, first:], y[0, first:], luts).sum())
+    loss = nll / count
+    return loss, loss / math.log(2.0) * count / nbytes, count, nbytes
+
+
+def bytes_from_sp(sp, tokens):
+    """Bytes of the targets tokens[1:], straight from the sentencepiece model (not from the LUTs)."""
+    def boundary(i):
+        return sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)
+    total = 0
+    for prev, tok in zip(tokens[:-1].tolist(), tokens[1:].tolist()):
+        if boundary(tok):
+            continue
+        if sp.is_byte(tok):
+            total += 1
+            continue
+        piece = sp.id_to_piece(tok)
+        total += len(piece.lstrip("▁").encode()) if piece.startswith("▁") else len(piece.encode())
+        total += piece.startswith("▁") and not boundary(prev)
+    return total
+
+
+@contextmanager
+def num_threads(n):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def dataset_tokens(ds):
+    files = tg.find_shards(ds["data_path"], "val")
+    return tg.load_validation_tokens(files), spm.SentencePieceProcessor(model_file=ds["tokenizer_path"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small CPU ops run faster on one thread, and a 2-core machine shared with other jobs makes
+    multi-threaded OpenMP spin: one thread keeps these tests fast and the float results reproducible."""
+    with num_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def ds_bytes(tmp_path_factory):
+    return synth.make_dataset(str(tmp_path_factory.mktemp("bf")), n_train_shards=1,
+                              train_tokens_per_shard=1000, byte_fallback=True)
+
+
+@pytest.fixture(scope="module")
+def ds_unk(tmp_path_factory):
+    return synth.make_dataset(str(tmp_path_factory.mktemp("unk")), n_train_shards=1,
+                              train_tokens_per_shard=1000, byte_fallback=False)
+
+
+@pytest.fixture(scope="module")
+def val(ds_bytes):
+    tokens, sp = dataset_tokens(ds_bytes)
+    return tokens, sp, tg.build_byte_luts(sp, CPU)
+
+
+# -----------------------------
+# plan_windows
+# -----------------------------
+
+
+def check_plan(n, seq_len, stride):
+    windows = tg.plan_windows(n, seq_len, stride)
+    L = min(seq_len, n)
+    scored = []
+    for k, (start, first) in enumerate(windows):
+        assert 0 <= start and start + L <= n, (n, seq_len, stride, windows)  # inside the stream
+        assert 0 <= first < L, (n, seq_len, stride, windows)  # scores at least one target
+        if k == 0:
+            assert (start, first) == (0, 0)  # the first window scores all its targets
+        else:
+            # every target it scores has at least seq_len - stride tokens of left context in the window
+            assert first >= L - stride, (n, seq_len, stride, windows)
+        scored.extend(range(start + first, start + L))
+    # every target exactly once, in order (so the context of target t is t - start >= min(t, L - stride))
+    assert scored == list(range(n)), (n, seq_len, stride)
+    expected_windows = 1 if n <= L else 1 + math.ceil((n - L) / stride)
+    assert len(windows) == expected_windows, (n, seq_len, stride)  # no window more than needed
+    if stride == seq_len:  # the scored spans are the plain non-overlapping chunks
+        spans = [(s + f, s + L) for s, f in windows]
+        assert spans == [(a, min(a + L, n)) for a in range(0, n, L)], (n, seq_len)
+
+
+def test_plan_windows_scores_every_target_once_with_most_context():
+    for seq_len in (1, 7, 16, 32):
+        for stride in range(1, seq_len + 1):
+            for n in range(1, 301):
+                check_plan(n, seq_len, stride)
+
+
+def test_plan_windows_record_shape():
+    # The record configuration on a stream like the real one (62M targets is too slow here; the
+    # logic only depends on n mod stride and n < seq_len).
+    for n in (2047, 2048, 2049, 2048 + 63, 2048 + 64, 2048 + 65, 10 ** 5 + 17):
+        check_plan(n, 2048, 64)
+        check_plan(n, 2048, 2048)
+
+
+# -----------------------------
+# Evaluator
+# -----------------------------
+
+EVAL_CASES = [  # (targets, seq_len, stride, batch_tokens)
+    (1000, 32, 8, 32 * 7),
+    (1000, 32, 32, 32 * 3),   # plain, stream not a multiple of seq_len
+    (1024, 32, 32, 32 * 5),   # plain, multiple of seq_len
+    (300, 32, 1, 32 * 64),
+    (1000, 32, 13, 32 * 100),  # one batch holds all 76 windows, padded to 100
+    (20, 32, 8, 32),          # stream shorter than one window
+    (33, 32, 32, 32),         # one full window plus one target
+]
+
+
+@pytest.mark.parametrize("n,seq_len,stride,batch_tokens", EVAL_CASES)
+def test_evaluator_matches_reference(val, n, seq_len, stride, batch_tokens):
+    tokens, sp, luts = val
+    tokens = tokens[:n + 1]
+    ev = tg.Evaluator(tokens, seq_len, stride, luts, CPU, 0, 1, batch_tokens=batch_tokens)
+    got = ev(hash_nll)
+    assert got == reference_eval(tokens, seq_len, stride, hash_nll, luts)  # exact: sums are exact
+    assert got[2] == n  # every target once
+    assert got[3] == bytes_from_sp(sp, tokens)
+
+
+def test_plain_equals_stride_seq_len_and_literal_chunks(val):
+    """stride == seq_len is the plain evaluation. On a stream that is a whole number of windows that is
+    literally non-overlapping chunks; otherwise the last partial chunk is scored in a full window
+    ending at the stream's end (more context than a shorter last window would give)."""
+    tokens, _, luts = val
+    L = 32
+    for n in (1024, 1000):
+        t = tokens[:n + 1]
+        plain = tg.Evaluator(t, L, L, luts, CPU, 0, 1, batch_tokens=4 * L)(hash_nll)
+        nll = count = 0
+        for a in range(0, n, L):
+            start = min(a, n - L)  # the last chunk inside a full window ending at the stream's end
+            x, y = t[start:start + L][None], t[start + 1:start + L + 1][None]
+            nll += hash_nll(x, y)[0, a - start:].double().sum().item()
+            count += L - (a - start)
+        assert count == n and plain[0] == nll / n
+        if n % L == 0:  # also equal to each chunk on its own
+            chunks = t[:n].view(-1, L), t[1:n + 1].view(-1, L)
+            assert plain[0] == hash_nll(*chunks).double().sum().item() / n
+
+
+def test_evaluator_whole_val_stream_counts(val, ds_bytes):
+    """On the whole validation split: tokens = len - 1 and bytes = the documents' UTF-8 bytes."""
+    tokens, sp, luts = val
+    loss, bpb, n_tokens, n_bytes = tg.Evaluator(tokens, 64, 16, luts, CPU, 0, 1, batch_tokens=4096)(hash_nll)
+    assert n_tokens == tokens.numel() - 1
+    assert n_bytes == sum(len(d.encode("utf-8")) for d in ds_bytes["val_text"])
+    assert bpb == pytest.approx(loss / math.log(2) * n_tokens / n_bytes, rel=1e-15)
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    model = tiny_gpt()
+    # The test needs an nll that depends on the whole window: change only the first token.
+    x = torch.randint(0, synth.VOCAB_SIZE, (1, 32), generator=torch.Generator().manual_seed(0))
+    x2 = x.clone()
+    x2[0, 0] = (x[0, 0] + 1) % synth.VOCAB_SIZE
+    with torch.no_grad():
+        assert (model.token_nll(x, x)[0, -1] - model.token_nll(x2, x)[0, -1]).abs() > 1e-4
+    return model
+
+
+def test_evaluator_real_model_sliding_plain_batches(val, gpt):
+    tokens, sp, luts = val
+    tokens = tokens[:601]
+    nll_fn = row_by_row(gpt)
+    L = 32
+    results = {}
+    for stride in (8, L):
+        ref = reference_eval(tokens, L, stride, nll_fn, luts)
+        for bt in (L, 3 * L, 7 * L, 100 * L):  # 3, 7, 100 windows a batch: the last batch is padded
+            results[stride, bt] = tg.Evaluator(tokens, L, stride, luts, CPU, 0, 1, batch_tokens=bt)(nll_fn)
+            assert results[stride, bt] == ref  # bit-identical whatever the batching
+        assert ref[2] == 600 and ref[3] == bytes_from_sp(sp, tokens)
+    plain, sliding = results[L, L], results[8, L]
+    assert plain[2:] == sliding[2:] and plain[0] != sliding[0]  # same targets, different context
+
+
+def test_evaluator_splits_windows_across_ranks(val):
+    tokens, _, luts = val
+    tokens = tokens[:1001]
+    for L, stride in ((32, 8), (32, 32), (2000, 64)):
+        plan = tg.plan_windows(1000, min(L, 1000), stride)
+        for world in (1, 2, 3, 5, len(plan) + 2):  # more ranks than windows: some ranks get none
+            parts = [tg.Evaluator(tokens, L, stride, luts, CPU, r, world).windows.tolist() for r in range(world)]
+            assert [tuple(w) for p in parts for w in p] == plan
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+DIST_CASES = [(600, 32, 8, 3 * 32), (600, 32, 32, 2 * 32), (20, 32, 8, 32)]  # the last: 1 window, 2 ranks
+
+
+def _dist_worker(rank, world_size, port, tokens, luts, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        nll_fn = row_by_row(tiny_gpt())  # built and seeded in each process
+        results = []
+        for n, L, stride, bt in DIST_CASES:
+            ev = tg.Evaluator(tokens[:n + 1], L, stride, luts, CPU, rank, world_size, batch_tokens=bt)
+            loss, bpb, n_tokens, n_bytes = ev(nll_fn)
+            results.append([loss.hex(), bpb.hex(), n_tokens, n_bytes])
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_evaluator_two_ranks_gloo_equals_one(val, tmp_path):
+    tokens, _, luts = val
+    tokens = tokens[:1001].clone()
+    out = tmp_path / "dist.json"
+    mp.spawn(_dist_worker, args=(2, free_port(), tokens, luts, str(out)), nprocs=2, join=True)
+    got = json.loads(out.read_text())
+    nll_fn = row_by_row(tiny_gpt())
+    for (n, L, stride, bt), (loss, bpb, n_tokens, n_bytes) in zip(DIST_CASES, got):
+        one = tg.Evaluator(tokens[:n + 1], L, stride, luts, CPU, 0, 1, batch_tokens=bt)(nll_fn)
+        assert (n_tokens, n_bytes) == one[2:]
+        assert float.fromhex(loss) == pytest.approx(one[0], rel=1e-12, abs=0)
+        assert float.fromhex(bpb) == pytest.approx(one[1], rel=1e-12, abs=0)
+
+
+# -----------------------------
+# bits-per-byte accounting
+# -----------------------------
+
+
+def test_byte_luts_byte_fallback_equal_text_bytes(ds_bytes):
+    """With byte fallback every character is covered, and the rule gives exactly the UTF-8 size of the
+    documents: the stream is BOS doc BOS doc ...; the first token (a BOS) is never a target; every
+    later BOS is a 0-byte boundary; each document's first piece follows a BOS, so the dummy-prefix
+    space sentencepiece adds (and decode drops) is not counted; every other "▁" is a real space."""
+    tokens, sp = dataset_tokens(ds_bytes)
+    assert sp.is_byte(sp.piece_to_id("<0x41>"))  # the model really has byte pieces
+    luts = tg.build_byte_luts(sp, CPU)
+    assert tokens[0] == sp.bos_id() and int((tokens == sp.bos_id()).sum()) == len(ds_bytes["val_text"])
+    used_byte_tokens = sum(sp.is_byte(t) for t in set(tokens.tolist()))
+    assert used_byte_tokens > 5  # the rare words really go through byte pieces
+    n = int(tg.token_bytes(tokens[:-1], tokens[1:], luts).sum())
+    assert n == sum(len(doc.encode("utf-8")) for doc in ds_bytes["val_text"])
+    assert n == bytes_from_sp(sp, tokens)
+    # decode(encode(doc)) == doc, so this is also the decoded text's size
+    assert n == sum(len(sp.decode(sp.encode(doc)).encode()) for doc in ds_bytes["val_text"])
+
+
+def test_byte_luts_without_byte_fallback(ds_unk):
+    """Without byte fallback, uncovered characters become <unk> (consecutive ones one token). The rule
+    (the challenge's own: unk counts 0 and is a boundary) then counts the UTF-8 bytes of the text
+    minus the characters under <unk>, minus the space right after each <unk> (the next piece's "▁"
+    follows a boundary). Comparing with sp.decode would be wrong: <unk> decodes to " ⁇ " and the
+    original characters are lost, so "the decoded text's size" is not what is counted."""
+    tokens, sp = dataset_tokens(ds_unk)
+    luts = tg.build_byte_luts(sp, CPU)
+    unk = sp.unk_id()
+
+    def known(c):
+        return sp.piece_to_id("▁" if c == " " else c) != unk
+
+    expected = dropped_spaces = 0
+    for doc in ds_unk["val_text"]:
+        expected += sum(len(c.encode()) for c in doc if known(c))
+        spaces = sum(1 for i in range(1, len(doc)) if doc[i] == " " and not known(doc[i - 1]))
+        expected -= spaces
+        dropped_spaces += spaces
+    assert int((tokens == unk).sum()) > 10 and dropped_spaces > 5  # the case really occurs
+    n = int(tg.token_bytes(tokens[:-1], tokens[1:], luts).sum())
+    assert n == expected
+    assert n == bytes_from_sp(sp, tokens)
+    assert n < sum(len(doc.encode()) for doc in ds_unk["val_text"])
+
+
+def test_byte_luts_entries(ds_bytes):
+    sp = spm.SentencePieceProcessor(model_file=ds_bytes["tokenizer_path"])
+    base, lead, boundary = tg.build_byte_luts(sp, CPU)
+    assert base.shape == lead.shape == boundary.shape == (sp.vocab_size(),)
+    for i in (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()):
+        assert (base[i], lead[i], boundary[i]) == (0, False, True)
+    for piece, nbytes, space in (("<0x41>", 1, False), ("<0xE6>", 1, False), ("▁", 0, True),
+                                 ("▁the", 3, True), ("—", 3, False)):
+        i = sp.piece_to_id(piece)
+        assert i != sp.unk_id(), piece
+        assert (int(base[i]), bool(lead[i]), bool(boundary[i])) == (nbytes, space, False), piece
+
+
+def test_token_bytes_rule_hand_made():
+    # ids: 0 BOS (control), 1 <unk>, 2 a byte token, 3 "▁ab", 4 "cd", 5 "▁", 6 "▁é" (é: 2 bytes)
+    base = torch.tensor([0, 0, 1, 2, 2, 0, 2], dtype=torch.int16)
+    lead = torch.tensor([0, 0, 0, 1, 0, 1, 1], dtype=torch.bool)
+    boundary = torch.tensor([1, 1, 0, 0, 0, 0, 0], dtype=torch.bool)
+    luts = (base, lead, boundary)
+    cases = {  # (prev, target): bytes
+        (0, 3): 2, (1, 3): 2, (2, 3): 3, (4, 3): 3, (5, 3): 3,  # "▁" +1 unless after a boundary
+        (0, 5): 0, (4, 5): 1, (0, 6): 2, (3, 6): 3,
+        (3, 0): 0, (3, 1): 0, (0, 1): 0,  # control / unknown: 0
+        (0, 2): 1, (3, 2): 1, (2, 4): 2, (0, 4): 2,  # byte tokens 1, no-space pieces their bytes
+    }
+    prev = torch.tensor([p for p, _ in cases])
+    target = torch.tensor([t for _, t in cases])
+    got = tg.token_bytes(prev, target, luts)
+    assert got.tolist() == list(cases.values())
+    assert got.dtype == torch.int32
+
+
+# -----------------------------
+# quantize_rows
+# -----------------------------
+
+
+def random_matrices(seed, heavy):
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = 8 + seed % 17, 16 + 13 * (seed % 11)
+    if heavy:  # student-t with 2..4 degrees of freedom: outliers, where clipping pays
+        df = 2.0 + seed % 3
+        z = torch.randn(rows, cols, generator=g)
+        chi2 = torch.randn(rows, cols, int(df), generator=g).square().sum(-1)
+        w = z / (chi2 / df).sqrt()
+    else:
+        w = torch.randn(rows, cols, generator=g)
+    return w * 10.0 ** (seed % 5 - 3)  # magnitudes 1e-3 .. 10
+
+
+def sse(w, q, s):
+    return (q.double() * s.double()[:, None] - w.double()).square().sum(1)
+
+
+@pytest.mark.parametrize("bits", [5, 6, 8])
+def test_quantize_rows_codes_scales_and_absmax_error(bits):
+    qmax = 2 ** (bits - 1) - 1
+    for seed in range(40):
+        w = random_matrices(seed, heavy=seed % 2 == 1)
+        for quantiles in ((1.0,), tg.CLIP_QUANTILES):
+            q, s = tg.quantize_rows(w, bits, quantiles)
+            assert q.dtype == torch.int8 and q.shape == w.shape
+            assert s.dtype == torch.float16 and s.shape == (w.shape[0],)
+            assert int(q.abs().max()) <= qmax and torch.isfinite(s).all() and (s > 0).all()
+        q, s = tg.quantize_rows(w, bits)  # default: absmax
+        err = (q.double() * s.double()[:, None] - w.double()).abs()
+        assert (err <= s.double()[:, None] / 2 * (1 + 1e-5)).all(), (bits, seed)
+        assert (q.abs().amax(1) >= qmax - 1).all()  # the absmax scale uses the whole range
+
+
+def test_quantize_rows_clip_choice():
+    """Per row, the clip search is never worse than absmax (which is one of the candidates), is the
+    best of the candidate quantiles, and on heavy-tailed rows really helps."""
+    helped = 0
+    for bits in (5, 6):
+        qmax = 2 ** (bits - 1) - 1
+        for seed in range(40):
+            w = random_matrices(seed, heavy=seed % 2 == 1)
+            q0, s0 = tg.quantize_rows(w, bits, (1.0,))
+            q, s = tg.quantize_rows(w, bits, tg.CLIP_QUANTILES)
+            err0, err = sse(w, q0, s0), sse(w, q, s)
+            assert (err <= err0 * (1 + 1e-5)).all(), (bits, seed)
+            for quantile in tg.CLIP_QUANTILES:  # each candidate, recomputed in float64
+                clip = w.abs().amax(1) if quantile == 1.0 else torch.quantile(w.abs(), quantile, dim=1)
+                sc = (clip / qmax).half()
+                qc = torch.clamp(torch.round(w.double() / sc.double()[:, None]), -qmax, qmax)
+                assert (err <= sse(w, qc, sc) * (1 + 1e-5)).all(), (bits, seed, quantile)
+            helped += int((err < 0.9 * err0).sum())
+    assert helped >= 20
+
+
+def test_quantize_rows_zero_and_tiny_rows():
+    w = torch.randn(4, 64)
+    w[1] = 0.0
+    w[2] *= 1e-9
+    for bits in (5, 6, 8):
+        q, s = tg.quantize_rows(w, bits, tg.CLIP_QUANTILES)
+        deq = q.float() * s.float()[:, None]
+        assert torch.isfinite(s).all() and int(q.abs().max()) <= 2 ** (bits - 1) - 1
+        assert (deq[1] == 0).all()
+        assert ((deq[2] - w[2]).abs() <= w[2].abs().max()).all()
+        assert ((deq[0] - w[0]).abs() <= s[0].float()).all()
+
+
+# -----------------------------
+# quantize_state
+# -----------------------------
+
+
+def trained_like_state(seed=0, **kw):
+    """A small GPT's state dict with every matrix random (a fresh model has all-zero projections)."""
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=256, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=3,
+               max_seq_len=32, bigram_vocab_size=128, bigram_dim=16, xsa_last_n=2, coda_last_n=1)
+    cfg.update(kw)
+    model = tg.GPT(**cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model.state_dict()
+
+
+def expected_kind(name):
+    if name in ("tok_emb.weight", "bigram.embed.weight"):
+        return "int8"
+    control = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "smear.gate", "bigram.scale",
+               "coda_theta", "coda_gate.bias")
+    if any(name.endswith(c) for c in control):
+        return "fp32"
+    if name.startswith("blocks.") and name.endswith(("c_q.weight", "c_k.weight", "c_v.weight", "attn.proj.weight",
+                                                     "mlp.fc.weight", "mlp.proj.weight")):
+        return "int6"
+    if name == "bigram.proj.weight":
+        return "int6"  # a matrix Muon trains, outside the blocks
+    if name.endswith("coda_gate.weight"):
+        return "fp16"  # small matrix [heads, dim] trained by Adam
+    raise AssertionError(f"unexpected tensor {name}")
+
+
+def test_quantize_state_kinds_and_roundtrip():
+    state = trained_like_state()
+    packed = tg.quantize_state(state)
+    assert set(packed) == set(state)
+    deq = tg.dequantize_state(packed)
+    for name, t in state.items():
+        kind = expected_kind(name)
+        entry = packed[name]
+        assert entry[0] == kind, name
+        if kind.startswith("int"):
+            codes, scales = entry[1:]
+            qmax = 2 ** (int(kind[3:]) - 1) - 1
+            assert codes.dtype == torch.int8 and codes.shape == t.shape and int(codes.abs().max()) <= qmax
+            assert scales.dtype == torch.float16 and scales.shape == (t.shape[0],)
+            s = scales.float()[:, None]
+            inside = t.abs() <= qmax * s  # within the clip: rounding error; outside: clipped to the clip
+            assert ((deq[name] - t).abs() <= s / 2 * (1 + 1e-5))[inside].all(), name
+            assert torch.equal(deq[name][~inside], (t.sign() * qmax * s)[~inside]), name
+        else:
+            assert len(entry) == 2 and entry[1].dtype == (torch.float32 if kind == "fp32" else torch.float16)
+            assert torch.equal(deq[name], t.float() if kind == "fp32" else t.half().float()), name
+        assert deq[name].dtype == torch.float32 and deq[name].shape == t.shape
+    kinds = [v[0] for v in packed.values()]
+    assert kinds.count("int6") == 4 * 6 + 1 and "int5" not in kinds
+
+
+def test_quantize_state_budget_demotes_largest_savings_first():
+    state = trained_like_state()
+    full = tg.quantize_state(state)
+    total = sum(tg.packed_bytes(v) for v in full.values())
+    saving = {}
+    for name, entry in full.items():
+        if entry[0] == "int6":
+            int5 = ("int5", *tg.quantize_rows(state[name], 5, tg.CLIP_QUANTILES))
+            saving[name] = tg.packed_bytes(entry) - tg.packed_bytes(int5)
+    order = sorted(saving, key=lambda n: -saving[n])
+    assert saving[order[0]] > 0
+    for k in (1, 2, 5):
+        budget = total - sum(saving[n] for n in order[:k - 1]) - 0.5 * saving[order[k - 1]]
+        packed = tg.quantize_state(state, budget)
+        demoted = {n for n, v in packed.items() if v[0] == "int5"}
+        assert demoted == set(order[:k]), k  # only as far as needed, largest saving first
+        assert sum(tg.packed_bytes(v) for v in packed.values()) <= budget * (1 + 1e-12)
+        for n in demoted:
+            assert int(packed[n][1].abs().max()) <= 15
+        for n, v in packed.items():  # everything else as without a budget
+            if n not in demoted:
+                assert v[0] == full[n][0] and all(torch.equal(a, b) for a, b in zip(v[1:], full[n][1:])), n
+    # slightly below the all-int6 estimate: some int5, fits; infinite or ample budget: none
+    packed = tg.quantize_state(state, 0.99 * total)
+    assert any(v[0] == "int5" for v in packed.values())
+    assert sum(tg.packed_bytes(v) for v in packed.values()) <= 0.99 * total
+    for budget in (math.inf, total + 1):
+        assert not any(v[0] == "int5" for v in tg.quantize_state(state, budget).values())
+    # impossible budget: every int6 matrix drops, nothing else changes
+    packed = tg.quantize_state(state, 0)
+    assert sorted(n for n, v in packed.items() if v[0] == "int5") == sorted(saving)
+
+
+def test_packed_bytes():
+    assert tg.packed_bytes(("fp32", torch.zeros(3, 5))) == 60
+    assert tg.packed_bytes(("fp16", torch.zeros(7, dtype=torch.float16))) == 14
+    codes = torch.tensor([[0, 1, 2, 3]] * 4, dtype=torch.int8)  # 2 bits each, 16 codes: 4 bytes
+    assert tg.packed_bytes(("int6", codes, torch.ones(4, dtype=torch.float16))) == pytest.approx(4 + 8)
+    assert tg.packed_bytes(("int6", torch.zeros(4, 4, dtype=torch.int8), torch.ones(4).half())) == 8
+
+
+# -----------------------------
+# artifact file
+# -----------------------------
+
+SHAPE = dict(vocab_size=256, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=3.0, rope_dims=0,
+             bigram_vocab_size=128, bigram_dim=16, xsa_last_n=2, coda_last_n=1)
+
+
+@pytest.fixture(scope="module")
+def packed_state():
+    state = trained_like_state()
+    full = tg.quantize_state(state)
+    # some int5 too, so every kind is in the file
+    return tg.quantize_state(state, 0.97 * sum(tg.packed_bytes(v) for v in full.values()))
+
+
+def test_artifact_roundtrip_exact_and_atomic(packed_state, tmp_path):
+    assert {v[0] for v in packed_state.values()} == {"int5", "int6", "int8", "fp16", "fp32"}
+    path = tmp_path / "model.ptz"
+    path.write_bytes(b"an older artifact")
+    size = tg.write_artifact(str(path), packed_state, SHAPE)
+    assert os.listdir(tmp_path) == ["model.ptz"] and size == path.stat().st_size
+    assert path.read_bytes().startswith(tg.ARTIFACT_MAGIC)
+    got, want = tg.read_artifact(str(path), dict(SHAPE)), tg.dequantize_state(packed_state)
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape
+        assert torch.equal(got[name].view(torch.int32), want[name].view(torch.int32)), name  # bit-exact
+    # deterministic bytes: the same state gives the same file
+    tg.write_artifact(str(tmp_path / "again.ptz"), packed_state, SHAPE)
+    assert (tmp_path / "again.ptz").read_bytes() == path.read_bytes()
+
+
+def test_artifact_failed_write_leaves_old_file(packed_state, tmp_path):
+    path = tmp_path / "model.ptz"
+    tg.write_artifact(str(path), packed_state, SHAPE)
+    before = path.read_bytes()
+    bad = dict(packed_state, oops=("fp16", torch.zeros(3, dtype=torch.bfloat16)))  # numpy cannot take bf16
+    with pytest.raises(Exception):
+        tg.write_artifact(str(path), bad, SHAPE)
+    assert os.listdir(tmp_path) == ["model.ptz"] and path.read_bytes() == before
+
+
+def expect_config_error(path, shape=SHAPE, *needles):
+    with pytest.raises(tg.ConfigError) as e:
+        tg.read_artifact(str(path), dict(shape))
+    msg = str(e.value)
+    assert str(path) in msg and "\n" not in msg
+    for needle in needles:
+        assert needle in msg
+    return msg
+
+
+def test_artifact_bad_files(packed_state, tmp_path):
+    good = tmp_path / "good.ptz"
+    tg.write_artifact(str(good), packed_state, SHAPE)
+    blob = good.read_bytes()
+    head = len(tg.ARTIFACT_MAGIC) + 32
+
+    def variant(name, data):
+        p = tmp_path / name
+        p.write_bytes(data)
+        return p
+
+    for cut in (len(blob) - 1, len(blob) // 2, head + 3, head, 20, len(tg.ARTIFACT_MAGIC), 3, 0):
+        expect_config_error(variant(f"cut{cut}.ptz", blob[:cut]))
+    for pos in (head, head + 2, head + 4, head + 100, len(blob) // 2, len(blob) - 1, len(tg.ARTIFACT_MAGIC) + 5):
+        flipped = bytearray(blob)
+        flipped[pos] ^= 0x01
+        expect_config_error(variant(f"flip{pos}.ptz", bytes(flipped)), SHAPE, "corrupted")
+    expect_config_error(variant("magic.ptz", b"PGINT7\x00\x01" + blob[8:]), SHAPE, "not an artifact")
+    expect_config_error(variant("text.ptz", b"hello\n"))
+    expect_config_error(variant("trailing.ptz", blob + b"\x00"))
+    # a valid checksum over a payload that is not ours, or has bytes after its last frame
+    for name, payload in (("garbage", b"\x10\x00\x00\x00" + bytes(range(200))),
+                          ("extra", blob[head:] + b"\x28\xb5\x2f\xfd"),
+                          ("json", (2).to_bytes(4, "little") + b"{}")):
+        expect_config_error(variant(f"{name}.ptz", tg.ARTIFACT_MAGIC + hashlib.sha256(payload).digest() + payload),
+                            SHAPE, "unreadable")
+    expect_config_error(tmp_path / "missing.ptz", SHAPE, "cannot read")
+    expect_config_error(tmp_path, SHAPE, "cannot read")  # a directory
+    # written for another model shape: names the variable and both values
+    expect_config_error(good, dict(SHAPE, num_layers=5), "NUM_LAYERS=4", "NUM_LAYERS=5")
+    expect_config_error(good, dict(SHAPE, mlp_mult=2.0), "MLP_MULT")
+    expect_config_error(good, {k: v for k, v in SHAPE.items() if k != "coda_last_n"}, "CODA_LAST_N")
+    assert tg.read_artifact(str(good), dict(SHAPE)).keys() == packed_state.keys()  # the good one still reads
+
+
+# -----------------------------
+# artifact size against the estimate
+# -----------------------------
+# The export budgets 1.5% under the limit on the strength of packed_bytes (the codes' order-0 entropy
+# + raw scales). Each tensor's codes are their own zstd frame and all scales share one frame: with the
+# scales inside the codes' frame they spoiled the last block's literal statistics (+2.6% at 256x256).
+# Measured with zstandard 0.25 at level 22: codes alone, any size >= 128x128: +0.7% .. +1.4%.
+
+RECORD_LAYER = {  # one record block's matrices (MODEL_DIM 512, 4 KV heads of 64, MLP_MULT 3) + embedding
+    "blocks.0.attn.c_q.weight": (512, 512), "blocks.0.attn.c_k.weight": (256, 512),
+    "blocks.0.attn.c_v.weight": (256, 512), "blocks.0.attn.proj.weight": (512, 512),
+    "blocks.0.mlp.fc.weight": (1536, 512), "blocks.0.mlp.proj.weight": (512, 1536),
+    "tok_emb.weight": (1024, 512), "blocks.0.attn_scale": (512,), "blocks.0.resid_mix": (2, 512),
+}
+
+
+def gaussian_state(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=g) * (0.005 if n == "tok_emb.weight" else 0.02) for n, s in shapes.items()}
+
+
+def size_ratio(shapes, tmp_path):
+    packed = tg.quantize_state(gaussian_state(shapes))
+    size = tg.write_artifact(str(tmp_path / "size.ptz"), packed, SHAPE)
+    return size / sum(tg.packed_bytes(v) for v in packed.values())
+
+
+def test_artifact_size_within_margin_record_shapes(tmp_path):
+    ratio = size_ratio(RECORD_LAYER, tmp_path)
+    assert 1 / 1.015 < ratio <= 1.015, ratio
+    # the export's own margin: a file estimated at 0.985 x the limit fits
+    assert ratio * 0.985 < 1.0
+
+
+def test_artifact_size_within_margin_small_matrices(tmp_path):
+    ratio = size_ratio({f"blocks.{i}.mlp.fc.weight": (256, 256) for i in range(4)}, tmp_path)
+    assert ratio <= 1.015, ratio
