@@ -98,6 +98,9 @@ class Hyperparameters:
         self.bigram_dim = _env("BIGRAM_DIM", 128)
         self.xsa_last_n = _env("XSA_LAST_N", 3)
         self.coda_last_n = self.num_layers if _flag("CODA_ENABLED", False) else _env("CODA_LAST_N", 0)
+        self.mlp_leaky_slope = _env("MLP_LEAKY_SLOPE", 0.0, float)
+        self.ln_scale = _flag("LN_SCALE", False)
+        self.late_qat = _env("LATE_QAT", 0.0, float)
         # Batches and length of training.
         self.train_seq_len = _env("TRAIN_SEQ_LEN", 2048)
         self.eval_seq_len = _env("EVAL_SEQ_LEN", 2048)
@@ -157,6 +160,7 @@ class Hyperparameters:
         need(0 <= self.coda_last_n <= self.num_layers, f"CODA_LAST_N={self.coda_last_n}: expected 0..{self.num_layers}")
         need(self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE=1: expected 0 (off) or at least 2 buckets")
         need(self.bigram_vocab_size == 0 or self.bigram_dim >= 1, f"BIGRAM_DIM={self.bigram_dim}: expected >= 1")
+        need(0.0 <= self.late_qat < 1.0, f"LATE_QAT={self.late_qat}: expected a number in [0, 1) (0 = off)")
         need(0.0 < self.ema_decay < 1.0, f"EMA_DECAY={self.ema_decay}: expected a number in (0, 1)")
         need(0 <= self.eval_stride <= self.eval_seq_len,
              f"EVAL_STRIDE={self.eval_stride}: expected 0..EVAL_SEQ_LEN={self.eval_seq_len}")
@@ -170,7 +174,7 @@ class Hyperparameters:
     def shape(self) -> dict:
         """What an artifact must agree on to be loaded into this model."""
         keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
-                "bigram_vocab_size", "bigram_dim", "xsa_last_n", "coda_last_n")
+                "bigram_vocab_size", "bigram_dim", "xsa_last_n", "coda_last_n", "mlp_leaky_slope", "ln_scale")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -356,12 +360,31 @@ def token_bytes(prev: Tensor, target: Tensor, luts: tuple[Tensor, Tensor, Tensor
 # -----------------------------
 
 
+def fake_int6(w: Tensor) -> Tensor:
+    """w rounded to the int6 per-row absmax grid of the export (in value, not in storage)."""
+    scale = w.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 31
+    return torch.clamp(torch.round(w.detach() / scale), -31, 31) * scale
+
+
 class CastedLinear(nn.Linear):
-    """Weights stay fp32 for the optimizer; the product runs in the activations' dtype (bf16)."""
+    """Weights stay fp32 for the optimizer; the product runs in the activations' dtype (bf16).
+    With quantization-aware training enabled (GPT.__init__ decides), the forward uses the int6-rounded
+    weights when the `qat` buffer is 1, with straight-through gradients. A buffer, not a Python flag:
+    the compiled graph reads it at run time, so switching it on mid-run takes effect (tested)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("qat", None, persistent=False)
+
+    def enable_qat(self) -> None:
+        self.qat = torch.zeros((), device=self.weight.device)
 
     def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if self.qat is not None:
+            w = w + self.qat * (fake_int6(w) - w.detach())
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        return F.linear(x, w.to(x.dtype), bias)
 
 
 def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -460,22 +483,27 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, mlp_mult: float):
+    """leaky_relu(x, slope)² (slope 0: relu²)."""
+
+    def __init__(self, dim: int, mlp_mult: float, leaky_slope: float = 0.0):
         super().__init__()
         hidden = int(mlp_mult * dim)
         self.fc = CastedLinear(dim, hidden, bias=False)
         self.proj = CastedLinear(hidden, dim, bias=False)
         self.proj.zero_init = True
+        self.leaky_slope = leaky_slope
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(torch.relu(self.fc(x)).square())
+        return self.proj(F.leaky_relu(self.fc(x), self.leaky_slope).square())
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, mlp_mult: float, attn: CausalSelfAttention):
+    def __init__(self, dim: int, mlp_mult: float, attn: CausalSelfAttention, leaky_slope: float = 0.0,
+                 norm_scale: float = 1.0):
         super().__init__()
         self.attn = attn
-        self.mlp = MLP(dim, mlp_mult)
+        self.mlp = MLP(dim, mlp_mult, leaky_slope)
+        self.norm_scale = norm_scale  # scales the normalized inputs of attention and MLP
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
@@ -483,8 +511,8 @@ class Block(nn.Module):
     def forward(self, x: Tensor, x0: Tensor) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(F.rms_norm(x, (x.size(-1),)))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(F.rms_norm(x, (x.size(-1),)) * self.norm_scale)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)) * self.norm_scale)
 
 
 class SmearGate(nn.Module):
@@ -522,7 +550,8 @@ class GPT(nn.Module):
                  mlp_mult: float, max_seq_len: int, rope_dims: int = 0, rope_base: float = 10000.0,
                  bigram_vocab_size: int = 0, bigram_dim: int = 128, xsa_last_n: int = 0, coda_last_n: int = 0,
                  logit_softcap: float = 30.0, qk_gain_init: float = 1.5, tied_embed_init_std: float = 0.005,
-                 act_dtype: torch.dtype = torch.bfloat16):
+                 act_dtype: torch.dtype = torch.bfloat16, mlp_leaky_slope: float = 0.0, ln_scale: bool = False,
+                 qat: bool = False):
         super().__init__()
         self.logit_softcap, self.act_dtype = logit_softcap, act_dtype
         self.tok_emb = nn.Embedding(vocab_size, model_dim)
@@ -533,11 +562,21 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(
             Block(model_dim, mlp_mult, CausalSelfAttention(
                 model_dim, num_heads, num_kv_heads, rotary, qk_gain_init,
-                xsa=i >= num_layers - xsa_last_n, coda=i >= num_layers - coda_last_n))
+                xsa=i >= num_layers - xsa_last_n, coda=i >= num_layers - coda_last_n),
+                mlp_leaky_slope, 1 / math.sqrt(i + 1) if ln_scale else 1.0)
             for i in range(num_layers))
         self.num_skips = num_layers // 2  # U-Net: the first half's outputs feed the second half in reverse
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, model_dim))
         self._init_weights(tied_embed_init_std)
+        if qat:  # the matrices exported as int6
+            for name, module in self.named_modules():
+                if isinstance(module, CastedLinear) and export_kind(f"{name}.weight", module.weight) == "int6":
+                    module.enable_qat()
+
+    def set_qat(self, on: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, CastedLinear) and module.qat is not None:
+                module.qat.fill_(float(on))
 
     def _init_weights(self, tied_embed_init_std: float) -> None:
         nn.init.normal_(self.tok_emb.weight, std=tied_embed_init_std)
@@ -576,7 +615,8 @@ def build_model(args: Hyperparameters, device: torch.device) -> GPT:
     return GPT(args.vocab_size, args.num_layers, args.model_dim, args.num_heads, args.num_kv_heads, args.mlp_mult,
                max(args.train_seq_len, args.eval_seq_len), args.rope_dims, args.rope_base, args.bigram_vocab_size,
                args.bigram_dim, args.xsa_last_n, args.coda_last_n, args.logit_softcap, args.qk_gain_init,
-               args.tied_embed_init_std, compute_dtype(device)).to(device)
+               args.tied_embed_init_std, compute_dtype(device), args.mlp_leaky_slope, args.ln_scale,
+               args.late_qat > 0).to(device)
 
 
 # -----------------------------
@@ -960,7 +1000,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
     loader = DistributedTokenLoader(train_files, rank, world_size, device)
     average = WeightAverage(base_model, args)
     cap_ms = 1000.0 * args.max_wallclock_seconds
-    train_ms, step, stop_at, pending = 0.0, 0, None, None
+    train_ms, step, stop_at, pending, qat_on = 0.0, 0, None, None, False
     sync()
     t0 = time.perf_counter()
     while True:
@@ -983,6 +1023,10 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * scale
+        if args.late_qat > 0 and scale < args.late_qat and not qat_on:
+            base_model.set_qat(True)
+            qat_on = True
+            log(f"late_qat: int6 fake quantization on from step {step} (lr scale {scale:.3f})")
         train_loss = run_step(loader)
         step += 1
         average.update(step, scale)
@@ -1003,6 +1047,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
             stop_at = step
     if pending is not None:
         read_flags(pending)
+    base_model.set_qat(False)  # evaluations and export see the plain weights, as LOAD_ARTIFACT will
     log(f"weights for export: {average.apply()}")
     return step, train_ms
 

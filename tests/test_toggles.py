@@ -1,0 +1,111 @@
+"""The quality toggles: MLP_LEAKY_SLOPE, LN_SCALE, LATE_QAT. Each must really change the model, and
+late QAT must take effect inside a compiled forward (one record's switch was constant-folded away)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import synth
+import train_gpt as tg
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_gpt(**kw) -> tg.GPT:
+    torch.manual_seed(0)
+    model = tg.GPT(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2,
+                   max_seq_len=16, bigram_vocab_size=16, bigram_dim=8, xsa_last_n=1, act_dtype=torch.float32, **kw)
+    for module in model.modules():  # leave the zero init: outputs must depend on every layer
+        if isinstance(module, tg.CastedLinear):
+            torch.nn.init.normal_(module.weight, std=0.2)
+    return model
+
+
+def test_leaky_slope_zero_is_relu_squared_and_slope_changes_negative_side():
+    mlp = tg.MLP(8, 2, leaky_slope=0.0)
+    torch.nn.init.normal_(mlp.proj.weight)
+    x = torch.randn(5, 8)
+    assert torch.allclose(mlp(x), mlp.proj(torch.relu(mlp.fc(x)).square()))
+    mlp.leaky_slope = 0.5
+    h = mlp.fc(x)
+    assert (h < 0).any()
+    assert torch.allclose(mlp(x), mlp.proj(torch.where(h > 0, h, 0.5 * h).square()))
+
+
+def test_ln_scale_scales_each_layers_normalized_inputs():
+    plain, scaled = tiny_gpt(), tiny_gpt(ln_scale=True)
+    assert [b.norm_scale for b in plain.blocks] == [1.0, 1.0, 1.0]
+    assert [b.norm_scale for b in scaled.blocks] == pytest.approx([1.0, 2 ** -0.5, 3 ** -0.5])
+    ids = torch.randint(0, 64, (2, 16))
+    x0 = torch.randn(2, 16, 32)
+    assert torch.equal(plain.blocks[0](x0, x0), scaled.blocks[0](x0, x0))  # layer 0: scale 1
+    assert not torch.allclose(plain.token_nll(ids, ids), scaled.token_nll(ids, ids))
+
+
+def test_qat_buffers_cover_the_int6_matrices_and_stay_out_of_the_state_dict():
+    model = tiny_gpt(qat=True, coda_last_n=1)
+    with_qat = {n for n, m in model.named_modules() if isinstance(m, tg.CastedLinear) and m.qat is not None}
+    int6 = {n.removesuffix(".weight") for n, p in model.named_parameters() if tg.export_kind(n, p) == "int6"}
+    assert with_qat == int6 and "blocks.2.attn.coda_gate" not in with_qat
+    assert not any("qat" in k for k in model.state_dict())
+    assert all(m.qat is None for m in tiny_gpt().modules() if isinstance(m, tg.CastedLinear))
+
+
+def test_qat_switch_takes_effect_in_a_compiled_forward_without_recompiling():
+    model = tiny_gpt(qat=True)
+    ids = torch.randint(0, 64, (2, 16))
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model.token_nll, backend=counting_backend, fullgraph=True)
+    off = compiled(ids, ids)
+    model.set_qat(True)
+    on = compiled(ids, ids)
+    model.set_qat(False)
+    off_again = compiled(ids, ids)
+    assert len(compiles) == 1
+    assert torch.equal(off, off_again) and not torch.allclose(off, on)
+
+    # "on" is exactly the model with its matrices rounded to the int6 grid, and gradients pass straight through
+    reference = tiny_gpt()
+    with torch.no_grad():
+        for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+            q.copy_(tg.fake_int6(p) if tg.export_kind(name, p) == "int6" else p)
+    assert torch.allclose(on, reference.token_nll(ids, ids), atol=1e-5)
+    model.set_qat(True)
+    model(ids, ids).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".fc." in n)
+
+
+def test_fake_int6_is_the_absmax_int6_grid():
+    w = torch.randn(6, 40)
+    q = tg.fake_int6(w)
+    scale = w.abs().amax(dim=1, keepdim=True) / 31
+    codes = q / scale
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 31 + 1e-4
+    assert ((q - w).abs() <= scale / 2 + 1e-6).all()
+
+
+def test_late_qat_switches_on_once_during_the_warmdown(tmp_path):
+    data = synth.make_dataset(str(tmp_path / "data"), n_train_shards=1, train_tokens_per_shard=20_000, val_docs=10)
+    env = dict(os.environ, DATA_PATH=data["data_path"], TOKENIZER_PATH=data["tokenizer_path"],
+               VOCAB_SIZE=str(data["vocab_size"]), NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="4",
+               NUM_KV_HEADS="2", MLP_MULT="2", TRAIN_SEQ_LEN="32", EVAL_SEQ_LEN="32", TRAIN_BATCH_TOKENS="128",
+               GRAD_ACCUM_STEPS="1", ITERATIONS="8", MAX_WALLCLOCK_SECONDS="0", WARMDOWN_ITERS="8",
+               WARMUP_STEPS="1", EVAL_STRIDE="0", BIGRAM_VOCAB_SIZE="0", LATE_QAT="0.5", LN_SCALE="1",
+               MLP_LEAKY_SLOPE="0.5", XSA_LAST_N="1", RUN_ID="qat", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    log = (tmp_path / "logs" / "qat.txt").read_text()
+    # lr scale = (8 - step) / 8 falls below 0.5 first at step 5
+    assert [line for line in log.splitlines() if line.startswith("late_qat:")] == [
+        "late_qat: int6 fake quantization on from step 5 (lr scale 0.375)"]
+    assert "final_int6_roundtrip_exact" in log
