@@ -254,7 +254,7 @@ class Muon(torch.optim.Optimizer):
 # -----------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
-DOWNLOAD_HINT = ("download them with `python3 data/cached_challenge_fineweb.py --variant sp1024` "
+DOWNLOAD_HINT = ("download the data with `python3 data/cached_challenge_fineweb.py --variant sp1024` "
                  "from the parameter-golf repository")
 
 
@@ -271,32 +271,38 @@ def shard_num_tokens(path: str) -> int:
     return int(header[2])
 
 
-def load_shard(path: str) -> np.ndarray:
-    return np.fromfile(path, dtype="<u2", count=shard_num_tokens(path), offset=4 * HEADER_INTS)
+def load_shard(path: str, vocab_size: int) -> np.ndarray:
+    tokens = np.fromfile(path, dtype="<u2", count=shard_num_tokens(path), offset=4 * HEADER_INTS)
+    if len(tokens) and tokens.max() >= vocab_size:  # tokens of another tokenizer: refuse, never index past
+        raise ConfigError(f"{path}: token id {tokens.max()} is outside VOCAB_SIZE={vocab_size}")
+    return tokens
 
 
-def find_shards(data_path: str, split: str) -> list[str]:
+def find_shards(data_path: str, split: str, min_tokens: int) -> list[str]:
+    """The split's shards, every header checked, holding at least min_tokens in all."""
     files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
     if not files:
         raise ConfigError(f"DATA_PATH={data_path} has no fineweb_{split}_*.bin shards: {DOWNLOAD_HINT}")
-    for f in files:
-        shard_num_tokens(f)
+    total = sum(shard_num_tokens(f) for f in files)
+    if total < min_tokens:
+        raise ConfigError(f"DATA_PATH={data_path}: the {split} shards hold {total} tokens, "
+                          f"at least {min_tokens} needed")
     return files
 
 
 class TokenStream:
     """Reads the shards in order, wrapping around forever."""
 
-    def __init__(self, files: list[str]):
-        self.files, self.index = files, 0
-        self.tokens, self.pos = load_shard(files[0]), 0
+    def __init__(self, files: list[str], vocab_size: int):
+        self.files, self.index, self.vocab_size = files, 0, vocab_size
+        self.tokens, self.pos = load_shard(files[0], vocab_size), 0
 
     def take(self, n: int) -> np.ndarray:
         chunks = []
         while n > 0:
             if self.pos == len(self.tokens):
                 self.index = (self.index + 1) % len(self.files)
-                self.tokens, self.pos = load_shard(self.files[self.index]), 0
+                self.tokens, self.pos = load_shard(self.files[self.index], self.vocab_size), 0
             k = min(n, len(self.tokens) - self.pos)
             chunks.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
@@ -306,8 +312,9 @@ class TokenStream:
 class DistributedTokenLoader:
     """Each micro-step takes one contiguous span of the stream; each rank gets its own slice of it."""
 
-    def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device):
-        self.stream, self.rank, self.world_size, self.device = TokenStream(files), rank, world_size, device
+    def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device):
+        self.stream = TokenStream(files, vocab_size)
+        self.rank, self.world_size, self.device = rank, world_size, device
 
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
         span = local_tokens + 1
@@ -318,11 +325,8 @@ class DistributedTokenLoader:
         return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
 
 
-def load_validation_tokens(files: list[str]) -> Tensor:
-    tokens = np.concatenate([load_shard(f) for f in files])
-    if len(tokens) < 2:
-        raise ConfigError(f"{files[0]}: the validation split needs at least 2 tokens")
-    return torch.from_numpy(tokens.astype(np.int64))
+def load_validation_tokens(files: list[str], vocab_size: int) -> Tensor:
+    return torch.from_numpy(np.concatenate([load_shard(f, vocab_size) for f in files]).astype(np.int64))
 
 
 # -----------------------------
@@ -470,16 +474,17 @@ class CausalSelfAttention(nn.Module):
         if self.coda:  # one attention call: signal and noise queries stacked on the group axis of each KV head
             q = torch.cat((q.view(B, T, Hkv, G, D), self.noise_queries(q).view(B, T, Hkv, G, D)), dim=3)
             q = q.view(B, T, 2 * H, D)
-        y = attention(q, k, v)
-        y = y.view(B, T, Hkv, -1, D)
+        y = attention(q, k, v).view(B, T, Hkv, -1, D)
+        # XSA and CoDA's combination run in fp32 (fused, so no extra memory traffic): in bf16 the XSA
+        # remainder (~2^-8 of y) would be scaled back up by CoDA's RMSNorm wherever y is nearly all v.
         if self.xsa:  # remove each output's component along the token's own value (per KV group, no copies)
-            v_hat = F.normalize(v, dim=-1).unsqueeze(3)
+            y, v_hat = y.float(), F.normalize(v.float(), dim=-1).unsqueeze(3)
             y = y - (y * v_hat).sum(-1, keepdim=True) * v_hat
         if self.coda:
-            signal, noise = y.split(G, dim=3)
-            lam = torch.sigmoid(self.coda_gate(x)).view(B, T, Hkv, G, 1)
+            signal, noise = y.float().split(G, dim=3)
+            lam = torch.sigmoid(self.coda_gate(x).float()).view(B, T, Hkv, G, 1)
             y = F.rms_norm(signal - lam * noise, (D,))
-        return self.proj(y.reshape(B, T, C))
+        return self.proj(y.to(x.dtype).reshape(B, T, C))
 
 
 class MLP(nn.Module):
@@ -976,7 +981,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
     if args.warmup_steps > 0:
         initial_model = copy.deepcopy(base_model.state_dict())
         initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        loader = DistributedTokenLoader(train_files, rank, world_size, device)
+        loader = DistributedTokenLoader(train_files, args.vocab_size, rank, world_size, device)
         for i in range(args.warmup_steps):
             run_step(loader)
         base_model.load_state_dict(initial_model)
@@ -997,7 +1002,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
             raise TrainingDiverged(msg)
         return bool(near_cap)
 
-    loader = DistributedTokenLoader(train_files, rank, world_size, device)
+    loader = DistributedTokenLoader(train_files, args.vocab_size, rank, world_size, device)
     average = WeightAverage(base_model, args)
     cap_ms = 1000.0 * args.max_wallclock_seconds
     train_ms, step, stop_at, pending, qat_on = 0.0, 0, None, None, False
@@ -1054,7 +1059,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
 
 def check_inputs(args: Hyperparameters):
     """Everything that can be wrong with the input, found before anything is written. Returns the
-    tokenizer, the train and val shards, and LOAD_ARTIFACT's weights (or None)."""
+    tokenizer, the train shards, the validation tokens, and LOAD_ARTIFACT's weights (or None)."""
     if zstandard is None:
         raise ConfigError("the zstandard package is missing: pip install zstandard")
     if not os.path.isfile(args.tokenizer_path):
@@ -1066,10 +1071,14 @@ def check_inputs(args: Hyperparameters):
     if sp.vocab_size() != args.vocab_size:
         raise ConfigError(f"VOCAB_SIZE={args.vocab_size} differs from the tokenizer's {sp.vocab_size()} "
                           f"({args.tokenizer_path})")
-    train_files = [] if args.load_artifact else find_shards(args.data_path, "train")
-    val_files = find_shards(args.data_path, "val")
+    train_files = [] if args.load_artifact else find_shards(args.data_path, "train", 1)
+    if train_files:
+        load_shard(train_files[0], args.vocab_size)  # the others are checked as they are read
+    val_tokens = load_validation_tokens(find_shards(args.data_path, "val", 2), args.vocab_size)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.artifact_path))):
+        raise ConfigError(f"ARTIFACT_PATH={args.artifact_path}: its directory does not exist")
     loaded = read_artifact(args.load_artifact, args.shape) if args.load_artifact else None
-    return sp, train_files, val_files, loaded
+    return sp, train_files, val_tokens, loaded
 
 
 def setup_distributed(world_size: int) -> tuple[int, torch.device]:
@@ -1086,12 +1095,11 @@ def setup_distributed(world_size: int) -> tuple[int, torch.device]:
     return rank, device
 
 
-def make_evaluate(args, base_model: GPT, sp, val_files: list[str], compile_fn, log, rank: int, device):
+def make_evaluate(args, base_model: GPT, sp, tokens: Tensor, compile_fn, log, rank: int, device):
     """evaluate(stride) -> (loss, bpb, targets, bytes) of the model as it is now; stride None = plain.
     Every evaluation scores the same targets: their count is logged once, then checked."""
     nll_fn = compile_fn(base_model.token_nll, dynamic=False)
     luts = build_byte_luts(sp, device)
-    tokens = load_validation_tokens(val_files)
     evaluators: dict[int, Evaluator] = {}
     counted: list[tuple[int, int]] = []
 
@@ -1131,7 +1139,9 @@ def final_evaluation(args, base_model: GPT, evaluate, artifact_path: str, weight
     log(f"Serialized model int6+zstd: {model_bytes} bytes")
     log(f"Code size: {code_bytes} bytes")
     log(f"Total submission size int6+zstd: {model_bytes + code_bytes} bytes")
-    base_model.load_state_dict(weights if weights is not None else read_artifact(artifact_path, args.shape, "ARTIFACT_PATH"))
+    if weights is None:
+        weights = read_artifact(artifact_path, args.shape, "ARTIFACT_PATH")
+    base_model.load_state_dict(weights)
     val_loss, val_bpb, _, _ = evaluate()
     log(f"final_int6_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
     result = dict(roundtrip_val_bpb=val_bpb, bytes_total=model_bytes + code_bytes,
@@ -1161,7 +1171,7 @@ def write_report(args, report: dict, log, rank: int) -> int:
 def run() -> int:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     args = Hyperparameters(world_size)
-    sp, train_files, val_files, weights = check_inputs(args)
+    sp, train_files, val_tokens, weights = check_inputs(args)
     rank, device = setup_distributed(world_size)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
@@ -1175,7 +1185,7 @@ def run() -> int:
         f"xsa_layers:{[i for i, b in enumerate(base_model.blocks) if b.attn.xsa]} "
         f"coda_layers:{[i for i, b in enumerate(base_model.blocks) if b.attn.coda]}")
     compile_fn = torch.compile if cuda else (lambda fn, **kw: fn)
-    evaluate = make_evaluate(args, base_model, sp, val_files, compile_fn, log, rank, device)
+    evaluate = make_evaluate(args, base_model, sp, val_tokens, compile_fn, log, rank, device)
     report = dict(seed=args.seed, step=0, step_avg_ms=None, pre_quant_val_bpb=None,
                   artifact=args.load_artifact or args.artifact_path)
 

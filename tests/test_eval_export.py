@@ -103,8 +103,8 @@ def num_threads(n):
 
 
 def dataset_tokens(ds):
-    files = tg.find_shards(ds["data_path"], "val")
-    return tg.load_validation_tokens(files), spm.SentencePieceProcessor(model_file=ds["tokenizer_path"])
+    files = tg.find_shards(ds["data_path"], "val", 2)
+    return tg.load_validation_tokens(files, ds["vocab_size"]), spm.SentencePieceProcessor(model_file=ds["tokenizer_path"])
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -34,7 +34,7 @@ def main() -> None:
     base = tg.build_model(args, device)
     model = torch.compile(base, dynamic=False)
     muon, optimizers = tg.make_optimizers(base, args, torch.compile(tg.newton_schulz, dynamic=False))
-    loader = tg.DistributedTokenLoader(tg.find_shards(args.data_path, "train"), 0, 1, device)
+    loader = tg.DistributedTokenLoader(tg.find_shards(args.data_path, "train", 1), args.vocab_size, 0, 1, device)
     step = lambda: tg.train_step(args, model, base, optimizers, loader)  # noqa: E731
     timed_steps(step, 15, True)  # compile and warm up
     print(f"step_ms with per-step host sync: {timed_steps(step, 30, True):.2f}")

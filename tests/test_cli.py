@@ -1,0 +1,408 @@
+"""train_gpt.py as users run it: subprocesses on CPU against a tiny synthetic dataset.
+
+Checks the interface contract of DESIGN.md (log lines, logs/{RUN_ID}.json, the artifact, exit
+status), LOAD_ARTIFACT, the size limit, a diverging run, and every kind of bad input.
+Each run works in its own temporary directory, which is where logs/ and the artifact go.
+"""
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import synth
+
+SCRIPT = Path(__file__).resolve().parent.parent / "train_gpt.py"
+TIMEOUT_S = 300
+BAD_INPUT_TIMEOUT_S = 60  # a bad input fails in seconds, before any work
+OVER_LIMIT = 1000  # bytes: any artifact is over it
+
+# A run takes ~5 s of one CPU core, most of it torch's import.
+ITERATIONS = 30
+TINY = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2",
+            TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="256", GRAD_ACCUM_STEPS="1",
+            ITERATIONS=str(ITERATIONS), MAX_WALLCLOCK_SECONDS="0", WARMUP_STEPS="2", WARMDOWN_ITERS="10",
+            EVAL_STRIDE="16", BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", XSA_LAST_N="2", CODA_LAST_N="1",
+            TRAIN_LOG_EVERY="5", SEED="1337")
+
+# The contract's log lines (DESIGN.md, "Interface contract"), each matched as a whole line.
+FLOAT4, FLOAT8 = r"(-?\d+\.\d{4}|nan|inf)", r"(\d+\.\d{8})"
+TRAIN_LINE = re.compile(rf"step:(\d+)/(\d+) train_loss:{FLOAT4} train_time:(\d+)ms step_avg:(\d+\.\d{{2}})ms")
+VAL_LINE = re.compile(rf"step:(\d+)/(\d+) val_loss:(\d+\.\d{{4}}) val_bpb:(\d+\.\d{{4}}) "
+                      rf"train_time:(\d+)ms step_avg:(\d+\.\d{{2}})ms")
+CONTRACT = {
+    "serialized": re.compile(r"Serialized model int6\+zstd: (\d+) bytes"),
+    "code": re.compile(r"Code size: (\d+) bytes"),
+    "total": re.compile(r"Total submission size int6\+zstd: (\d+) bytes"),
+    "roundtrip": re.compile(rf"final_int6_roundtrip_exact val_loss:{FLOAT8} val_bpb:{FLOAT8}"),
+    "sliding": re.compile(rf"final_int6_sliding_window_exact val_loss:{FLOAT8} val_bpb:{FLOAT8}"),
+    "val_tokens": re.compile(r"val_tokens:(\d+) val_bytes:(\d+)"),
+}
+# What each contract line starts with: a second line with that start, in any format, is a duplicate.
+PREFIX = dict(serialized="Serialized model", code="Code size", total="Total submission size",
+              roundtrip="final_int6_roundtrip_exact", sliding="final_int6_sliding_window_exact",
+              val_tokens="val_tokens:")
+
+# Every variable the script reads is taken out of the inherited environment, so that nothing a
+# developer exported (DATA_PATH, RANK, ...) leaks into a test; each test sets what it needs.
+SCRIPT_VARS = set(re.findall(r'(?:_env|_flag|environ\.get)\(\s*"([A-Z0-9_]+)"', SCRIPT.read_text()))
+
+
+def trainer(cwd: Path, env: dict, nproc: int = 0, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Runs `python train_gpt.py` (or torchrun with nproc processes) in cwd with env on top of a
+    cleaned copy of os.environ."""
+    full_env = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS}
+    full_env.update(OMP_NUM_THREADS="1", **env)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([sys.executable, *launcher, str(SCRIPT)], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def describe(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+
+
+def contract_line(log: str, key: str) -> re.Match:
+    """The one line of the log for a contract key, which must match the contract's format exactly."""
+    lines = [line for line in log.splitlines() if line.startswith(PREFIX[key])]
+    assert len(lines) == 1, f"expected one {PREFIX[key]!r} line, got {lines}"
+    match = CONTRACT[key].fullmatch(lines[0])
+    assert match, f"{lines[0]!r} does not match {CONTRACT[key].pattern!r}"
+    return match
+
+
+def shard_tokens(path) -> int:
+    return int(np.fromfile(path, dtype="<i4", count=3)[2])
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    ds = synth.make_dataset(str(tmp_path_factory.mktemp("data")), n_train_shards=2, train_tokens_per_shard=50_000,
+                            val_docs=40)
+    return dict(ds, env=dict(TINY, DATA_PATH=ds["data_path"], TOKENIZER_PATH=ds["tokenizer_path"],
+                             VOCAB_SIZE=str(ds["vocab_size"])))
+
+
+def finished_run(cwd: Path, env: dict, run_id: str, nproc: int = 0) -> dict:
+    proc = trainer(cwd, dict(env, RUN_ID=run_id), nproc)
+    log_path = cwd / "logs" / f"{run_id}.txt"
+    log = log_path.read_text() if log_path.exists() else ""
+    return dict(proc=proc, cwd=cwd, log=log, log_path=log_path, json_path=cwd / "logs" / f"{run_id}.json",
+                artifact=cwd / "final_model.int6.ptz")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(dataset, tmp_path_factory):
+    """Two processes (gloo on CPU) with XSA and CoDA on."""
+    run = finished_run(tmp_path_factory.mktemp("ddp"), dataset["env"], "ddp", nproc=2)
+    assert run["proc"].returncode == 0, describe(run["proc"])
+    return run
+
+
+@pytest.fixture(scope="module")
+def single_runs(dataset, tmp_path_factory):
+    """Two one-process runs (no torchrun) side by side, one core each: a normal one, whose artifact
+    LOAD_ARTIFACT reads back, and one over ARTIFACT_LIMIT_BYTES."""
+    with ThreadPoolExecutor(2) as pool:
+        normal = pool.submit(finished_run, tmp_path_factory.mktemp("single"), dataset["env"], "single")
+        over = pool.submit(finished_run, tmp_path_factory.mktemp("over"),
+                           dict(dataset["env"], ARTIFACT_LIMIT_BYTES=str(OVER_LIMIT)), "over")
+        return dict(normal=normal.result(), over=over.result())
+
+
+@pytest.fixture(scope="module")
+def single_run(single_runs):
+    run = single_runs["normal"]
+    assert run["proc"].returncode == 0, describe(run["proc"])
+    return run
+
+
+# -----------------------------
+# End to end, 2 processes
+# -----------------------------
+
+
+def test_ddp_run_exits_cleanly_and_logs(ddp_run):
+    proc = ddp_run["proc"]
+    assert "Traceback" not in proc.stdout + proc.stderr, describe(proc)
+    assert ddp_run["log_path"].is_file()
+    assert ddp_run["artifact"].is_file()
+
+
+def test_ddp_train_loss_falls(ddp_run):
+    lines = [line for line in ddp_run["log"].splitlines() if " train_loss:" in line]
+    steps = [TRAIN_LINE.fullmatch(line) for line in lines]
+    assert all(steps), f"malformed train lines: {lines}"
+    assert len(steps) >= 3 and all(int(m.group(2)) == ITERATIONS for m in steps)
+    assert int(steps[-1].group(1)) == ITERATIONS
+    losses = [float(m.group(3)) for m in steps]
+    assert all(math.isfinite(x) for x in losses), losses
+    assert losses[-1] < losses[0] - 0.5, f"training loss did not fall: {losses}"
+
+
+def test_ddp_contract_lines_once_and_sizes_add_up(ddp_run):
+    log = ddp_run["log"]
+    serialized = int(contract_line(log, "serialized").group(1))
+    code = int(contract_line(log, "code").group(1))
+    total = int(contract_line(log, "total").group(1))
+    contract_line(log, "roundtrip")
+    contract_line(log, "sliding")
+    assert code == os.path.getsize(SCRIPT)
+    assert serialized == os.path.getsize(ddp_run["artifact"])
+    assert total == serialized + code
+    # Rank 0 prints what it logs, once: the console shows each final line once too.
+    for key in ("roundtrip", "sliding", "total"):
+        assert sum(line.startswith(PREFIX[key]) for line in ddp_run["proc"].stdout.splitlines()) == 1
+
+
+def test_ddp_val_tokens_are_all_targets(ddp_run, dataset):
+    match = contract_line(ddp_run["log"], "val_tokens")
+    n_val = shard_tokens(os.path.join(dataset["data_path"], "fineweb_val_000000.bin"))
+    assert int(match.group(1)) == n_val - 1
+    assert int(match.group(2)) > 0
+
+
+def test_ddp_json_report_matches_log(ddp_run):
+    log = ddp_run["log"]
+    report = json.loads(ddp_run["json_path"].read_text())
+    fields = ("val_loss", "val_bpb", "pre_quant_val_bpb", "bytes_total", "bytes_model_int6_zstd", "bytes_code",
+              "step", "step_avg_ms", "seed")
+    assert not [f for f in fields if f not in report], f"missing fields in {report}"
+    sliding = contract_line(log, "sliding")  # the score when EVAL_STRIDE > 0
+    assert f"{report['val_loss']:.8f}" == sliding.group(1)
+    assert f"{report['val_bpb']:.8f}" == sliding.group(2)
+    assert report["bytes_total"] == int(contract_line(log, "total").group(1))
+    assert report["bytes_model_int6_zstd"] == int(contract_line(log, "serialized").group(1))
+    assert report["bytes_code"] == int(contract_line(log, "code").group(1))
+    assert report["step"] == ITERATIONS
+    assert report["seed"] == int(TINY["SEED"])
+    final_val = [m for m in map(VAL_LINE.fullmatch, log.splitlines()) if m and int(m.group(1)) == ITERATIONS]
+    assert len(final_val) == 1, "expected one val line at the last step"
+    assert report["step_avg_ms"] == pytest.approx(float(final_val[0].group(6)), abs=0.011)
+    # Quantization moves the score a little, not a lot.
+    roundtrip_bpb = float(contract_line(log, "roundtrip").group(2))
+    assert math.isfinite(report["pre_quant_val_bpb"])
+    assert report["pre_quant_val_bpb"] == pytest.approx(roundtrip_bpb, abs=0.05)
+
+
+# -----------------------------
+# LOAD_ARTIFACT
+# -----------------------------
+
+
+def test_load_artifact_reproduces_final_lines(single_run, dataset, tmp_path):
+    artifact = single_run["artifact"]
+    before = artifact.read_bytes()
+    cwd = tmp_path / "load"
+    proc = trainer(cwd, dict(dataset["env"], RUN_ID="load", LOAD_ARTIFACT=str(artifact)))
+    assert proc.returncode == 0, describe(proc)
+    log = (cwd / "logs" / "load.txt").read_text()
+    for key in ("roundtrip", "sliding", "serialized", "val_tokens"):
+        expected = contract_line(single_run["log"], key).group(0)
+        assert contract_line(log, key).group(0) == expected
+        assert contract_line(proc.stdout, key).group(0) == expected
+    assert " train_loss:" not in log, "LOAD_ARTIFACT must skip training"
+    assert artifact.read_bytes() == before
+    assert not (cwd / "final_model.int6.ptz").exists(), "LOAD_ARTIFACT must not write an artifact"
+
+
+# -----------------------------
+# Over the size limit
+# -----------------------------
+
+
+def test_artifact_over_limit_is_kept_and_fails(single_runs):
+    run = single_runs["over"]
+    proc, log = run["proc"], run["log"]
+    assert proc.returncode == 3, describe(proc)
+    assert "Traceback" not in proc.stdout + proc.stderr, describe(proc)
+    assert run["artifact"].is_file(), "the artifact over the limit must stay on disk"
+    serialized = int(contract_line(log, "serialized").group(1))
+    total = int(contract_line(log, "total").group(1))
+    assert serialized == os.path.getsize(run["artifact"])
+    contract_line(log, "roundtrip")
+    contract_line(log, "sliding")
+    excess = total - OVER_LIMIT
+    said = [line for line in (log + proc.stderr).splitlines() if "exceed" in line and str(excess) in line]
+    assert said, f"no line says the total exceeds the limit by {excess} bytes:\n{describe(proc)}"
+
+
+# -----------------------------
+# A diverging run
+# -----------------------------
+
+
+def test_nan_loss_stops_with_one_line(dataset, tmp_path):
+    env = dict(dataset["env"], RUN_ID="nan", MATRIX_LR="1e30", SCALAR_LR="1e30", TIED_EMBED_LR="1e30")
+    proc = trainer(tmp_path, env)
+    assert proc.returncode != 0, describe(proc)
+    assert "Traceback" not in proc.stdout + proc.stderr, describe(proc)
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), describe(proc)
+    assert "loss" in lines[0] and re.search(r"not finite|non-finite|\bnan\b", lines[0], re.I), lines[0]
+    assert not (tmp_path / "final_model.int6.ptz").exists(), "a diverged run must not export"
+
+
+# -----------------------------
+# Bad input: one line naming the culprit, non-zero exit, nothing written
+# -----------------------------
+
+
+def _damaged_shard(name: str, damage):
+    def setup(ds, tmp, artifact):
+        data = tmp / "data"
+        shutil.copytree(ds["data_path"], data)
+        path = data / name
+        blob = bytearray(path.read_bytes())
+        damage(blob)
+        path.write_bytes(bytes(blob))
+        return dict(DATA_PATH=str(data)), [name]
+    return setup
+
+
+def _set_header_int(index: int, value: int):
+    def damage(blob):
+        blob[4 * index:4 * index + 4] = int(value).to_bytes(4, "little", signed=True)
+    return damage
+
+
+def _cut_last_token(blob):
+    del blob[-2:]
+
+
+def _shards(**tokens_by_name):
+    def setup(ds, tmp, artifact):
+        data = tmp / "data"
+        shutil.copytree(ds["data_path"], data)
+        for name, tokens in tokens_by_name.items():
+            synth.write_shard(str(data / f"{name}.bin"), tokens)
+        return dict(DATA_PATH=str(data)), [("DATA_PATH", *(f"{name}.bin" for name in tokens_by_name))]
+    return setup
+
+
+def _empty_data(ds, tmp, artifact):
+    (tmp / "empty").mkdir()
+    return dict(DATA_PATH=str(tmp / "empty")), ["DATA_PATH", "download"]
+
+
+def _missing_tokenizer(ds, tmp, artifact):
+    return dict(TOKENIZER_PATH=str(tmp / "nope.model")), ["TOKENIZER_PATH"]
+
+
+def _not_a_tokenizer(ds, tmp, artifact):
+    (tmp / "junk.model").write_bytes(b"not a sentencepiece model")
+    return dict(TOKENIZER_PATH=str(tmp / "junk.model")), ["TOKENIZER_PATH"]
+
+
+def _damaged_artifact(damage):
+    def setup(ds, tmp, artifact):
+        blob = bytearray(artifact().read_bytes())
+        damage(blob)
+        path = tmp / "damaged.int6.ptz"
+        path.write_bytes(bytes(blob))
+        return dict(LOAD_ARTIFACT=str(path)), ["LOAD_ARTIFACT", "damaged.int6.ptz"]
+    return setup
+
+
+def _flip_middle_byte(blob):
+    blob[len(blob) // 2] ^= 0xFF
+
+
+def _cut_in_half(blob):
+    del blob[len(blob) // 2:]
+
+
+def _missing_artifact(ds, tmp, artifact):
+    return dict(LOAD_ARTIFACT=str(tmp / "nope.int6.ptz")), ["LOAD_ARTIFACT", "nope.int6.ptz"]
+
+
+def _artifact_of_other_shape(ds, tmp, artifact):
+    return dict(LOAD_ARTIFACT=str(artifact()), NUM_LAYERS="3"), ["LOAD_ARTIFACT", "NUM_LAYERS"]
+
+
+def _env_only(names, **env):
+    return lambda ds, tmp, artifact: (env, names)
+
+
+# case -> setup(dataset, inputs dir, artifact()) -> (env, names the one error line must contain; a tuple: one of)
+BAD_INPUT = {
+    "non_numeric_int": _env_only(["NUM_LAYERS"], NUM_LAYERS="abc"),
+    "non_numeric_float": _env_only(["MATRIX_LR"], MATRIX_LR="fast"),
+    "heads_do_not_divide_dim": _env_only(["NUM_HEADS", "MODEL_DIM"], MODEL_DIM="100", NUM_HEADS="3", NUM_KV_HEADS="1"),
+    "kv_heads_do_not_divide_heads": _env_only(["NUM_KV_HEADS"], NUM_KV_HEADS="3"),
+    "xsa_beyond_layers": _env_only(["XSA_LAST_N"], XSA_LAST_N="5"),
+    "coda_negative": _env_only(["CODA_LAST_N"], CODA_LAST_N="-1"),
+    "rope_dims_odd": _env_only(["ROPE_DIMS"], ROPE_DIMS="3"),
+    "rope_dims_beyond_head": _env_only(["ROPE_DIMS"], ROPE_DIMS="64"),  # head_dim 16
+    "batch_not_divisible": _env_only(["TRAIN_BATCH_TOKENS"], TRAIN_BATCH_TOKENS="100"),
+    "stride_beyond_seq_len": _env_only(["EVAL_STRIDE"], EVAL_STRIDE="65"),
+    "stride_negative": _env_only(["EVAL_STRIDE"], EVAL_STRIDE="-1"),
+    "data_path_empty": _empty_data,
+    "shard_wrong_magic": _damaged_shard("fineweb_train_000000.bin", _set_header_int(0, 20240521)),
+    "shard_wrong_version": _damaged_shard("fineweb_val_000000.bin", _set_header_int(1, 2)),
+    "shard_truncated": _damaged_shard("fineweb_train_000001.bin", _cut_last_token),
+    "train_shards_empty": _shards(fineweb_train_000000=[], fineweb_train_000001=[]),
+    "val_split_one_token": _shards(fineweb_val_000000=[1]),
+    "tokenizer_missing": _missing_tokenizer,
+    "tokenizer_not_a_model": _not_a_tokenizer,
+    "vocab_size_mismatch": _env_only(["VOCAB_SIZE"], VOCAB_SIZE="1024"),
+    "artifact_missing": _missing_artifact,
+    "artifact_truncated": _damaged_artifact(_cut_in_half),
+    "artifact_byte_flipped": _damaged_artifact(_flip_middle_byte),
+    "artifact_other_shape": _artifact_of_other_shape,
+}
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(request, dataset, tmp_path_factory):
+    """Runs the selected cases two at a time (each is mostly torch's import, on one core), each in
+    an empty directory of its own. Returns case -> (process, its directory, names to find)."""
+    cases = [item.callspec.params["case"] for item in request.session.items
+             if getattr(item, "function", None) is test_bad_input]
+    artifact = lambda: request.getfixturevalue("single_run")["artifact"]  # noqa: E731 (trained only if needed)
+    jobs, failed = {}, {}
+    for case in cases:
+        root = tmp_path_factory.mktemp(case)
+        (root / "inputs").mkdir()
+        try:
+            env, names = BAD_INPUT[case](dataset, root / "inputs", artifact)
+        except Exception as e:  # e.g. the training run behind the artifact cases failed: those cases fail alone
+            failed[case] = e
+            continue
+        jobs[case] = (root / "cwd", dict(dataset["env"], RUN_ID="bad", **env), names)
+    def attempt(cwd, env):
+        try:
+            return trainer(cwd, env, timeout=BAD_INPUT_TIMEOUT_S)
+        except subprocess.TimeoutExpired as e:  # a hang fails its own case
+            return e
+
+    with ThreadPoolExecutor(2) as pool:
+        procs = {case: pool.submit(attempt, cwd, env) for case, (cwd, env, _) in jobs.items()}
+        done = {case: (procs[case].result(), cwd, names) for case, (cwd, _, names) in jobs.items()}
+    return dict(failed, **{case: r[0] if isinstance(r[0], Exception) else r for case, r in done.items()})
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input(case, bad_input_runs):
+    if isinstance(bad_input_runs[case], subprocess.TimeoutExpired):
+        pytest.fail(f"still running after {BAD_INPUT_TIMEOUT_S} s (hangs?); stdout: {bad_input_runs[case].stdout!r}")
+    if isinstance(bad_input_runs[case], Exception):
+        raise bad_input_runs[case]
+    proc, cwd, names = bad_input_runs[case]
+    assert proc.returncode != 0, describe(proc)
+    assert "Traceback" not in proc.stdout + proc.stderr, describe(proc)
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), f"stderr must be one line:\n{describe(proc)}"
+    assert proc.stdout == "", f"nothing but the error line:\n{describe(proc)}"
+    for name in names:
+        alternatives = name if isinstance(name, tuple) else (name,)
+        assert any(a in lines[0] for a in alternatives), f"none of {alternatives} named in {lines[0]!r}"
+    assert os.listdir(cwd) == [], f"files written before failing: {os.listdir(cwd)}"
