@@ -35,8 +35,8 @@ TINY = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", MLP
 # The contract's log lines (DESIGN.md, "Interface contract"), each matched as a whole line.
 FLOAT4, FLOAT8 = r"(-?\d+\.\d{4}|nan|inf)", r"(\d+\.\d{8})"
 TRAIN_LINE = re.compile(rf"step:(\d+)/(\d+) train_loss:{FLOAT4} train_time:(\d+)ms step_avg:(\d+\.\d{{2}})ms")
-VAL_LINE = re.compile(rf"step:(\d+)/(\d+) val_loss:(\d+\.\d{{4}}) val_bpb:(\d+\.\d{{4}}) "
-                      rf"train_time:(\d+)ms step_avg:(\d+\.\d{{2}})ms")
+VAL_LINE = re.compile(r"step:(\d+)/(\d+) val_loss:(\d+\.\d{4}) val_bpb:(\d+\.\d{4}) "
+                      r"train_time:(\d+)ms step_avg:(\d+\.\d{2})ms")
 CONTRACT = {
     "serialized": re.compile(r"Serialized model int6\+zstd: (\d+) bytes"),
     "code": re.compile(r"Code size: (\d+) bytes"),

@@ -7,7 +7,6 @@ import os
 import socket
 from contextlib import contextmanager
 
-import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
