@@ -11,8 +11,9 @@ FineWeb validation split, after reading the artifact back from disk.
 
 Every knob is an environment variable read once in Hyperparameters (defaults = the record run).
 Where the toggles act: XSA_LAST_N and CODA_LAST_N / CODA_ENABLED in CausalSelfAttention (decided per
-layer in GPT.__init__), ROPE_DIMS in Rotary, BIGRAM_* in BigramHash, EMA_* / SWA_* in WeightAverage,
-EVAL_STRIDE in Evaluator, LOAD_ARTIFACT / ARTIFACT_* in main's export and roundtrip.
+layer in GPT.__init__), ROPE_DIMS in Rotary, BIGRAM_* in BigramHash, MLP_LEAKY_SLOPE in MLP, LN_SCALE in
+Block, LATE_QAT in CastedLinear (switched on by train), EMA_* / SWA_* in WeightAverage, EVAL_STRIDE in
+Evaluator, LOAD_ARTIFACT / ARTIFACT_* in run's export and final evaluation.
 """
 
 from __future__ import annotations
@@ -689,9 +690,10 @@ class Evaluator:
 # EXPORT: INT6 / INT8 + ZSTD
 # -----------------------------
 # Muon matrices: int6 per row with a per-row clip picked by reconstruction error (dropping to int5,
-# largest saving first, only as far as needed to fit the size limit); embeddings: int8 per row; control tensors (gains,
-# gates, mixes, angles): fp32; anything else small: fp16. Codes are stored one per int8 byte: zstd's
-# entropy coder takes the unused high bits back (within 1% of the codes' order-0 entropy, measured).
+# largest saving first, only as far as needed to fit the size limit); embeddings: int8 per row;
+# control tensors (gains, gates, mixes, angles): fp32; anything else small: fp16. Codes are stored one
+# per int8 byte: zstd's entropy coder takes the unused high bits back (within 1% of the codes' order-0
+# entropy, measured).
 
 ARTIFACT_MAGIC = b"PGINT6\x00\x01"
 CONTROL_PATTERNS = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "smear", "bigram.scale",
