@@ -1,4 +1,4 @@
-"""The quality toggles: MLP_LEAKY_SLOPE, LN_SCALE, LATE_QAT. Each must really change the model, and
+"""The quality toggles: MLP_LEAKY_SLOPE, LN_SCALE, LATE_QAT, EMA and SWA. Each must really change the model;
 late QAT must take effect inside a compiled forward (one record's switch was constant-folded away)."""
 import os
 import subprocess
@@ -108,3 +108,50 @@ def test_late_qat_switches_on_once_during_the_warmdown(tmp_path):
     assert [line for line in log.splitlines() if line.startswith("late_qat:")] == [
         "late_qat: int6 fake quantization on from step 5 (lr scale 0.375)"]
     assert "final_int6_roundtrip_exact" in log
+
+
+def averaging_args(monkeypatch, **env) -> tg.Hyperparameters:
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    return tg.Hyperparameters()
+
+
+def test_ema_is_the_exponential_average_of_every_step(monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    history = [p.detach().clone() for p in model.parameters()]
+    average = tg.WeightAverage(model, averaging_args(monkeypatch, EMA_ENABLED=1, EMA_DECAY=0.9, SWA_ENABLED=0))
+    expected = [h.clone() for h in history]
+    for step in range(1, 6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        average.update(step, lr_scale=1.0)
+        expected = [0.9 * e + 0.1 * p.detach() for e, p in zip(expected, model.parameters())]
+    assert average.apply().startswith("ema")
+    assert all(torch.allclose(p, e, atol=1e-6) for p, e in zip(model.parameters(), expected))
+
+
+def test_swa_averages_the_warmdown_checkpoints_and_wins_over_ema(monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    args = averaging_args(monkeypatch, EMA_ENABLED=1, SWA_ENABLED=1, SWA_EVERY=2)
+    average = tg.WeightAverage(model, args)
+    sampled = []
+    for step, scale in enumerate([1.0, 1.0, 1.0, 0.8, 0.6, 0.4, 0.2], start=1):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p))
+        average.update(step, scale)
+        if scale < 1.0 and step % 2 == 0:  # steps 4 and 6: in the warmdown, on the SWA_EVERY grid
+            sampled.append([p.detach().clone() for p in model.parameters()])
+    assert average.apply() == "swa(2 checkpoints)"
+    for i, p in enumerate(model.parameters()):
+        assert torch.allclose(p, (sampled[0][i] + sampled[1][i]) / 2)
+
+
+def test_no_averaging_keeps_the_final_weights(monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    average = tg.WeightAverage(model, averaging_args(monkeypatch, EMA_ENABLED=0, SWA_ENABLED=0))
+    before = [p.detach().clone() for p in model.parameters()]
+    average.update(1, 0.5)
+    assert average.apply() == "final weights"
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
