@@ -1102,7 +1102,7 @@ def make_evaluate(args, base_model: GPT, sp, tokens: Tensor, compile_fn, log, ra
     """evaluate(stride) -> (loss, bpb, targets, bytes) of the model as it is now; stride None = plain.
     Every evaluation scores the same targets: their count is logged once, then checked."""
     nll_fn = compile_fn(base_model.token_nll, dynamic=False)
-    luts = build_byte_luts(sp, device)
+    luts, tokens = build_byte_luts(sp, device), tokens.to(device)  # one copy for every evaluator
     evaluators: dict[int, Evaluator] = {}
     counted: list[tuple[int, int]] = []
 
@@ -1136,9 +1136,9 @@ def export(args, base_model: GPT, log, rank: int, code_bytes: int) -> None:
         dist.barrier()
 
 
-def final_evaluation(args, base_model: GPT, evaluate, artifact_path: str, weights, log) -> dict:
+def final_evaluation(args, base_model: GPT, evaluate, artifact_path: str, weights, code_bytes: int, log) -> dict:
     """Scores what is on disk: the artifact alone determines the final numbers."""
-    model_bytes, code_bytes = os.path.getsize(artifact_path), os.path.getsize(__file__)
+    model_bytes = os.path.getsize(artifact_path)
     log(f"Serialized model int6+zstd: {model_bytes} bytes")
     log(f"Code size: {code_bytes} bytes")
     log(f"Total submission size int6+zstd: {model_bytes + code_bytes} bytes")
@@ -1191,6 +1191,7 @@ def run() -> int:
     evaluate = make_evaluate(args, base_model, sp, val_tokens, compile_fn, log, rank, device)
     report = dict(seed=args.seed, step=0, step_avg_ms=None, pre_quant_val_bpb=None,
                   artifact=args.load_artifact or args.artifact_path)
+    code_bytes = os.path.getsize(__file__)
 
     if weights is None:  # train, average, export
         model = compile_fn(base_model, dynamic=False)
@@ -1205,8 +1206,8 @@ def run() -> int:
         pre_loss, pre_bpb, _, _ = evaluate()
         log(f"pre_quant_average val_loss:{pre_loss:.8f} val_bpb:{pre_bpb:.8f}")
         report.update(step=steps, step_avg_ms=round(train_ms / max(steps, 1), 2), pre_quant_val_bpb=pre_bpb)
-        export(args, base_model, log, rank, os.path.getsize(__file__))
-    report.update(final_evaluation(args, base_model, evaluate, report["artifact"], weights, log))
+        export(args, base_model, log, rank, code_bytes)
+    report.update(final_evaluation(args, base_model, evaluate, report["artifact"], weights, code_bytes, log))
     return write_report(args, report, log, rank)
 
 
