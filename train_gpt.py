@@ -984,7 +984,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         initial_model = copy.deepcopy(base_model.state_dict())
         initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
         loader = DistributedTokenLoader(train_files, args.vocab_size, rank, world_size, device)
-        for i in range(args.warmup_steps):
+        for _ in range(args.warmup_steps):
             run_step(loader)
         base_model.load_state_dict(initial_model)
         for opt, state in zip(optimizers, initial_opts):
