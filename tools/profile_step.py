@@ -2,8 +2,8 @@
 
     DATA_PATH=... TOKENIZER_PATH=... TRAIN_BATCH_TOKENS=98304 GRAD_ACCUM_STEPS=1 python tools/profile_step.py
 
-Prints: the mean step time with and without the per-step host sync that the training loop does for
-its stop decision; the top CUDA kernels of a torch.profiler trace of a few steps; and the time of one
+Prints: the mean step time with and without a host sync after every step (the training loop reads its
+stop flags one step late, so it runs like the second figure); the top CUDA kernels of a torch.profiler trace of a few steps; and the time of one
 Muon step of this script (batched by shape) against torch.optim.Muon (one matrix at a time).
 """
 import os
