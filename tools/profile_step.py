@@ -3,9 +3,12 @@
     DATA_PATH=... TOKENIZER_PATH=... TRAIN_BATCH_TOKENS=98304 GRAD_ACCUM_STEPS=1 python tools/profile_step.py
 
 Prints: the mean step time with and without a host sync after every step (the training loop reads its
-stop flags one step late, so it runs like the second figure); the top CUDA kernels of a torch.profiler trace of a few steps; and the time of one
-Muon step of this script (batched by shape) against torch.optim.Muon (one matrix at a time).
+stop flags one step late, so it runs like the second figure); peak memory; the top CUDA kernels of a
+torch.profiler trace of a few steps, in ms per step, each generated (Triton) kernel followed by the source
+nodes and the launch line inductor wrote for it; and the time of one Muon step of this script (batched by
+shape) against torch.optim.Muon (one matrix at a time). PROFILE_MUON=0 skips the Muon comparison.
 """
+import glob
 import os
 import sys
 import time
@@ -13,7 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train_gpt as tg  # noqa: E402
+import train_gpt as tg  # noqa: E402 (after the path insert)
 
 
 def timed_steps(step, n: int, host_sync: bool) -> float:
@@ -25,6 +28,19 @@ def timed_steps(step, n: int, host_sync: bool) -> float:
             loss.item()
     torch.cuda.synchronize()
     return 1000.0 * (time.perf_counter() - t0) / n
+
+
+def inductor_call_site(kernel: str) -> list[str]:
+    """The 'Source Nodes' comment and the launch line inductor wrote for a generated kernel."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    for path in glob.glob(os.path.join(cache_dir(), "**", "*.py"), recursive=True):
+        with open(path) as f:
+            lines = f.read().splitlines()
+        for i, line in enumerate(lines):
+            if line.strip().startswith(f"{kernel}.run("):
+                notes = [x.strip()[:300] for x in lines[max(0, i - 4):i] if "Source Nodes" in x]
+                return notes[-1:] + [line.strip()[:300]]
+    return []
 
 
 def main() -> None:
@@ -43,8 +59,19 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         timed_steps(step, 5, True)
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=35, max_name_column_width=70))
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in kernels)
+    print(f"GPU time per step: {total / 5e3:.2f} ms; top kernels (ms per step, launches per step):")
+    for e in kernels[:25]:
+        print(f"{e.self_device_time_total / 5e3:8.3f} {e.count / 5:5.1f}  {e.key[:150]}")
+        if e.key.startswith("triton_"):
+            for line in inductor_call_site(e.key):
+                print(f"{'':16}{line}")
 
+    print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    if os.environ.get("PROFILE_MUON", "1") == "0":
+        return
     # Muon: this script's batched update against torch.optim.Muon on the same matrices.
     for p in muon.param_groups[0]["params"]:
         p.grad = torch.randn_like(p)
