@@ -10,10 +10,11 @@ FineWeb validation split, after reading the artifact back from disk.
     python train_gpt.py                                        # one process, GPU or CPU
 
 Every knob is an environment variable read once in Hyperparameters (defaults = the record run).
-Where the toggles act: XSA_LAST_N and CODA_LAST_N / CODA_ENABLED in CausalSelfAttention (decided per
-layer in GPT.__init__), ROPE_DIMS in Rotary, BIGRAM_* in BigramHash, MLP_LEAKY_SLOPE in MLP, LN_SCALE in
-Block, LATE_QAT in CastedLinear (switched on by train), EMA_* / SWA_* in WeightAverage, EVAL_STRIDE in
-Evaluator, LOAD_ARTIFACT / ARTIFACT_* in run's export and final evaluation.
+Where the toggles act: XSA_LAST_N, CODA_LAST_N / CODA_ENABLED and VE_LAST_N in CausalSelfAttention
+(decided per layer in GPT.__init__), VE_DIM in ValueEmbedding, ROPE_DIMS in Rotary, BIGRAM_* in
+BigramHash, MLP_LEAKY_SLOPE in MLP, LN_SCALE in Block, LATE_QAT in CastedLinear (switched on by train),
+EMA_* / SWA_* in WeightAverage, EVAL_STRIDE in Evaluator, LOAD_ARTIFACT / ARTIFACT_* in run's export and
+final evaluation.
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ class Hyperparameters:
         self.bigram_dim = _env("BIGRAM_DIM", 128)
         self.xsa_last_n = _env("XSA_LAST_N", 3)
         self.coda_last_n = self.num_layers if _flag("CODA_ENABLED", False) else _env("CODA_LAST_N", 0)
+        self.ve_last_n = _env("VE_LAST_N", 0)
+        self.ve_dim = _env("VE_DIM", 128)
         self.mlp_leaky_slope = _env("MLP_LEAKY_SLOPE", 0.5, float)
         self.ln_scale = _flag("LN_SCALE", False)
         self.late_qat = _env("LATE_QAT", 0.0, float)
@@ -166,6 +169,8 @@ class Hyperparameters:
              f"ROPE_DIMS={self.rope_dims}: expected an even number in 0..{head_dim} (0 = the whole head)")
         need(0 <= self.xsa_last_n <= self.num_layers, f"XSA_LAST_N={self.xsa_last_n}: expected 0..{self.num_layers}")
         need(0 <= self.coda_last_n <= self.num_layers, f"CODA_LAST_N={self.coda_last_n}: expected 0..{self.num_layers}")
+        need(0 <= self.ve_last_n <= self.num_layers, f"VE_LAST_N={self.ve_last_n}: expected 0..{self.num_layers}")
+        need(self.ve_last_n == 0 or self.ve_dim >= 1, f"VE_DIM={self.ve_dim}: expected >= 1")
         need(self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE=1: expected 0 (off) or at least 2 buckets")
         need(self.bigram_vocab_size == 0 or self.bigram_dim >= 1, f"BIGRAM_DIM={self.bigram_dim}: expected >= 1")
         need(0.0 <= self.late_qat < 1.0, f"LATE_QAT={self.late_qat}: expected a number in [0, 1) (0 = off)")
@@ -183,7 +188,10 @@ class Hyperparameters:
         """What an artifact must agree on to be loaded into this model."""
         keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
                 "bigram_vocab_size", "bigram_dim", "xsa_last_n", "coda_last_n", "mlp_leaky_slope", "ln_scale")
-        return {k: getattr(self, k) for k in keys}
+        shape = {k: getattr(self, k) for k in keys}
+        if self.ve_last_n:  # absent when off: artifacts written before value embeddings existed still load
+            shape.update(ve_last_n=self.ve_last_n, ve_dim=self.ve_dim)
+        return shape
 
 
 # -----------------------------
@@ -442,7 +450,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rotary: Rotary, qk_gain_init: float,
-                 xsa: bool, coda: bool):
+                 xsa: bool, coda: bool, value_embed: bool = False):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
         self.c_q = CastedLinear(dim, dim, bias=False)
@@ -453,6 +461,8 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
         self.rotary = rotary
         self.xsa, self.coda = xsa, coda
+        # The layer's gain on the shared value embedding added to its values (None: the layer takes none).
+        self.ve_scale = nn.Parameter(torch.ones(())) if value_embed else None
         if coda:
             # Noise queries: q turned by a learned angle in each RoPE plane (so it commutes with RoPE);
             # at pi/2 noise scores are uncorrelated with signal scores. The gate starts near 0 (bias -6).
@@ -470,13 +480,15 @@ class CausalSelfAttention(nn.Module):
         return torch.cat((rotate_pairs(q[..., :rope], cos[:, :r], sin[:, :r]),
                           rotate_pairs(q[..., rope:], cos[:, r:], sin[:, r:])), dim=-1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         G = H // Hkv
         q = F.rms_norm(self.c_q(x).view(B, T, H, D), (D,))
         k = F.rms_norm(self.c_k(x).view(B, T, Hkv, D), (D,))
         v = self.c_v(x).view(B, T, Hkv, D)
+        if self.ve_scale is not None:  # XSA below then removes the component along this v, embedding included
+            v = v + self.ve_scale.to(x.dtype) * ve.view(B, T, Hkv, D)
         q = self.rotary(q) * self.q_gain.to(x.dtype)[:, None]
         k = self.rotary(k)
         if self.coda:  # one attention call: signal and noise queries stacked on the group axis of each KV head
@@ -521,10 +533,10 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(F.rms_norm(x, (x.size(-1),)) * self.norm_scale)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(F.rms_norm(x, (x.size(-1),)) * self.norm_scale, ve)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)) * self.norm_scale)
 
 
@@ -558,24 +570,41 @@ class BigramHash(nn.Module):
         return self.proj(self.embed(h).to(dtype)) * self.scale.to(dtype)
 
 
+class ValueEmbedding(nn.Module):
+    """A second token embedding, projected to the KV width and added to the values of the deepest VE_LAST_N
+    layers (one table for all of them; each layer has its own gain). The projection starts at zero."""
+
+    def __init__(self, vocab_size: int, ve_dim: int, kv_dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, ve_dim)
+        nn.init.normal_(self.embed.weight, std=0.01)
+        self.proj = CastedLinear(ve_dim, kv_dim, bias=False)
+        self.proj.zero_init = True
+
+    def forward(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
+        return self.proj(self.embed(ids).to(dtype))
+
+
 class GPT(nn.Module):
     def __init__(self, vocab_size: int, num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int,
                  mlp_mult: float, max_seq_len: int, rope_dims: int = 0, rope_base: float = 10000.0,
                  bigram_vocab_size: int = 0, bigram_dim: int = 128, xsa_last_n: int = 0, coda_last_n: int = 0,
                  logit_softcap: float = 30.0, qk_gain_init: float = 1.5, tied_embed_init_std: float = 0.005,
-                 act_dtype: torch.dtype = torch.bfloat16, mlp_leaky_slope: float = 0.0, ln_scale: bool = False,
-                 qat: bool = False):
+                 act_dtype: torch.dtype = torch.bfloat16, mlp_leaky_slope: float = 0.5, ln_scale: bool = False,
+                 qat: bool = False, ve_last_n: int = 0, ve_dim: int = 128):
         super().__init__()
         self.logit_softcap, self.act_dtype = logit_softcap, act_dtype
         self.tok_emb = nn.Embedding(vocab_size, model_dim)
         self.bigram = BigramHash(bigram_vocab_size, bigram_dim, model_dim) if bigram_vocab_size else None
         self.smear = SmearGate(model_dim)
-        rotary = Rotary(model_dim // num_heads, rope_dims, rope_base, max_seq_len)
-        # The one place each layer's XSA and CoDA are decided: the deepest N layers get them.
+        head_dim = model_dim // num_heads
+        self.value_embed = ValueEmbedding(vocab_size, ve_dim, num_kv_heads * head_dim) if ve_last_n else None
+        rotary = Rotary(head_dim, rope_dims, rope_base, max_seq_len)
+        # The one place each layer's XSA, CoDA and value embedding are decided: the deepest N layers get them.
         self.blocks = nn.ModuleList(
             Block(model_dim, mlp_mult, CausalSelfAttention(
-                model_dim, num_heads, num_kv_heads, rotary, qk_gain_init,
-                xsa=i >= num_layers - xsa_last_n, coda=i >= num_layers - coda_last_n),
+                model_dim, num_heads, num_kv_heads, rotary, qk_gain_init, xsa=i >= num_layers - xsa_last_n,
+                coda=i >= num_layers - coda_last_n, value_embed=i >= num_layers - ve_last_n),
                 mlp_leaky_slope, 1 / math.sqrt(i + 1) if ln_scale else 1.0)
             for i in range(num_layers))
         self.num_skips = num_layers // 2  # U-Net: the first half's outputs feed the second half in reverse
@@ -605,11 +634,12 @@ class GPT(nn.Module):
         if self.bigram is not None:
             x = x + self.bigram(ids, self.act_dtype)
         x = self.smear(F.rms_norm(x, (x.size(-1),)))
+        ve = self.value_embed(ids, self.act_dtype) if self.value_embed is not None else None
         x0, skips = x, []
         for i, block in enumerate(self.blocks):
             if i >= len(self.blocks) - self.num_skips:
                 x = x + self.skip_weights[len(self.blocks) - 1 - i].to(x.dtype) * skips.pop()
-            x = block(x, x0)
+            x = block(x, x0, ve)
             if i < self.num_skips:
                 skips.append(x)
         return F.rms_norm(x, (x.size(-1),))
@@ -629,7 +659,7 @@ def build_model(args: Hyperparameters, device: torch.device) -> GPT:
                max(args.train_seq_len, args.eval_seq_len), args.rope_dims, args.rope_base, args.bigram_vocab_size,
                args.bigram_dim, args.xsa_last_n, args.coda_last_n, args.logit_softcap, args.qk_gain_init,
                args.tied_embed_init_std, compute_dtype(device), args.mlp_leaky_slope, args.ln_scale,
-               args.late_qat > 0).to(device)
+               args.late_qat > 0, args.ve_last_n, args.ve_dim).to(device)
 
 
 # -----------------------------
@@ -704,8 +734,8 @@ class Evaluator:
 
 ARTIFACT_MAGIC = b"PGINT6\x00\x01"
 CONTROL_PATTERNS = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "smear", "bigram.scale",
-                    "coda_theta", "coda_gate.bias")
-EMBEDDINGS = ("tok_emb.weight", "bigram.embed.weight")
+                    "coda_theta", "coda_gate.bias", "ve_scale")
+EMBEDDINGS = ("tok_emb.weight", "bigram.embed.weight", "value_embed.embed.weight")
 CLIP_QUANTILES = (1.0, 0.9999, 0.999, 0.995, 0.99)
 
 
@@ -848,10 +878,10 @@ def read_artifact(path: str, shape: dict, variable: str = "LOAD_ARTIFACT") -> di
         written_shape, packed = deserialize(blob[head:])
     except (zstandard.ZstdError, ValueError, KeyError, TypeError):
         raise ConfigError(f"{variable}={path}: unreadable payload") from None
-    for key in sorted(set(shape) | set(written_shape)):
-        if shape.get(key) != written_shape.get(key):
-            raise ConfigError(f"{variable}={path} was written with {key.upper()}={written_shape.get(key)}, "
-                              f"this run has {key.upper()}={shape.get(key)}")
+    for key in [*shape, *(k for k in written_shape if k not in shape)]:  # absent on one side: off there (0)
+        if shape.get(key, 0) != written_shape.get(key, 0):
+            raise ConfigError(f"{variable}={path} was written with {key.upper()}={written_shape.get(key, 0)}, "
+                              f"this run has {key.upper()}={shape.get(key, 0)}")
     return dequantize_state(packed)
 
 
@@ -1199,7 +1229,8 @@ def run() -> int:
     base_model = build_model(args, device)
     log(f"model_params:{sum(p.numel() for p in base_model.parameters())} "
         f"xsa_layers:{[i for i, b in enumerate(base_model.blocks) if b.attn.xsa]} "
-        f"coda_layers:{[i for i, b in enumerate(base_model.blocks) if b.attn.coda]}")
+        f"coda_layers:{[i for i, b in enumerate(base_model.blocks) if b.attn.coda]} "
+        f"ve_layers:{[i for i, b in enumerate(base_model.blocks) if b.attn.ve_scale is not None]}")
     compile_fn = torch.compile if cuda else (lambda fn, **kw: fn)
     evaluate = make_evaluate(args, base_model, sp, val_tokens, compile_fn, log, rank, device)
     report = dict(seed=args.seed, step=0, step_avg_ms=None, pre_quant_val_bpb=None,

@@ -340,6 +340,8 @@ BAD_INPUT = {
     "kv_heads_do_not_divide_heads": _env_only(["NUM_KV_HEADS"], NUM_KV_HEADS="3"),
     "xsa_beyond_layers": _env_only(["XSA_LAST_N"], XSA_LAST_N="5"),
     "coda_negative": _env_only(["CODA_LAST_N"], CODA_LAST_N="-1"),
+    "ve_beyond_layers": _env_only(["VE_LAST_N"], VE_LAST_N="5"),
+    "ve_dim_zero": _env_only(["VE_DIM"], VE_LAST_N="1", VE_DIM="0"),
     "rope_dims_odd": _env_only(["ROPE_DIMS"], ROPE_DIMS="3"),
     "rope_dims_beyond_head": _env_only(["ROPE_DIMS"], ROPE_DIMS="64"),  # head_dim 16
     "batch_not_divisible": _env_only(["TRAIN_BATCH_TOKENS"], TRAIN_BATCH_TOKENS="100"),

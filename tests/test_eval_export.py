@@ -103,7 +103,8 @@ def num_threads(n):
 
 def dataset_tokens(ds):
     files = tg.find_shards(ds["data_path"], "val", 2)
-    return tg.load_validation_tokens(files, ds["vocab_size"]), spm.SentencePieceProcessor(model_file=ds["tokenizer_path"])
+    sp = spm.SentencePieceProcessor(model_file=ds["tokenizer_path"])
+    return tg.load_validation_tokens(files, ds["vocab_size"]), sp
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -651,7 +652,9 @@ def test_artifact_bad_files(packed_state, tmp_path):
     # written for another model shape: names the variable and both values
     expect_config_error(good, dict(SHAPE, num_layers=5), "NUM_LAYERS=4", "NUM_LAYERS=5")
     expect_config_error(good, dict(SHAPE, mlp_mult=2.0), "MLP_MULT")
-    expect_config_error(good, {k: v for k, v in SHAPE.items() if k != "coda_last_n"}, "CODA_LAST_N")
+    expect_config_error(good, {k: v for k, v in SHAPE.items() if k != "coda_last_n"}, "CODA_LAST_N=0")
+    # a key the artifact lacks is a feature it had off: value embeddings on in this run only
+    expect_config_error(good, dict(SHAPE, ve_last_n=2, ve_dim=128), "VE_LAST_N=0", "VE_LAST_N=2")
     assert tg.read_artifact(str(good), dict(SHAPE)).keys() == packed_state.keys()  # the good one still reads
 
 

@@ -441,7 +441,7 @@ def test_muon_shared_across_ranks_equals_single_process(tmp_path, monkeypatch):
 def test_make_optimizers_groups(monkeypatch):
     env = dict(VOCAB_SIZE=VOCAB, NUM_LAYERS=2, MODEL_DIM=DIM, NUM_HEADS=HEADS, NUM_KV_HEADS=2, MLP_MULT=2,
                TRAIN_SEQ_LEN=SEQ, EVAL_SEQ_LEN=SEQ, EVAL_STRIDE=8, TRAIN_BATCH_TOKENS=SEQ * 8, GRAD_ACCUM_STEPS=1,
-               BIGRAM_VOCAB_SIZE=16, BIGRAM_DIM=8, XSA_LAST_N=1, CODA_LAST_N=1, ROPE_DIMS=4,
+               BIGRAM_VOCAB_SIZE=16, BIGRAM_DIM=8, XSA_LAST_N=1, CODA_LAST_N=1, ROPE_DIMS=4, VE_LAST_N=1, VE_DIM=8,
                TIED_EMBED_LR=0.123, SCALAR_LR=0.045, MATRIX_LR=0.067, MUON_WD=0.011, ADAM_WD=0.022)
     for k, v in env.items():
         monkeypatch.setenv(k, str(v))
@@ -468,15 +468,17 @@ def test_make_optimizers_groups(monkeypatch):
     for name in coda:
         opt, group = group_of(name)
         assert isinstance(opt, torch.optim.AdamW) and group["weight_decay"] == 0.0 and group["lr"] == 0.045, name
-    opt, group = group_of("tok_emb.weight")
-    assert isinstance(opt, torch.optim.AdamW) and group["lr"] == 0.123 and group["weight_decay"] == 0.022
+    for name in ("tok_emb.weight", "value_embed.embed.weight"):
+        opt, group = group_of(name)
+        assert isinstance(opt, torch.optim.AdamW) and group["lr"] == 0.123 and group["weight_decay"] == 0.022, name
     matrices = [n for n, p in names.items() if p.ndim == 2 and n.startswith("blocks.") and "coda_" not in n
                 and "resid_mix" not in n]
     assert len(matrices) == 2 * 6  # c_q, c_k, c_v, proj, mlp.fc, mlp.proj per layer
-    for name in matrices + ["bigram.proj.weight"]:
+    for name in matrices + ["bigram.proj.weight", "value_embed.proj.weight"]:
         opt, group = group_of(name)
         assert opt is muon and group["lr"] == 0.067 and group["weight_decay"] == 0.011, name
-    for name in ("blocks.0.attn.q_gain", "blocks.0.resid_mix", "skip_weights", "smear.gate", "bigram.scale"):
+    for name in ("blocks.0.attn.q_gain", "blocks.0.resid_mix", "skip_weights", "smear.gate", "bigram.scale",
+                 "blocks.1.attn.ve_scale"):
         opt, group = group_of(name)
         assert isinstance(opt, torch.optim.AdamW) and group["lr"] == 0.045 and group["weight_decay"] == 0.022, name
     for opt in opts:

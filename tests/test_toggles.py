@@ -1,5 +1,6 @@
-"""The quality toggles: MLP_LEAKY_SLOPE, LN_SCALE, LATE_QAT, EMA and SWA. Each must really change the model;
-late QAT must take effect inside a compiled forward (one record's switch was constant-folded away)."""
+"""The quality toggles: MLP_LEAKY_SLOPE, LN_SCALE, VE_LAST_N/VE_DIM, LATE_QAT, EMA and SWA. Each must really
+change the model; late QAT must take effect inside a compiled forward (one record's switch was constant-folded
+away)."""
 import os
 import subprocess
 import sys
@@ -43,6 +44,56 @@ def test_ln_scale_scales_each_layers_normalized_inputs():
     x0 = torch.randn(2, 16, 32)
     assert torch.equal(plain.blocks[0](x0, x0), scaled.blocks[0](x0, x0))  # layer 0: scale 1
     assert not torch.allclose(plain.token_nll(ids, ids), scaled.token_nll(ids, ids))
+
+
+def test_value_embedding_goes_to_the_deepest_layers_and_starts_as_a_no_op():
+    plain, ve = tiny_gpt(), tiny_gpt(ve_last_n=2, ve_dim=8)
+    assert [b.attn.ve_scale is not None for b in ve.blocks] == [False, True, True]
+    assert plain.value_embed is None and ve.value_embed.proj.weight.shape == (16, 8)  # KV width: 2 heads x 8
+    torch.nn.init.zeros_(ve.value_embed.proj.weight)  # as GPT initializes it (tiny_gpt re-inits projections)
+    ve.load_state_dict(plain.state_dict(), strict=False)
+    ids, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    assert torch.equal(plain.hidden(ids), ve.hidden(ids))
+    assert torch.count_nonzero(tiny_gpt(ve_last_n=1).value_embed.proj.weight) > 0  # tiny_gpt's re-init
+    assert torch.count_nonzero(tg.GPT(64, 3, 32, 4, 2, 2, 16, ve_last_n=1).value_embed.proj.weight) == 0
+    ve.value_embed.proj.weight.data.normal_(std=0.2)
+    assert (ve.hidden(ids) - plain.hidden(ids)).abs().max() > 1e-4  # the table starts small (std 0.01)
+    ve(ids, targets).backward()
+    for p in (ve.value_embed.embed.weight, ve.value_embed.proj.weight, ve.blocks[1].attn.ve_scale,
+              ve.blocks[2].attn.ve_scale):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_value_embedding_in_the_artifact_shape_only_when_on(monkeypatch):
+    monkeypatch.delenv("VE_LAST_N", raising=False)
+    monkeypatch.setenv("VE_DIM", "64")  # ignored while off: an artifact without value embeddings still loads
+    assert "ve_last_n" not in tg.Hyperparameters(1).shape and "ve_dim" not in tg.Hyperparameters(1).shape
+    monkeypatch.setenv("VE_LAST_N", "2")
+    shape = tg.Hyperparameters(1).shape
+    assert shape["ve_last_n"] == 2 and shape["ve_dim"] == 64
+
+
+def test_value_embedding_export_kinds():  # optimizer groups: test_model.test_make_optimizers_groups
+    model = tiny_gpt(ve_last_n=2)
+    kinds = {n: tg.export_kind(n, p) for n, p in model.named_parameters() if "value_embed" in n or "ve_scale" in n}
+    assert kinds == {"value_embed.embed.weight": "int8", "value_embed.proj.weight": "int6",
+                     "blocks.1.attn.ve_scale": "fp32", "blocks.2.attn.ve_scale": "fp32"}
+
+
+def test_xsa_removes_the_value_the_layer_used_embedding_included():
+    torch.manual_seed(0)
+    attn = tg.CausalSelfAttention(32, 4, 2, tg.Rotary(8, 0, 10000.0, 16), 1.5, xsa=True, coda=False,
+                                  value_embed=True)
+    attn.proj = torch.nn.Identity()
+    with torch.no_grad():
+        attn.ve_scale.fill_(0.7)
+    x, ve = torch.randn(2, 12, 32), torch.randn(2, 12, 16)
+    with torch.no_grad():
+        y = attn(x, ve).view(2, 12, 2, 2, 8)
+        v = (attn.c_v(x) + 0.7 * ve).view(2, 12, 2, 1, 8)
+        v_without = attn.c_v(x).view(2, 12, 2, 1, 8)
+    assert (y * torch.nn.functional.normalize(v, dim=-1)).sum(-1).abs().max() < 1e-5
+    assert (y * torch.nn.functional.normalize(v_without, dim=-1)).sum(-1)[:, 1:].abs().max() > 0.05
 
 
 def test_qat_buffers_cover_the_int6_matrices_and_stay_out_of_the_state_dict():

@@ -8,7 +8,6 @@ torch.profiler trace of a few steps, in ms per step, each generated (Triton) ker
 nodes and the launch line inductor wrote for it; and the time of one Muon step of this script (batched by
 shape) against torch.optim.Muon (one matrix at a time). PROFILE_MUON=0 skips the Muon comparison.
 """
-import glob
 import os
 import sys
 import time
@@ -31,9 +30,10 @@ def timed_steps(step, n: int, host_sync: bool) -> float:
 
 
 def inductor_call_site(kernel: str) -> list[str]:
-    """The 'Source Nodes' comment and the launch line inductor wrote for a generated kernel."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-    for path in glob.glob(os.path.join(cache_dir(), "**", "*.py"), recursive=True):
+    """The 'Source Nodes' comment and the launch line inductor wrote for a generated kernel, searched in the
+    output code this process compiled or loaded (the on-disk cache holds other runs' kernels of the same name)."""
+    from torch._inductor.codecache import PyCodeCache
+    for path in sorted({m.__file__ for m in PyCodeCache.modules if getattr(m, "__file__", None)}):
         with open(path) as f:
             lines = f.read().splitlines()
         for i, line in enumerate(lines):
