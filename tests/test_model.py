@@ -90,14 +90,16 @@ def test_gpt_is_causal():
 # Attention: XSA and CoDA
 # -----------------------------
 
-def make_attention(num_kv_heads, xsa, coda, rope_dims=0, seed=0):
+def make_attention(num_kv_heads, xsa, coda, rope_dims=0, seed=0, value_embed=False):
     """A CausalSelfAttention whose output is taken before `proj`, with non-trivial gains, angles and gate."""
     torch.manual_seed(seed)
     rotary = tg.Rotary(HEAD_DIM, rope_dims, 10000.0, SEQ)
-    attn = tg.CausalSelfAttention(DIM, HEADS, num_kv_heads, rotary, 1.5, xsa=xsa, coda=coda)
+    attn = tg.CausalSelfAttention(DIM, HEADS, num_kv_heads, rotary, 1.5, xsa=xsa, coda=coda, value_embed=value_embed)
     attn.proj = nn.Identity()
     with torch.no_grad():
         attn.q_gain.uniform_(0.5, 2.0)
+        if value_embed:
+            attn.ve_scale.fill_(0.7)
         if coda:
             attn.coda_theta.uniform_(-math.pi, math.pi)
             attn.coda_gate.weight.normal_(0, 0.5)
@@ -137,11 +139,14 @@ def reference_attention(attn, x):
     return F.rms_norm(y - lam * sdpa(attn.noise_queries(q)), (D,))
 
 
-def own_value_dots(attn, x):
-    """Per token and head: (output before proj) . (normalized value of the head's own KV head)."""
+def own_value_dots(attn, x, ve=None, value=None):
+    """Per token and head: (output before proj) . (normalized value of the head's own KV head). The value is
+    the one the layer used (its value embedding ve included) unless `value` is given."""
     with torch.no_grad():
-        y = heads(attn(x)).float()
-        v = attn.c_v(x).float().view(*x.shape[:2], attn.num_kv_heads, HEAD_DIM)
+        y = heads(attn(x, ve)).float()
+        if value is None:
+            value = attn.c_v(x) if ve is None else attn.c_v(x) + attn.ve_scale * ve
+        v = value.float().view(*x.shape[:2], attn.num_kv_heads, HEAD_DIM)
     v_hat = F.normalize(v, dim=-1).repeat_interleave(HEADS // attn.num_kv_heads, dim=2)
     return y, (y * v_hat).sum(-1)
 
@@ -159,6 +164,15 @@ def test_xsa_output_orthogonal_to_own_value(num_kv_heads, coda):
             assert y[:, 0].abs().max() < (1e-2 if coda else 1e-5)
         else:  # the property is not automatic: without XSA the outputs lean on their own values
             assert dots.abs().max() > 0.1
+
+
+def test_xsa_removes_the_value_the_layer_used_embedding_included():
+    attn = make_attention(2, xsa=True, coda=False, value_embed=True)
+    x, ve = torch.randn(2, 12, DIM), torch.randn(2, 12, 2 * HEAD_DIM)
+    _, dots = own_value_dots(attn, x, ve)
+    assert dots.abs().max() < 1e-5
+    _, dots_without = own_value_dots(attn, x, ve, value=attn.c_v(x))  # the embedding is not ignored
+    assert dots_without[:, 1:].abs().max() > 0.05
 
 
 def test_xsa_with_coda_in_bf16():

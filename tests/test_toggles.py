@@ -80,22 +80,6 @@ def test_value_embedding_export_kinds():  # optimizer groups: test_model.test_ma
                      "blocks.1.attn.ve_scale": "fp32", "blocks.2.attn.ve_scale": "fp32"}
 
 
-def test_xsa_removes_the_value_the_layer_used_embedding_included():
-    torch.manual_seed(0)
-    attn = tg.CausalSelfAttention(32, 4, 2, tg.Rotary(8, 0, 10000.0, 16), 1.5, xsa=True, coda=False,
-                                  value_embed=True)
-    attn.proj = torch.nn.Identity()
-    with torch.no_grad():
-        attn.ve_scale.fill_(0.7)
-    x, ve = torch.randn(2, 12, 32), torch.randn(2, 12, 16)
-    with torch.no_grad():
-        y = attn(x, ve).view(2, 12, 2, 2, 8)
-        v = (attn.c_v(x) + 0.7 * ve).view(2, 12, 2, 1, 8)
-        v_without = attn.c_v(x).view(2, 12, 2, 1, 8)
-    assert (y * torch.nn.functional.normalize(v, dim=-1)).sum(-1).abs().max() < 1e-5
-    assert (y * torch.nn.functional.normalize(v_without, dim=-1)).sum(-1)[:, 1:].abs().max() > 0.05
-
-
 def test_qat_buffers_cover_the_int6_matrices_and_stay_out_of_the_state_dict():
     model = tiny_gpt(qat=True, coda_last_n=1)
     with_qat = {n for n, m in model.named_modules() if isinstance(m, tg.CastedLinear) and m.qat is not None}
