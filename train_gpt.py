@@ -215,16 +215,16 @@ all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_
 def newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     """Approximately orthogonalize each matrix of G [..., rows, cols] (quintic Newton-Schulz)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.to(compute_dtype(G.device))
+    X = G.to(compute_dtype(G.device)).reshape(-1, *G.shape[-2:])
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
-    for _ in range(steps):
+    for _ in range(steps):  # each sum is a product's epilogue: no separate elementwise passes
         A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
-    return X.mT if transposed else X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    return (X.mT if transposed else X).reshape(G.shape)
 
 
 class Muon(torch.optim.Optimizer):
@@ -497,13 +497,16 @@ class CausalSelfAttention(nn.Module):
         y = attention(q, k, v).view(B, T, Hkv, -1, D)
         # XSA and CoDA's combination run in fp32 (fused, so no extra memory traffic): in bf16 the XSA
         # remainder (~2^-8 of y) would be scaled back up by CoDA's RMSNorm wherever y is nearly all v.
+        # CoDA combines signal and noise first: XSA's projection is linear and both share V, so it then
+        # runs once, on half the heads, with the same result as on each stream.
+        if self.coda:
+            signal, noise = y.float().split(G, dim=3)
+            y = signal - torch.sigmoid(self.coda_gate(x).float()).view(B, T, Hkv, G, 1) * noise
         if self.xsa:  # remove each output's component along the token's own value (per KV group, no copies)
             y, v_hat = y.float(), F.normalize(v.float(), dim=-1).unsqueeze(3)
             y = y - (y * v_hat).sum(-1, keepdim=True) * v_hat
         if self.coda:
-            signal, noise = y.float().split(G, dim=3)
-            lam = torch.sigmoid(self.coda_gate(x).float()).view(B, T, Hkv, G, 1)
-            y = F.rms_norm(signal - lam * noise, (D,))
+            y = F.rms_norm(y, (D,))
         return self.proj(y.to(x.dtype).reshape(B, T, C))
 
 
