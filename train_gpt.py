@@ -611,7 +611,8 @@ class GPT(nn.Module):
                 mlp_leaky_slope, 1 / math.sqrt(i + 1) if ln_scale else 1.0)
             for i in range(num_layers))
         self.num_skips = num_layers // 2  # U-Net: the first half's outputs feed the second half in reverse
-        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, model_dim))
+        # None with no skips (one layer): DDP fails on a parameter that never gets a gradient.
+        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, model_dim)) if self.num_skips else None
         self._init_weights(tied_embed_init_std)
         if qat:  # the matrices exported as int6
             for name, module in self.named_modules():
@@ -1031,23 +1032,27 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
             opt.load_state_dict(state)
         log(f"warmup_steps:{args.warmup_steps} done (weights and optimizer state restored)")
 
-    def read_flags(pending: tuple) -> bool:
-        """Waits for one step's all-reduced (near the cap, loss not finite) flags; True when to stop."""
+    def read_flags(pending: tuple) -> float:
+        """Waits for one step's all-reduced flags (elapsed ms, loss not finite); returns the elapsed ms
+        all ranks agree on: the largest."""
         flags, copied, pending_step = pending
         if copied is not None:
             copied.synchronize()
-        near_cap, diverged = flags.tolist()
+        agreed_ms, diverged = flags.tolist()
         if diverged:
             msg = (f"training loss is not finite at step {pending_step}: stopping "
                    f"(try a lower MATRIX_LR/SCALAR_LR/TIED_EMBED_LR or GRAD_CLIP_NORM)")
             log(f"error: {msg}", console=False)
             raise TrainingDiverged(msg)
-        return bool(near_cap)
+        return agreed_ms
 
     loader = DistributedTokenLoader(train_files, args.vocab_size, rank, world_size, device)
     average = WeightAverage(base_model, args)
     cap_ms = 1000.0 * args.max_wallclock_seconds
     train_ms, step, stop_at, pending, qat_on = 0.0, 0, None, None, False
+    agreed_ms, agreed_step = 0.0, 0  # the clock all ranks agreed on, at the last step whose flags were read
+    if world_size > 1:
+        dist.barrier()  # start the clocks together
     sync()
     t0 = time.perf_counter()
     while True:
@@ -1062,8 +1067,9 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
             t0 = time.perf_counter()
         if last_step:
             break
-        elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        scale = lr_scale(args, step, elapsed_ms)
+        # The schedule reads the agreed clock, extrapolated to this step: ranks' own clocks differ a little,
+        # and different learning rates would leave each rank a different model.
+        scale = lr_scale(args, step, agreed_ms / agreed_step * step if agreed_step else 0.0)
         frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps else 1.0
         for group in muon.param_groups:
             group["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
@@ -1078,21 +1084,25 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         step += 1
         average.update(step, scale)
         elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        # The stop decision, agreed by all ranks (a NaN anywhere stops all). This step's flags are reduced
-        # and copied to pinned host memory in stream order, and read after the next step is queued: the
-        # host waits for this step's end, never the next one's, so the GPU never idles (a per-step sync
-        # cost 5.5 ms of 92; a read queued behind the next step, 4.8 ms of 85.5: both measured). The host
-        # reads one step late, so "near the cap" means within three average steps of it (two overshot a
-        # 180 s cap by 8 ms once).
-        near_cap = cap_ms > 0 and elapsed_ms + 3 * elapsed_ms / step >= cap_ms
-        flags = torch.stack((train_loss.new_full((), float(near_cap)), (~torch.isfinite(train_loss)).float()))
+        # The clock and the stop decision, agreed by all ranks (the largest clock; a NaN anywhere stops
+        # all). This step's flags are reduced and copied to pinned host memory in stream order, and read
+        # after the next step is queued: the host waits for this step's end, never the next one's, so the
+        # GPU never idles (a per-step sync cost 5.5 ms of 92; a read queued behind the next step, 4.8 ms
+        # of 85.5: both measured). The host reads one step late, so "near the cap" means within three
+        # average steps of it (two overshot a 180 s cap by 8 ms once).
+        flags = torch.stack((torch.full((), elapsed_ms, dtype=torch.float64, device=train_loss.device),
+                             (~torch.isfinite(train_loss)).double()))
         if world_size > 1:  # with NCCL the stream, not the host, waits for the reduction
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         copied = None
         if flags.is_cuda:  # into pinned memory, in stream order; the event marks when the copy has landed
-            flags, copied = torch.empty(2, pin_memory=True).copy_(flags, non_blocking=True), torch.cuda.Event()
+            flags = torch.empty(2, dtype=flags.dtype, pin_memory=True).copy_(flags, non_blocking=True)
+            copied = torch.cuda.Event()
             copied.record()
-        stop = pending is not None and read_flags(pending)
+        stop = False
+        if pending is not None:
+            agreed_ms, agreed_step = read_flags(pending), pending[2]
+            stop = cap_ms > 0 and agreed_ms + 3 * agreed_ms / agreed_step >= cap_ms
         pending = (flags, copied, step)
         if args.train_log_every > 0 and (step <= 10 or step % args.train_log_every == 0 or stop):
             log(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} "
@@ -1272,6 +1282,7 @@ def main() -> None:
         if master:
             print(f"error: {e}", file=sys.stderr, flush=True)
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank exits (and has torchrun stop the others) before rank 0 has written its last line
         dist.destroy_process_group()
     sys.exit(code)
 

@@ -55,14 +55,15 @@ PREFIX = dict(serialized="Serialized model", code="Code size", total="Total subm
 SCRIPT_VARS = set(re.findall(r'(?:_env|_flag|environ\.get)\(\s*"([A-Z0-9_]+)"', SCRIPT.read_text()))
 
 
-def trainer(cwd: Path, env: dict, nproc: int = 0, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+def trainer(cwd: Path, env: dict, nproc: int = 0, timeout: float = TIMEOUT_S,
+            script: Path = SCRIPT) -> subprocess.CompletedProcess:
     """Runs `python train_gpt.py` (or torchrun with nproc processes) in cwd with env on top of a
     cleaned copy of os.environ."""
     full_env = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS}
     full_env.update(OMP_NUM_THREADS="1", **env)
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
     cwd.mkdir(parents=True, exist_ok=True)
-    return subprocess.run([sys.executable, *launcher, str(SCRIPT)], cwd=cwd, env=full_env, capture_output=True,
+    return subprocess.run([sys.executable, *launcher, str(script)], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -168,6 +169,18 @@ def test_ddp_val_tokens_are_all_targets(ddp_run, dataset):
     n_val = shard_tokens(os.path.join(dataset["data_path"], "fineweb_val_000000.bin"))
     assert int(match.group(1)) == n_val - 1
     assert int(match.group(2)) > 0
+
+
+def test_ddp_ranks_train_one_model_when_their_clocks_differ(dataset, tmp_path):
+    """Under a wallclock cap the learning rate follows the clock. With rank 1's clock 1.5x fast
+    (tests/skewed_clock.py) both ranks must still end with the same weights: each rank reading its own
+    clock gave each a different learning rate, and so a different model, which DDP never re-syncs."""
+    env = dict(dataset["env"], RUN_ID="skew", ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="3",
+               WARMDOWN_ITERS="100000", EVAL_STRIDE="0", CODA_LAST_N="0")
+    proc = trainer(tmp_path, env, nproc=2, script=SCRIPT.parent / "tests" / "skewed_clock.py")
+    assert proc.returncode == 0, describe(proc)
+    hashes = [(tmp_path / f"weights_rank{rank}.sha256").read_text() for rank in (0, 1)]
+    assert hashes[0] == hashes[1]
 
 
 def test_ddp_json_report_matches_log(ddp_run):

@@ -73,6 +73,17 @@ def test_gpt_forward_backward(num_kv_heads, xsa_last_n, coda_last_n, rope_dims):
         assert p.grad.abs().sum() > 0, name
 
 
+def test_one_layer_model_has_no_parameter_without_gradient():
+    """With one layer there are no U-Net skips; an empty skip_weights parameter got no gradient, which DDP
+    refuses on its second step ("Expected to have finished reduction in the prior iteration")."""
+    torch.manual_seed(0)
+    model = tg.GPT(vocab_size=VOCAB, num_layers=1, model_dim=DIM, num_heads=HEADS, num_kv_heads=2, mlp_mult=2,
+                   max_seq_len=SEQ, act_dtype=torch.float32)
+    perturb(model)
+    model(*tokens()).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
 def test_gpt_is_causal():
     """Changing token t must not change any earlier position's loss (attention, SmearGate, BigramHash)."""
     model = tiny_gpt(num_kv_heads=2, rope_dims=4, xsa_last_n=2, coda_last_n=2)
