@@ -759,9 +759,11 @@ def quantize_rows(w: Tensor, bits: int, quantiles=(1.0,)) -> tuple[Tensor, Tenso
     the |w| quantiles with the least squared reconstruction error. Returns (int8 codes, fp16 scales)."""
     w = w.float()
     qmax = 2 ** (bits - 1) - 1
+    inner = [quantile for quantile in quantiles if quantile != 1.0]  # one sort for all of them
+    inner_clips = iter(torch.quantile(w.abs(), torch.tensor(inner), dim=1) if inner else [])
     best_q, best_scale, best_err = None, None, None
     for quantile in quantiles:
-        clip = w.abs().amax(dim=1) if quantile == 1.0 else torch.quantile(w.abs(), quantile, dim=1)
+        clip = w.abs().amax(dim=1) if quantile == 1.0 else next(inner_clips)
         scale = (clip / qmax).half().clamp_min(2 ** -24).float()  # as stored: fp16, never 0
         q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
         err = (q * scale[:, None] - w).square().sum(dim=1)
