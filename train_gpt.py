@@ -1024,6 +1024,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
 
     # Compile warm-up on real batches, then restore the initial weights, optimizer state and data order.
     if args.warmup_steps > 0:
+        t0 = time.perf_counter()
         initial_model = copy.deepcopy(base_model.state_dict())
         initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
         loader = DistributedTokenLoader(train_files, args.vocab_size, rank, world_size, device)
@@ -1032,7 +1033,9 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         base_model.load_state_dict(initial_model)
         for opt, state in zip(optimizers, initial_opts):
             opt.load_state_dict(state)
-        log(f"warmup_steps:{args.warmup_steps} done (weights and optimizer state restored)")
+        sync()
+        log(f"warmup_steps:{args.warmup_steps} done in {time.perf_counter() - t0:.1f}s "
+            f"(weights and optimizer state restored)")
 
     def read_flags(pending: tuple) -> float:
         """Waits for one step's all-reduced flags (elapsed ms, loss not finite); returns the elapsed ms
@@ -1185,11 +1188,12 @@ def export(args, base_model: GPT, log, rank: int, code_bytes: int) -> None:
     """Rank 0 quantizes and writes the artifact, 1.5% under the limit (zstd lands within 1% of the
     entropy estimate, measured); the others wait for the file."""
     if rank == 0:
+        t0 = time.perf_counter()
         packed = quantize_state(base_model.state_dict(), 0.985 * (args.artifact_limit_bytes - code_bytes))
+        write_artifact(args.artifact_path, packed, args.shape)
         kinds = [v[0] for v in packed.values()]
         log(f"export: int6 matrices:{kinds.count('int6')} int5 matrices:{kinds.count('int5')} "
-            f"int8 embeddings:{kinds.count('int8')}")
-        write_artifact(args.artifact_path, packed, args.shape)
+            f"int8 embeddings:{kinds.count('int8')} time:{time.perf_counter() - t0:.1f}s")
     if args.world_size > 1:
         dist.barrier()
 
