@@ -760,7 +760,7 @@ def quantize_rows(w: Tensor, bits: int, quantiles=(1.0,)) -> tuple[Tensor, Tenso
     w = w.float()
     qmax = 2 ** (bits - 1) - 1
     inner = [quantile for quantile in quantiles if quantile != 1.0]  # one sort for all of them
-    inner_clips = iter(torch.quantile(w.abs(), torch.tensor(inner), dim=1) if inner else [])
+    inner_clips = iter(torch.quantile(w.abs(), torch.tensor(inner, dtype=w.dtype), dim=1) if inner else [])
     best_q, best_scale, best_err = None, None, None
     for quantile in quantiles:
         clip = w.abs().amax(dim=1) if quantile == 1.0 else next(inner_clips)
@@ -1188,12 +1188,11 @@ def export(args, base_model: GPT, log, rank: int, code_bytes: int) -> None:
     """Rank 0 quantizes and writes the artifact, 1.5% under the limit (zstd lands within 1% of the
     entropy estimate, measured); the others wait for the file."""
     if rank == 0:
-        t0 = time.perf_counter()
         packed = quantize_state(base_model.state_dict(), 0.985 * (args.artifact_limit_bytes - code_bytes))
-        write_artifact(args.artifact_path, packed, args.shape)
         kinds = [v[0] for v in packed.values()]
         log(f"export: int6 matrices:{kinds.count('int6')} int5 matrices:{kinds.count('int5')} "
-            f"int8 embeddings:{kinds.count('int8')} time:{time.perf_counter() - t0:.1f}s")
+            f"int8 embeddings:{kinds.count('int8')}")
+        write_artifact(args.artifact_path, packed, args.shape)
     if args.world_size > 1:
         dist.barrier()
 
@@ -1288,7 +1287,8 @@ def main() -> None:
         if master:
             print(f"error: {e}", file=sys.stderr, flush=True)
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # no rank exits (and has torchrun stop the others) before rank 0 has written its last line
+        if code != 2:  # exits all ranks reach together: none leaves (and has torchrun stop the others) before
+            dist.barrier()  # rank 0 has written its last line; a bad input may be one rank's alone
         dist.destroy_process_group()
     sys.exit(code)
 
