@@ -26,9 +26,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_gpt(num_kv_heads=2, rope_dims=0, xsa_last_n=0, coda_last_n=0, seed=0):
+def tiny_gpt(num_kv_heads=2, rope_dims=0, xsa_last_n=0, coda_last_n=0, seed=0, num_layers=2):
     torch.manual_seed(seed)
-    return tg.GPT(vocab_size=VOCAB, num_layers=2, model_dim=DIM, num_heads=HEADS, num_kv_heads=num_kv_heads,
+    return tg.GPT(vocab_size=VOCAB, num_layers=num_layers, model_dim=DIM, num_heads=HEADS, num_kv_heads=num_kv_heads,
                   mlp_mult=2, max_seq_len=SEQ, rope_dims=rope_dims, bigram_vocab_size=16, bigram_dim=8,
                   xsa_last_n=xsa_last_n, coda_last_n=coda_last_n, act_dtype=torch.float32)
 
@@ -76,9 +76,7 @@ def test_gpt_forward_backward(num_kv_heads, xsa_last_n, coda_last_n, rope_dims):
 def test_one_layer_model_has_no_parameter_without_gradient():
     """With one layer there are no U-Net skips; an empty skip_weights parameter got no gradient, which DDP
     refuses on its second step ("Expected to have finished reduction in the prior iteration")."""
-    torch.manual_seed(0)
-    model = tg.GPT(vocab_size=VOCAB, num_layers=1, model_dim=DIM, num_heads=HEADS, num_kv_heads=2, mlp_mult=2,
-                   max_seq_len=SEQ, act_dtype=torch.float32)
+    model = tiny_gpt(num_layers=1)
     perturb(model)
     model(*tokens()).backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
@@ -127,10 +125,9 @@ def project_out_own_value(y, v, group):
     return y - (y * v_hat).sum(-1, keepdim=True) * v_hat
 
 
-def reference_attention(attn, x, normalize=True):
+def reference_attention(attn, x):
     """CoDA written the plain way: two SDPA calls (signal and noise queries against the same K, V), XSA on
-    each stream, then RMSNorm(signal - sigmoid(gate(x)) * noise) per head (normalize=False: before the
-    RMSNorm). Returns [B, T, H, D]."""
+    each stream, then signal - sigmoid(gate(x)) * noise per head, before CoDA's RMSNorm. Returns [B, T, H, D]."""
     B, T, _ = x.shape
     H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
     q = F.rms_norm(attn.c_q(x).view(B, T, H, D), (D,))
@@ -148,8 +145,7 @@ def reference_attention(attn, x, normalize=True):
     if not attn.coda:
         return y
     lam = torch.sigmoid(attn.coda_gate(x))[..., None]
-    y = y - lam * sdpa(attn.noise_queries(q))
-    return F.rms_norm(y, (D,)) if normalize else y
+    return y - lam * sdpa(attn.noise_queries(q))
 
 
 def own_value_dots(attn, x, ve=None, value=None):
@@ -212,8 +208,8 @@ def test_coda_one_call_equals_two_calls(num_kv_heads, xsa, rope_dims):
     attn = make_attention(num_kv_heads, xsa=xsa, coda=True, rope_dims=rope_dims)
     x = torch.randn(2, 12, DIM)
     with torch.no_grad():
-        got, want = heads(attn(x)), reference_attention(attn, x)
-        rms_in = reference_attention(attn, x, normalize=False).pow(2).mean(-1, keepdim=True).sqrt()
+        got, combined = heads(attn(x)), reference_attention(attn, x)
+    want, rms_in = F.rms_norm(combined, (HEAD_DIM,)), combined.pow(2).mean(-1, keepdim=True).sqrt()
     first = 1 if xsa else 0
     assert ((got - want) * rms_in)[:, first:].abs().max() < 1e-5
     if xsa:
