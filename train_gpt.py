@@ -399,10 +399,15 @@ class CastedLinear(nn.Linear):
     def enable_qat(self) -> None:
         self.qat = torch.zeros((), device=self.weight.device)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, out_scale: Tensor | None = None) -> Tensor:
+        """out_scale: a gain on the output channels (or one scalar), folded into the weight's rows so the
+        product applies it: its gradient then comes from the weight's gradient (a sum over the weight)
+        instead of a sum over every token of the activations, which cost 0.07 ms per gain on one H100."""
         w = self.weight
         if self.qat is not None:
             w = w + self.qat * (fake_int6(w) - w.detach())
+        if out_scale is not None:
+            w = w * out_scale.view(-1, 1)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, w.to(x.dtype), bias)
 
@@ -480,7 +485,7 @@ class CausalSelfAttention(nn.Module):
         return torch.cat((rotate_pairs(q[..., :rope], cos[:, :r], sin[:, :r]),
                           rotate_pairs(q[..., rope:], cos[:, r:], sin[:, r:])), dim=-1)
 
-    def forward(self, x: Tensor, ve: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None = None, out_scale: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         G = H // Hkv
@@ -507,7 +512,7 @@ class CausalSelfAttention(nn.Module):
             y = y - (y * v_hat).sum(-1, keepdim=True) * v_hat
         if self.coda:
             y = F.rms_norm(y, (D,))
-        return self.proj(y.to(x.dtype).reshape(B, T, C))
+        return self.proj(y.to(x.dtype).reshape(B, T, C), out_scale)
 
 
 class MLP(nn.Module):
@@ -521,8 +526,8 @@ class MLP(nn.Module):
         self.proj.zero_init = True
         self.leaky_slope = leaky_slope
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.leaky_relu(self.fc(x), self.leaky_slope).square())
+    def forward(self, x: Tensor, out_scale: Tensor | None = None) -> Tensor:
+        return self.proj(F.leaky_relu(self.fc(x), self.leaky_slope).square(), out_scale)
 
 
 class Block(nn.Module):
@@ -539,8 +544,9 @@ class Block(nn.Module):
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(F.rms_norm(x, (x.size(-1),)) * self.norm_scale, ve)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)) * self.norm_scale)
+        # attn_scale and mlp_scale ride in the branches' output products (CastedLinear's out_scale)
+        x = x + self.attn(F.rms_norm(x, (x.size(-1),)) * self.norm_scale, ve, self.attn_scale)
+        return x + self.mlp(F.rms_norm(x, (x.size(-1),)) * self.norm_scale, self.mlp_scale)
 
 
 class SmearGate(nn.Module):
@@ -570,7 +576,7 @@ class BigramHash(nn.Module):
         t = ids.to(torch.int32)
         h = torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]) % (self.buckets - 1)
         h = F.pad(h, (1, 0), value=self.buckets - 1)
-        return self.proj(self.embed(h).to(dtype)) * self.scale.to(dtype)
+        return self.proj(self.embed(h).to(dtype), self.scale)
 
 
 class ValueEmbedding(nn.Module):

@@ -82,6 +82,53 @@ def test_one_layer_model_has_no_parameter_without_gradient():
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
 
+
+@pytest.mark.parametrize("qat", [False, True])
+@pytest.mark.parametrize("gain_shape", [(6,), ()])
+def test_output_gain_folded_into_the_weight_equals_gain_after_the_product(qat, gain_shape):
+    """CastedLinear(x, s) computes x @ (s W)^T: the value and every gradient (x, W, s) equal s * (x @ W^T),
+    int6 fake quantization on or off."""
+    torch.manual_seed(0)
+    lin = tg.CastedLinear(5, 6, bias=False).double()
+    if qat:
+        lin.enable_qat()
+        lin.qat.fill_(1.0)
+    s = (torch.rand(gain_shape, dtype=torch.float64) + 0.5).requires_grad_()
+    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 4, 6, dtype=torch.float64)
+    folded = lin(x, s)
+    folded_grads = torch.autograd.grad((folded * r).sum(), (x, lin.weight, s))
+    after = s * lin(x)
+    after_grads = torch.autograd.grad((after * r).sum(), (x, lin.weight, s))
+    assert torch.allclose(folded, after, rtol=1e-12, atol=1e-12)
+    for a, b in zip(folded_grads, after_grads):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("xsa,coda", [(False, False), (True, False), (True, True)])
+def test_block_applies_each_gain_to_its_own_branch(xsa, coda):
+    """The block's attn_scale and mlp_scale, folded into the two output products, give the block the value and
+    the gradients of the plain form x + attn_scale * attn(.) then + mlp_scale * mlp(.)."""
+    model = tiny_gpt(xsa_last_n=int(xsa), coda_last_n=int(coda)).double()
+    perturb(model)
+    block = model.blocks[1]
+    with torch.no_grad():
+        block.attn_scale.uniform_(0.2, 1.8)
+        block.mlp_scale.uniform_(0.2, 1.8)
+    x, x0, r = (torch.randn(2, SEQ, DIM, dtype=torch.float64) for _ in range(3))
+    params = list(block.parameters())
+
+    def plain():
+        h = block.resid_mix[0] * x + block.resid_mix[1] * x0
+        h = h + block.attn_scale * block.attn(F.rms_norm(h, (DIM,)) * block.norm_scale)
+        return h + block.mlp_scale * block.mlp(F.rms_norm(h, (DIM,)) * block.norm_scale)
+
+    out, ref = block(x, x0), plain()
+    assert torch.allclose(out, ref, rtol=1e-10, atol=1e-12)
+    grads = torch.autograd.grad((out * r).sum(), params)
+    ref_grads = torch.autograd.grad((ref * r).sum(), params)
+    for (name, _), a, b in zip(block.named_parameters(), grads, ref_grads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), name
 def test_gpt_is_causal():
     """Changing token t must not change any earlier position's loss (attention, SmearGate, BigramHash)."""
     model = tiny_gpt(num_kv_heads=2, rope_dims=4, xsa_last_n=2, coda_last_n=2)
@@ -104,7 +151,7 @@ def make_attention(num_kv_heads, xsa, coda, rope_dims=0, seed=0, value_embed=Fal
     torch.manual_seed(seed)
     rotary = tg.Rotary(HEAD_DIM, rope_dims, 10000.0, SEQ)
     attn = tg.CausalSelfAttention(DIM, HEADS, num_kv_heads, rotary, 1.5, xsa=xsa, coda=coda, value_embed=value_embed)
-    attn.proj = nn.Identity()
+    attn.proj = OutputBeforeProj()
     with torch.no_grad():
         attn.q_gain.uniform_(0.5, 2.0)
         if value_embed:
@@ -114,6 +161,14 @@ def make_attention(num_kv_heads, xsa, coda, rope_dims=0, seed=0, value_embed=Fal
             attn.coda_gate.weight.normal_(0, 0.5)
             attn.coda_gate.bias.normal_(0, 0.5)
     return attn
+
+
+class OutputBeforeProj(nn.Module):
+    """Stands in for the attention's output product (CastedLinear(y, out_scale)): returns y."""
+
+    def forward(self, y, out_scale=None):
+        assert out_scale is None
+        return y
 
 
 def heads(y):
@@ -224,7 +279,7 @@ def test_coda_at_init_is_nearly_normalized_signal(num_kv_heads):
     attn = tiny_gpt(num_kv_heads, coda_last_n=1).blocks[-1].attn
     assert attn.coda and torch.all(attn.coda_gate.weight == 0)
     assert torch.allclose(attn.coda_theta, torch.full_like(attn.coda_theta, math.pi / 2))
-    attn.proj = nn.Identity()
+    attn.proj = OutputBeforeProj()
     x = torch.randn(2, 12, DIM)
     with torch.no_grad():
         got = heads(attn(x))
