@@ -112,6 +112,7 @@ class Hyperparameters:
         self.mlp_leaky_slope = _env("MLP_LEAKY_SLOPE", 0.5, float)
         self.ln_scale = _flag("LN_SCALE", False)
         self.late_qat = _env("LATE_QAT", 0.0, float)
+        self.gptq = _flag("GPTQ", False)
         # Batches and length of training.
         self.train_seq_len = _env("TRAIN_SEQ_LEN", 2048)
         self.eval_seq_len = _env("EVAL_SEQ_LEN", 2048)
@@ -760,26 +761,57 @@ def export_kind(name: str, t: Tensor) -> str:
     return "fp16"
 
 
-def quantize_rows(w: Tensor, bits: int, quantiles=(1.0,)) -> tuple[Tensor, Tensor]:
+def gptq_codes(w: Tensor, scale: Tensor, qmax: int, hessian: Tensor, block: int = 128) -> Tensor | None:
+    """GPTQ: w's columns are rounded one at a time, the inputs of most energy first, each to its row's grid
+    (scale), and each column's rounding error is moved onto the columns not yet rounded through the inverse
+    of hessian (the calibration inputs' X^T X, 1% damped), so the product's error on those inputs is least.
+    Rows are independent. Returns the codes, or None when the damped Hessian is not positive definite."""
+    h = hessian.float().clone()
+    dead = h.diagonal() == 0  # an input that was always 0: its column is plainly rounded
+    h[dead, dead] = 1.0
+    h.diagonal().add_(0.01 * h.diagonal().mean())
+    order = torch.argsort(h.diagonal(), descending=True)
+    h = h[order][:, order]
+    chol, info = torch.linalg.cholesky_ex(h)
+    if info.item() == 0:
+        chol, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+    if info.item() != 0:
+        return None
+    wt, cols = w.float().t()[order].contiguous(), w.size(1)  # one column per row of wt
+    codes, scale = torch.empty_like(wt), scale.float()
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        err = torch.empty(i2 - i1, wt.size(1), dtype=wt.dtype, device=wt.device)
+        for i in range(i1, i2):
+            codes[i] = torch.clamp(torch.round(wt[i] / scale), -qmax, qmax)
+            err[i - i1] = (wt[i] - codes[i] * scale) / chol[i, i]
+            wt[i + 1:i2] -= chol[i, i + 1:i2, None] * err[i - i1]
+        wt[i2:] -= chol[i1:i2, i2:].t() @ err
+    return codes[torch.argsort(order)].t()
+
+
+def quantize_rows(w: Tensor, bits: int, quantiles=(1.0,), hessian: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Symmetric per-row quantization to [-(2^(bits-1)-1), 2^(bits-1)-1]; for each row the clip among
-    the |w| quantiles with the least squared reconstruction error. Returns (int8 codes, fp16 scales)."""
-    w = w.float()
+    the |w| quantiles with the least reconstruction error: squared, or with a calibration Hessian (GPTQ=1)
+    the error of the product on the calibration inputs, the codes then found by GPTQ for every clip.
+    Returns (int8 codes, fp16 scales), on the CPU."""
+    w = w.float() if hessian is None else w.to(hessian.device, torch.float32)
     qmax = 2 ** (bits - 1) - 1
     inner = [quantile for quantile in quantiles if quantile != 1.0]  # one sort for all of them
-    inner_clips = iter(torch.quantile(w.abs(), torch.tensor(inner, dtype=w.dtype), dim=1) if inner else [])
-    best_q, best_scale, best_err = None, None, None
-    for quantile in quantiles:
-        clip = w.abs().amax(dim=1) if quantile == 1.0 else next(inner_clips)
-        scale = (clip / qmax).half().clamp_min(2 ** -24).float()  # as stored: fp16, never 0
-        q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
-        err = (q * scale[:, None] - w).square().sum(dim=1)
-        if best_err is None:
-            best_q, best_scale, best_err = q, scale, err
-        else:
-            better = err < best_err
-            best_q = torch.where(better[:, None], q, best_q)
-            best_scale, best_err = torch.where(better, scale, best_scale), torch.minimum(err, best_err)
-    return best_q.to(torch.int8), best_scale.half()
+    inner_clips = iter(torch.quantile(w.abs(), torch.tensor(inner, dtype=w.dtype, device=w.device), dim=1)
+                       if inner else [])
+    clips = torch.stack([w.abs().amax(dim=1) if quantile == 1.0 else next(inner_clips) for quantile in quantiles])
+    scales = (clips / qmax).half().clamp_min(2 ** -24).float()  # [clips, rows], as stored: fp16, never 0
+    codes = None
+    if hessian is not None:  # every clip at once: GPTQ's rows are independent
+        codes = gptq_codes(w.repeat(len(quantiles), 1), scales.flatten(), qmax, hessian)
+    if codes is None:
+        codes = torch.clamp(torch.round(w / scales[:, :, None]), -qmax, qmax)
+    diff = codes.view(len(quantiles), *w.shape) * scales[:, :, None] - w
+    err = diff.square().sum(-1) if hessian is None else ((diff @ hessian.float()) * diff).sum(-1)
+    best = err.argmin(dim=0)  # the first clip among equals
+    rows = torch.arange(w.size(0), device=w.device)
+    return codes.view(len(quantiles), *w.shape)[best, rows].to(torch.int8).cpu(), scales[best, rows].half().cpu()
 
 
 def packed_bytes(entry: tuple) -> float:
@@ -793,15 +825,18 @@ def packed_bytes(entry: tuple) -> float:
     return float(-(p * p.log2()).sum()) * data.numel() / 8 + scales[0].numel() * scales[0].element_size()
 
 
-def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf) -> dict[str, tuple]:
+def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf,
+                   hessians: dict[str, Tensor] | None = None) -> dict[str, tuple]:
     """Packs a state dict for export. While the expected size is over budget_bytes, int6 matrices drop
-    to int5, the largest saving first (the MLP's matrices, three times larger, come first)."""
+    to int5, the largest saving first (the MLP's matrices, three times larger, come first). With hessians
+    (GPTQ=1) the matrices that have one are quantized by GPTQ."""
     state = {name: t.detach().cpu() for name, t in state.items()}
+    hessians = hessians or {}
     packed = {}
     for name, t in state.items():
         kind = export_kind(name, t)
         if kind == "int6":
-            packed[name] = (kind, *quantize_rows(t, 6, CLIP_QUANTILES))
+            packed[name] = (kind, *quantize_rows(t, 6, CLIP_QUANTILES, hessians.get(name)))
         elif kind == "int8":
             packed[name] = (kind, *quantize_rows(t, 8))
         else:
@@ -811,7 +846,7 @@ def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf) -> 
         options = []
         for name, entry in packed.items():
             if entry[0] == "int6":
-                int5 = ("int5", *quantize_rows(state[name], 5, CLIP_QUANTILES))
+                int5 = ("int5", *quantize_rows(state[name], 5, CLIP_QUANTILES, hessians.get(name)))
                 options.append((packed_bytes(entry) - packed_bytes(int5), name, int5))
         for saving, name, int5 in sorted(options, key=lambda o: -o[0]):
             if expected <= budget_bytes:
@@ -991,15 +1026,16 @@ def make_optimizers(model: GPT, args: Hyperparameters, orthogonalize) -> tuple[M
     return muon, opts
 
 
-def lr_scale(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
+def lr_scale(args: Hyperparameters, step: int, elapsed_ms: float, reserved_ms: float = 0.0) -> float:
     """1 until the warmdown, then linear to 0: over the last WARMDOWN_ITERS steps, or, under a wallclock
-    cap, over the time those steps are predicted to take at the average step time so far."""
+    cap, over the time those steps are predicted to take at the average step time so far, ending
+    reserved_ms before the cap (GPTQ's calibration)."""
     if args.warmdown_iters == 0:
         return 1.0
     if args.max_wallclock_seconds == 0:
         return min(1.0, max(args.iterations - step, 0) / args.warmdown_iters)
     warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
-    remaining_ms = max(1000.0 * args.max_wallclock_seconds - elapsed_ms, 0.0)
+    remaining_ms = max(1000.0 * args.max_wallclock_seconds - reserved_ms - elapsed_ms, 0.0)
     return min(1.0, remaining_ms / max(warmdown_ms, 1e-9))
 
 
@@ -1023,8 +1059,40 @@ def train_step(args, model, base_model, optimizers, loader: DistributedTokenLoad
     return loss_sum / args.grad_accum_steps
 
 
+@torch.no_grad()
+def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, world_size: int,
+                     device: torch.device) -> dict[str, Tensor]:
+    """GPTQ's calibration: X^T X of the inputs of every int6 matrix's product (keyed by the weight's name),
+    over one optimizer step's worth of training tokens from the stream's start, summed over ranks."""
+    hessians: dict[str, Tensor] = {}
+
+    def accumulate(name: str):
+        def hook(module, inputs):
+            x = inputs[0].flatten(0, -2).float()
+            hessians[name] = x.t() @ x if name not in hessians else hessians[name].addmm_(x.t(), x)
+        return hook
+
+    hooks = [module.register_forward_pre_hook(accumulate(f"{name}.weight"))
+             for name, module in base_model.named_modules()
+             if isinstance(module, CastedLinear) and export_kind(f"{name}.weight", module.weight) == "int6"]
+    loader = DistributedTokenLoader(train_files, args.vocab_size, rank, world_size, device)
+    base_model.eval()
+    try:
+        for _ in range(args.grad_accum_steps):
+            base_model.hidden(loader.next_batch(args.train_batch_tokens // (world_size * args.grad_accum_steps),
+                                                args.train_seq_len)[0])
+    finally:
+        for hook in hooks:
+            hook.remove()
+        base_model.train()
+    if world_size > 1:
+        for name in sorted(hessians):
+            dist.all_reduce(hessians[name])
+    return hessians
+
+
 def train(args, model, base_model, muon, optimizers, train_files, evaluate, log, rank, world_size, device):
-    """The training loop under the wallclock cap. Returns (steps, training ms)."""
+    """The training loop under the wallclock cap. Returns (steps, training ms, GPTQ's Hessians or None)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     run_step = lambda loader: train_step(args, model, base_model, optimizers, loader)  # noqa: E731
 
@@ -1062,6 +1130,17 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
     cap_ms = 1000.0 * args.max_wallclock_seconds
     train_ms, step, stop_at, pending, qat_on = 0.0, 0, None, None, False
     agreed_ms, agreed_step = 0.0, 0  # the clock all ranks agreed on, at the last step whose flags were read
+    # GPTQ's calibration reads training data, so it runs inside the cap: timed once here (same work, the
+    # initial weights), the loop stops that much earlier. Ranks take the largest time, to stop together.
+    reserved_ms = 0.0
+    if args.gptq and cap_ms > 0:
+        t0 = time.perf_counter()
+        collect_hessians(args, base_model, train_files, rank, world_size, device)
+        sync()
+        reserved = torch.tensor(1000.0 * (time.perf_counter() - t0), dtype=torch.float64, device=device)
+        if world_size > 1:
+            dist.all_reduce(reserved, op=dist.ReduceOp.MAX)
+        reserved_ms = reserved.item()
     if world_size > 1:
         dist.barrier()  # start the clocks together
     sync()
@@ -1080,7 +1159,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
             break
         # The schedule reads the agreed clock, extrapolated to this step: ranks' own clocks differ a little,
         # and different learning rates would leave each rank a different model.
-        scale = lr_scale(args, step, agreed_ms / agreed_step * step if agreed_step else 0.0)
+        scale = lr_scale(args, step, agreed_ms / agreed_step * step if agreed_step else 0.0, reserved_ms)
         frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps else 1.0
         for group in muon.param_groups:
             group["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
@@ -1113,7 +1192,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         stop = False
         if pending is not None:
             agreed_ms, agreed_step = read_flags(pending), pending[2]
-            stop = cap_ms > 0 and agreed_ms + 3 * agreed_ms / agreed_step >= cap_ms
+            stop = cap_ms > 0 and agreed_ms + 3 * agreed_ms / agreed_step >= cap_ms - reserved_ms
         pending = (flags, copied, step)
         if args.train_log_every > 0 and (step <= 10 or step % args.train_log_every == 0 or stop):
             log(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} "
@@ -1124,7 +1203,15 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         read_flags(pending)
     base_model.set_qat(False)  # evaluations and export see the plain weights, as LOAD_ARTIFACT will
     log(f"weights for export: {average.apply()}")
-    return step, train_ms
+    if not args.gptq:
+        return step, train_ms, None
+    t0 = time.perf_counter()
+    hessians = collect_hessians(args, base_model, train_files, rank, world_size, device)
+    sync()
+    calibration_ms = 1000.0 * (time.perf_counter() - t0)
+    log(f"gptq_calibration: {args.train_batch_tokens} tokens in {calibration_ms:.0f}ms (reserved {reserved_ms:.0f}ms), "
+        f"training time with it {train_ms + calibration_ms:.0f}ms")
+    return step, train_ms, hessians
 
 
 def check_inputs(args: Hyperparameters):
@@ -1190,11 +1277,11 @@ def make_evaluate(args, base_model: GPT, sp, tokens: Tensor, compile_fn, log, ra
     return evaluate
 
 
-def export(args, base_model: GPT, log, rank: int, code_bytes: int) -> None:
+def export(args, base_model: GPT, log, rank: int, code_bytes: int, hessians: dict[str, Tensor] | None) -> None:
     """Rank 0 quantizes and writes the artifact, 1.5% under the limit (zstd lands within 1% of the
     entropy estimate, measured); the others wait for the file."""
     if rank == 0:
-        packed = quantize_state(base_model.state_dict(), 0.985 * (args.artifact_limit_bytes - code_bytes))
+        packed = quantize_state(base_model.state_dict(), 0.985 * (args.artifact_limit_bytes - code_bytes), hessians)
         kinds = [v[0] for v in packed.values()]
         log(f"export: int6 matrices:{kinds.count('int6')} int5 matrices:{kinds.count('int5')} "
             f"int8 embeddings:{kinds.count('int8')}")
@@ -1266,15 +1353,15 @@ def run() -> int:
         if world_size > 1:
             model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
         muon, optimizers = make_optimizers(base_model, args, compile_fn(newton_schulz, dynamic=False))
-        steps, train_ms = train(args, model, base_model, muon, optimizers, train_files, evaluate, log, rank,
-                                world_size, device)
+        steps, train_ms, hessians = train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
+                                          rank, world_size, device)
         if cuda:
             log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
         pre_loss, pre_bpb, _, _ = evaluate()
         log(f"pre_quant_average val_loss:{pre_loss:.8f} val_bpb:{pre_bpb:.8f}")
         report.update(step=steps, step_avg_ms=round(train_ms / max(steps, 1), 2), pre_quant_val_bpb=pre_bpb)
-        export(args, base_model, log, rank, code_bytes)
+        export(args, base_model, log, rank, code_bytes, hessians)
     report.update(final_evaluation(args, base_model, evaluate, report["artifact"], weights, code_bytes, log))
     return write_report(args, report, log, rank)
 

@@ -174,13 +174,22 @@ def test_ddp_val_tokens_are_all_targets(ddp_run, dataset):
 def test_ddp_ranks_train_one_model_when_their_clocks_differ(dataset, tmp_path):
     """Under a wallclock cap the learning rate follows the clock. With rank 1's clock 1.5x fast
     (tests/skewed_clock.py) both ranks must still end with the same weights: each rank reading its own
-    clock gave each a different learning rate, and so a different model, which DDP never re-syncs."""
+    clock gave each a different learning rate, and so a different model, which DDP never re-syncs.
+    With GPTQ=1 the time reserved for its calibration (each rank measures its own) must be agreed as well,
+    and the calibration, summed over both ranks, must end inside the cap and reach the export."""
     env = dict(dataset["env"], RUN_ID="skew", ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="3",
-               WARMDOWN_ITERS="100000", EVAL_STRIDE="0", CODA_LAST_N="0")
+               WARMDOWN_ITERS="100000", EVAL_STRIDE="0", CODA_LAST_N="0", GPTQ="1")
     proc = trainer(tmp_path, env, nproc=2, script=SCRIPT.parent / "tests" / "skewed_clock.py")
     assert proc.returncode == 0, describe(proc)
     hashes = [(tmp_path / f"weights_rank{rank}.sha256").read_text() for rank in (0, 1)]
     assert hashes[0] == hashes[1]
+    log = (tmp_path / "logs" / "skew.txt").read_text()
+    lines = [line for line in log.splitlines() if line.startswith("gptq_calibration:")]
+    assert len(lines) == 1, log
+    match = re.fullmatch(r"gptq_calibration: 256 tokens in (\d+)ms \(reserved (\d+)ms\), "
+                         r"training time with it (\d+)ms", lines[0])
+    assert match, lines[0]
+    assert int(match.group(2)) > 0 and int(match.group(3)) <= 3000, lines[0]
 
 
 def test_ddp_json_report_matches_log(ddp_run):
