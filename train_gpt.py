@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 import uuid
@@ -106,7 +107,9 @@ class Hyperparameters:
         self.bigram_vocab_size = _env("BIGRAM_VOCAB_SIZE", 2048)
         self.bigram_dim = _env("BIGRAM_DIM", 128)
         self.xsa_last_n = _env("XSA_LAST_N", 3)
-        self.coda_last_n = self.num_layers if _flag("CODA_ENABLED", False) else _env("CODA_LAST_N", 0)
+        self.coda_last_n = _env("CODA_LAST_N", 0)
+        if _flag("CODA_ENABLED", False):
+            self.coda_last_n = self.num_layers
         self.ve_last_n = _env("VE_LAST_N", 0)
         self.ve_dim = _env("VE_DIM", 128)
         self.mlp_leaky_slope = _env("MLP_LEAKY_SLOPE", 0.5, float)
@@ -159,7 +162,11 @@ class Hyperparameters:
         for name in ("ITERATIONS", "WARMUP_STEPS", "WARMDOWN_ITERS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY",
                      "BIGRAM_VOCAB_SIZE", "MUON_MOMENTUM_WARMUP_STEPS", "MAX_WALLCLOCK_SECONDS"):
             need(getattr(self, name.lower()) >= 0, f"{name}={getattr(self, name.lower())}: expected >= 0")
-        need(self.mlp_mult > 0, f"MLP_MULT={self.mlp_mult}: expected > 0")
+        need(int(self.mlp_mult * self.model_dim) >= 1,
+             f"MLP_MULT={self.mlp_mult}: expected a hidden width MLP_MULT x MODEL_DIM of at least 1")
+        need(0 <= self.seed < 2 ** 32, f"SEED={self.seed}: expected 0..{2 ** 32 - 1}")
+        need(re.fullmatch(r"[A-Za-z0-9._-]+", self.run_id) is not None and self.run_id not in (".", ".."),
+             f"RUN_ID={self.run_id!r}: expected letters, digits, '.', '_' or '-' (it names files in logs/)")
         need(self.model_dim % self.num_heads == 0,
              f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
         need(self.num_heads % self.num_kv_heads == 0,
@@ -902,11 +909,15 @@ def write_artifact(path: str, packed: dict[str, tuple], shape: dict) -> int:
     """Writes atomically: magic, sha256 of the payload, payload."""
     payload = serialize(packed, shape)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(ARTIFACT_MAGIC + hashlib.sha256(payload).digest() + payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(ARTIFACT_MAGIC + hashlib.sha256(payload).digest() + payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:  # a failed write or rename leaves no temp file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return os.path.getsize(path)
 
 
@@ -1234,6 +1245,8 @@ def check_inputs(args: Hyperparameters):
     val_tokens = load_validation_tokens(find_shards(args.data_path, "val", 2), args.vocab_size)
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.artifact_path))):
         raise ConfigError(f"ARTIFACT_PATH={args.artifact_path}: its directory does not exist")
+    if os.path.isdir(args.artifact_path):
+        raise ConfigError(f"ARTIFACT_PATH={args.artifact_path}: is a directory, expected a file name")
     loaded = read_artifact(args.load_artifact, args.shape) if args.load_artifact else None
     return sp, train_files, val_tokens, loaded
 

@@ -369,6 +369,11 @@ BAD_INPUT = {
     "batch_not_divisible": _env_only(["TRAIN_BATCH_TOKENS"], TRAIN_BATCH_TOKENS="100"),
     "stride_beyond_seq_len": _env_only(["EVAL_STRIDE"], EVAL_STRIDE="65"),
     "stride_negative": _env_only(["EVAL_STRIDE"], EVAL_STRIDE="-1"),
+    "seed_out_of_range": _env_only(["SEED"], SEED="-1"),
+    "run_id_with_a_slash": _env_only(["RUN_ID"], RUN_ID="runs/a"),
+    "mlp_hidden_width_zero": _env_only(["MLP_MULT"], MLP_MULT="0.001"),
+    "coda_last_n_non_numeric_with_coda_enabled": _env_only(["CODA_LAST_N"], CODA_ENABLED="1", CODA_LAST_N="abc"),
+    "artifact_path_a_directory": lambda ds, tmp, artifact: (dict(ARTIFACT_PATH=str(tmp)), ["ARTIFACT_PATH"]),
     "data_path_empty": _empty_data,
     "shard_wrong_magic": _damaged_shard("fineweb_train_000000.bin", _set_header_int(0, 20240521)),
     "shard_wrong_version": _damaged_shard("fineweb_val_000000.bin", _set_header_int(1, 2)),
@@ -401,7 +406,7 @@ def bad_input_runs(request, dataset, tmp_path_factory):
         except Exception as e:  # e.g. the training run behind the artifact cases failed: those cases fail alone
             failed[case] = e
             continue
-        jobs[case] = (root / "cwd", dict(dataset["env"], RUN_ID="bad", **env), names)
+        jobs[case] = (root / "cwd", {**dataset["env"], "RUN_ID": "bad", **env}, names)
     def attempt(cwd, env):
         try:
             return trainer(cwd, env, timeout=BAD_INPUT_TIMEOUT_S)

@@ -706,6 +706,14 @@ def test_artifact_failed_write_leaves_old_file(packed_state, tmp_path):
     assert os.listdir(tmp_path) == ["model.ptz"] and path.read_bytes() == before
 
 
+def test_artifact_failed_rename_leaves_no_temp_file(packed_state, tmp_path):
+    """The file is written, the rename onto the target fails (a directory there): no temp file stays."""
+    (tmp_path / "model.ptz").mkdir()
+    with pytest.raises(OSError):
+        tg.write_artifact(str(tmp_path / "model.ptz"), packed_state, SHAPE)
+    assert os.listdir(tmp_path) == ["model.ptz"] and os.listdir(tmp_path / "model.ptz") == []
+
+
 def expect_config_error(path, shape=SHAPE, *needles):
     with pytest.raises(tg.ConfigError) as e:
         tg.read_artifact(str(path), dict(shape))
