@@ -1141,10 +1141,13 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
     cap_ms = 1000.0 * args.max_wallclock_seconds
     train_ms, step, stop_at, pending, qat_on = 0.0, 0, None, None, False
     agreed_ms, agreed_step = 0.0, 0  # the clock all ranks agreed on, at the last step whose flags were read
-    # GPTQ's calibration reads training data, so it runs inside the cap: timed once here (same work, the
-    # initial weights), the loop stops that much earlier. Ranks take the largest time, to stop together.
+    # GPTQ's calibration reads training data, so it runs inside the cap: timed here (same work, the initial
+    # weights; the second of two runs, the first warms up), the loop stops that much earlier. Ranks take the
+    # largest time, to stop together.
     reserved_ms = 0.0
     if args.gptq and cap_ms > 0:
+        collect_hessians(args, base_model, train_files, rank, world_size, device)
+        sync()
         t0 = time.perf_counter()
         collect_hessians(args, base_model, train_files, rank, world_size, device)
         sync()
