@@ -165,8 +165,8 @@ class Hyperparameters:
         need(int(self.mlp_mult * self.model_dim) >= 1,
              f"MLP_MULT={self.mlp_mult}: expected a hidden width MLP_MULT x MODEL_DIM of at least 1")
         need(0 <= self.seed < 2 ** 32, f"SEED={self.seed}: expected 0..{2 ** 32 - 1}")
-        need(re.fullmatch(r"[A-Za-z0-9._-]+", self.run_id) is not None and self.run_id not in (".", ".."),
-             f"RUN_ID={self.run_id!r}: expected letters, digits, '.', '_' or '-' (it names files in logs/)")
+        need(re.fullmatch(r"[A-Za-z0-9._-]{1,200}", self.run_id) is not None and self.run_id not in (".", ".."),
+             f"RUN_ID={self.run_id!r}: expected up to 200 letters, digits, '.', '_' or '-' (it names files in logs/)")
         need(self.model_dim % self.num_heads == 0,
              f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
         need(self.num_heads % self.num_kv_heads == 0,
@@ -1246,7 +1246,7 @@ def check_inputs(args: Hyperparameters):
     if train_files:
         load_shard(train_files[0], args.vocab_size)  # the others are checked as they are read
     val_tokens = load_validation_tokens(find_shards(args.data_path, "val", 2), args.vocab_size)
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.artifact_path))):
+    if not os.path.isdir(os.path.dirname(args.artifact_path) or "."):
         raise ConfigError(f"ARTIFACT_PATH={args.artifact_path}: its directory does not exist")
     if os.path.isdir(args.artifact_path):
         raise ConfigError(f"ARTIFACT_PATH={args.artifact_path}: is a directory, expected a file name")
@@ -1297,7 +1297,12 @@ def export(args, base_model: GPT, log, rank: int, code_bytes: int, hessians: dic
     """Rank 0 quantizes and writes the artifact, 1.5% under the limit (zstd lands within 1% of the
     entropy estimate, measured); the others wait for the file."""
     if rank == 0:
-        packed = quantize_state(base_model.state_dict(), 0.985 * (args.artifact_limit_bytes - code_bytes), hessians)
+        state = base_model.state_dict()
+        if hessians is not None:  # GPTQ=1: every int6 matrix was calibrated (a hook that never fired would not be)
+            missing = [name for name, t in state.items() if export_kind(name, t) == "int6" and name not in hessians]
+            if missing:
+                raise RuntimeError(f"GPTQ calibration saw no inputs for {missing}")
+        packed = quantize_state(state, 0.985 * (args.artifact_limit_bytes - code_bytes), hessians)
         kinds = [v[0] for v in packed.values()]
         log(f"export: int6 matrices:{kinds.count('int6')} int5 matrices:{kinds.count('int5')} "
             f"int8 embeddings:{kinds.count('int8')}")

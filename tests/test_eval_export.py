@@ -559,6 +559,24 @@ def test_collect_hessians_sums_each_int6_products_inputs(tmp_path):
     assert all(not m._forward_pre_hooks for m in model.modules()) and model.training
 
 
+def test_gptq_export_refuses_a_matrix_without_calibration(tmp_path):
+    """With GPTQ=1 every int6 matrix must have a Hessian: one that is missing (a hook that never fired)
+    stops the export before anything is written, instead of silently rounding that matrix."""
+    model = tg.GPT(vocab_size=64, num_layers=1, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2,
+                   max_seq_len=16, bigram_vocab_size=0, act_dtype=torch.float32)
+    shapes = {n: t.size(1) for n, t in model.state_dict().items() if tg.export_kind(n, t) == "int6"}
+    hessians = {n: torch.eye(cols) for n, cols in shapes.items()}
+    args = types.SimpleNamespace(artifact_limit_bytes=10 ** 9, artifact_path=str(tmp_path / "m.ptz"), shape={},
+                                 world_size=1)
+    tg.export(args, model, lambda msg: None, 0, 0, hessians)
+    assert (tmp_path / "m.ptz").exists()
+    del hessians["blocks.0.mlp.proj.weight"]
+    args.artifact_path = str(tmp_path / "n.ptz")
+    with pytest.raises(RuntimeError, match="blocks.0.mlp.proj.weight"):
+        tg.export(args, model, lambda msg: None, 0, 0, hessians)
+    assert not (tmp_path / "n.ptz").exists()
+
+
 # -----------------------------
 # quantize_state
 # -----------------------------
