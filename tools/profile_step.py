@@ -2,20 +2,27 @@
 
     DATA_PATH=... TOKENIZER_PATH=... TRAIN_BATCH_TOKENS=98304 GRAD_ACCUM_STEPS=1 python tools/profile_step.py
 
+TRAIN_GPT=path/to/train_gpt.py profiles another version of the script (e.g. an older commit's copy, to
+compare two versions back to back on one machine); the default is this repository's.
+
 Prints: the mean step time with and without a host sync after every step (the training loop reads its
 stop flags one step late, so it runs like the second figure); peak memory; the top CUDA kernels of a
 torch.profiler trace of a few steps, in ms per step, each generated (Triton) kernel followed by the source
 nodes and the launch line inductor wrote for it; and the time of one Muon step of this script (batched by
 shape) against torch.optim.Muon (one matrix at a time). PROFILE_MUON=0 skips the Muon comparison.
 """
+import importlib.util
 import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train_gpt as tg  # noqa: E402 (after the path insert)
+_script = os.environ.get("TRAIN_GPT") or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                      "train_gpt.py")
+_spec = importlib.util.spec_from_file_location("train_gpt", _script)
+tg = sys.modules["train_gpt"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tg)
 
 
 def timed_steps(step, n: int, host_sync: bool) -> float:
