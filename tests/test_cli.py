@@ -215,6 +215,27 @@ def test_ddp_json_report_matches_log(ddp_run):
     assert report["pre_quant_val_bpb"] == pytest.approx(roundtrip_bpb, abs=0.05)
 
 
+def test_logging_and_artifact_switches(dataset, tmp_path):
+    """VAL_LOSS_EVERY=10 gives val lines at steps 10, 20 and the last; TRAIN_LOG_EVERY=0 no train lines;
+    EVAL_STRIDE=0 no sliding line, the report's score then the round trip's; the artifact goes to
+    ARTIFACT_PATH and nowhere else; CODA_ENABLED=1 puts CoDA on every layer."""
+    (tmp_path / "sub").mkdir()
+    env = dict(dataset["env"], RUN_ID="switches", VAL_LOSS_EVERY="10", TRAIN_LOG_EVERY="0", EVAL_STRIDE="0",
+               ARTIFACT_PATH="sub/model.ptz", CODA_ENABLED="1")
+    proc = trainer(tmp_path, env)
+    assert proc.returncode == 0, describe(proc)
+    log = (tmp_path / "logs" / "switches.txt").read_text()
+    assert [int(m.group(1)) for m in map(VAL_LINE.fullmatch, log.splitlines()) if m] == [10, 20, ITERATIONS]
+    assert not any(TRAIN_LINE.fullmatch(line) for line in log.splitlines())
+    assert "final_int6_sliding_window_exact" not in log and "sliding_window_eval" not in log
+    roundtrip = contract_line(log, "roundtrip")
+    report = json.loads((tmp_path / "logs" / "switches.json").read_text())
+    assert (f"{report['val_loss']:.8f}", f"{report['val_bpb']:.8f}") == roundtrip.groups()
+    assert (tmp_path / "sub" / "model.ptz").is_file() and not (tmp_path / "final_model.int6.ptz").exists()
+    assert report["artifact"] == "sub/model.ptz"
+    assert f"coda_layers:{list(range(int(TINY['NUM_LAYERS'])))}" in log
+
+
 # -----------------------------
 # LOAD_ARTIFACT
 # -----------------------------

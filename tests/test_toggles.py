@@ -2,6 +2,7 @@
 change the model; late QAT must take effect inside a compiled forward (one record's switch was constant-folded
 away)."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -190,3 +191,44 @@ def test_no_averaging_keeps_the_final_weights(monkeypatch):
     average.update(1, 0.5)
     assert average.apply() == "final weights"
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def readme_toggles() -> list[tuple[list[str], list[str], str]]:
+    """The README's toggles table: (variables of the first cell, defaults of the second, the whole row)."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## Toggles"):].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    return [(re.findall(r"`([A-Z0-9_]+)`", row.split("|")[1]),
+             [d.strip().strip("`*").strip() for d in row.split("|")[2].split(",")], row) for row in rows]
+
+
+def test_readme_toggles_table_gives_the_scripts_defaults_and_every_variable(monkeypatch):
+    """Each default in the README's table is the one the script uses (a default changed in one place
+    only fails here), and every variable the script reads is in the table."""
+    script = (ROOT / "train_gpt.py").read_text()
+    read = set(re.findall(r'(?:_env|_flag|environ\.get)\(\s*"([A-Z0-9_]+)"', script))
+    for name in read:
+        monkeypatch.delenv(name, raising=False)
+    args = tg.Hyperparameters(1)
+    rows = readme_toggles()
+    documented = {name for _, _, row in rows for name in re.findall(r"`([A-Z0-9_]+)", row)}
+    undocumented = read - documented - {"RANK", "WORLD_SIZE", "LOCAL_RANK"}  # torchrun's
+    assert not undocumented, undocumented
+    checked = 0
+    for names, defaults, row in rows:
+        if len(names) != len(defaults):  # prose in the defaults cell
+            continue
+        for name, default in zip(names, defaults):
+            value = getattr(args, name.lower())
+            if default == "unset":
+                assert value is None, name
+            elif default == "random uuid":
+                assert re.fullmatch(r"[0-9a-f-]{36}", value), name
+            elif name == "GRAD_ACCUM_STEPS":
+                assert [tg.Hyperparameters(w).grad_accum_steps for w in (1, 2, 8, 16)] == [8, 4, 1, 1]
+            elif re.fullmatch(r"-?[0-9.]+", default):
+                assert float(value) == float(default), (name, value, default)
+            else:
+                assert value == default, (name, value, default)
+            checked += 1
+    assert checked >= 45
