@@ -192,6 +192,11 @@ class Hyperparameters:
         need(self.artifact_limit_bytes >= 1, f"ARTIFACT_LIMIT_BYTES={self.artifact_limit_bytes}: expected >= 1")
 
     @property
+    def micro_batch_tokens(self) -> int:
+        """Tokens of one micro-batch on one rank."""
+        return self.train_batch_tokens // (self.world_size * self.grad_accum_steps)
+
+    @property
     def shape(self) -> dict:
         """What an artifact must agree on to be loaded into this model."""
         keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
@@ -814,11 +819,12 @@ def quantize_rows(w: Tensor, bits: int, quantiles=(1.0,), hessian: Tensor | None
         codes = gptq_codes(w.repeat(len(quantiles), 1), scales.flatten(), qmax, hessian)
     if codes is None:
         codes = torch.clamp(torch.round(w / scales[:, :, None]), -qmax, qmax)
-    diff = codes.view(len(quantiles), *w.shape) * scales[:, :, None] - w
+    codes = codes.view(len(quantiles), *w.shape)
+    diff = codes * scales[:, :, None] - w
     err = diff.square().sum(-1) if hessian is None else ((diff @ hessian.float()) * diff).sum(-1)
     best = err.argmin(dim=0)  # the first clip among equals
     rows = torch.arange(w.size(0), device=w.device)
-    return codes.view(len(quantiles), *w.shape)[best, rows].to(torch.int8).cpu(), scales[best, rows].half().cpu()
+    return codes[best, rows].to(torch.int8).cpu(), scales[best, rows].half().cpu()
 
 
 def packed_bytes(entry: tuple) -> float:
@@ -1037,25 +1043,24 @@ def make_optimizers(model: GPT, args: Hyperparameters, orthogonalize) -> tuple[M
     return muon, opts
 
 
-def lr_scale(args: Hyperparameters, step: int, elapsed_ms: float, reserved_ms: float = 0.0) -> float:
+def lr_scale(args: Hyperparameters, step: int, elapsed_ms: float, budget_ms: float) -> float:
     """1 until the warmdown, then linear to 0: over the last WARMDOWN_ITERS steps, or, under a wallclock
-    cap, over the time those steps are predicted to take at the average step time so far, ending
-    reserved_ms before the cap (GPTQ's calibration)."""
+    cap, over the time those steps are predicted to take at the average step time so far, ending when
+    the training budget_ms (the cap less GPTQ's calibration) is spent."""
     if args.warmdown_iters == 0:
         return 1.0
     if args.max_wallclock_seconds == 0:
         return min(1.0, max(args.iterations - step, 0) / args.warmdown_iters)
     warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
-    remaining_ms = max(1000.0 * args.max_wallclock_seconds - reserved_ms - elapsed_ms, 0.0)
+    remaining_ms = max(budget_ms - elapsed_ms, 0.0)
     return min(1.0, remaining_ms / max(warmdown_ms, 1e-9))
 
 
 def train_step(args, model, base_model, optimizers, loader: DistributedTokenLoader) -> Tensor:
     """One optimizer step over GRAD_ACCUM_STEPS micro-batches; returns the mean loss (on device)."""
-    local_tokens = args.train_batch_tokens // (args.world_size * args.grad_accum_steps)
     loss_sum = None
     for micro in range(args.grad_accum_steps):
-        x, y = loader.next_batch(local_tokens, args.train_seq_len)
+        x, y = loader.next_batch(args.micro_batch_tokens, args.train_seq_len)
         last = micro == args.grad_accum_steps - 1
         with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
             loss = model(x, y)
@@ -1090,8 +1095,7 @@ def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, w
     base_model.eval()
     try:
         for _ in range(args.grad_accum_steps):
-            base_model.hidden(loader.next_batch(args.train_batch_tokens // (world_size * args.grad_accum_steps),
-                                                args.train_seq_len)[0])
+            base_model.hidden(loader.next_batch(args.micro_batch_tokens, args.train_seq_len)[0])
     finally:
         for hook in hooks:
             hook.remove()
@@ -1136,25 +1140,29 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
             raise TrainingDiverged(msg)
         return agreed_ms
 
+    def calibrate() -> tuple[dict[str, Tensor], float]:
+        """GPTQ's Hessians and the ms they took."""
+        t0 = time.perf_counter()
+        hessians = collect_hessians(args, base_model, train_files, rank, world_size, device)
+        sync()
+        return hessians, 1000.0 * (time.perf_counter() - t0)
+
     loader = DistributedTokenLoader(train_files, args.vocab_size, rank, world_size, device)
     average = WeightAverage(base_model, args)
     cap_ms = 1000.0 * args.max_wallclock_seconds
     train_ms, step, stop_at, pending, qat_on = 0.0, 0, None, None, False
     agreed_ms, agreed_step = 0.0, 0  # the clock all ranks agreed on, at the last step whose flags were read
     # GPTQ's calibration reads training data, so it runs inside the cap: timed here (same work, the initial
-    # weights; the second of two runs, the first warms up), the loop stops that much earlier. Ranks take the
-    # largest time, to stop together.
+    # weights; the second of two runs, the first warms up), the training budget is the cap less that time.
+    # Ranks take the largest time, to stop together.
     reserved_ms = 0.0
     if args.gptq and cap_ms > 0:
-        collect_hessians(args, base_model, train_files, rank, world_size, device)
-        sync()
-        t0 = time.perf_counter()
-        collect_hessians(args, base_model, train_files, rank, world_size, device)
-        sync()
-        reserved = torch.tensor(1000.0 * (time.perf_counter() - t0), dtype=torch.float64, device=device)
+        calibrate()
+        reserved = torch.tensor(calibrate()[1], dtype=torch.float64, device=device)
         if world_size > 1:
             dist.all_reduce(reserved, op=dist.ReduceOp.MAX)
         reserved_ms = reserved.item()
+    budget_ms = cap_ms - reserved_ms
     if world_size > 1:
         dist.barrier()  # start the clocks together
     sync()
@@ -1173,7 +1181,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
             break
         # The schedule reads the agreed clock, extrapolated to this step: ranks' own clocks differ a little,
         # and different learning rates would leave each rank a different model.
-        scale = lr_scale(args, step, agreed_ms / agreed_step * step if agreed_step else 0.0, reserved_ms)
+        scale = lr_scale(args, step, agreed_ms / agreed_step * step if agreed_step else 0.0, budget_ms)
         frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps else 1.0
         for group in muon.param_groups:
             group["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
@@ -1206,7 +1214,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         stop = False
         if pending is not None:
             agreed_ms, agreed_step = read_flags(pending), pending[2]
-            stop = cap_ms > 0 and agreed_ms + 3 * agreed_ms / agreed_step >= cap_ms - reserved_ms
+            stop = cap_ms > 0 and agreed_ms + 3 * agreed_ms / agreed_step >= budget_ms
         pending = (flags, copied, step)
         if args.train_log_every > 0 and (step <= 10 or step % args.train_log_every == 0 or stop):
             log(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} "
@@ -1219,10 +1227,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
     log(f"weights for export: {average.apply()}")
     if not args.gptq:
         return step, train_ms, None
-    t0 = time.perf_counter()
-    hessians = collect_hessians(args, base_model, train_files, rank, world_size, device)
-    sync()
-    calibration_ms = 1000.0 * (time.perf_counter() - t0)
+    hessians, calibration_ms = calibrate()
     log(f"gptq_calibration: {args.train_batch_tokens} tokens in {calibration_ms:.0f}ms (reserved {reserved_ms:.0f}ms), "
         f"training time with it {train_ms + calibration_ms:.0f}ms")
     return step, train_ms, hessians

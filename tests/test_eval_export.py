@@ -543,7 +543,8 @@ def test_collect_hessians_sums_each_int6_products_inputs(tmp_path):
         p.data.add_(0.05 * torch.randn_like(p))
     path = tmp_path / "fineweb_train_000000.bin"
     synth.write_shard(str(path), list(np.random.default_rng(0).integers(0, 64, 200)))
-    args = types.SimpleNamespace(vocab_size=64, train_batch_tokens=64, grad_accum_steps=2, train_seq_len=16)
+    args = types.SimpleNamespace(vocab_size=64, train_batch_tokens=64, grad_accum_steps=2, train_seq_len=16,
+                                 micro_batch_tokens=32)
     seen = {}
     capture = [m.register_forward_pre_hook(lambda mod, inp, n=n: seen.setdefault(n, []).append(inp[0].detach()))
                for n, m in model.named_modules() if isinstance(m, tg.CastedLinear)]
