@@ -115,7 +115,7 @@ class Hyperparameters:
         self.mlp_leaky_slope = _env("MLP_LEAKY_SLOPE", 0.5, float)
         self.ln_scale = _flag("LN_SCALE", False)
         self.late_qat = _env("LATE_QAT", 0.0, float)
-        self.gptq = _flag("GPTQ", False)
+        self.gptq = _flag("GPTQ", True)
         # Batches and length of training.
         self.train_seq_len = _env("TRAIN_SEQ_LEN", 2048)
         self.eval_seq_len = _env("EVAL_SEQ_LEN", 2048)

@@ -159,6 +159,9 @@ def test_ddp_contract_lines_once_and_sizes_add_up(ddp_run):
     assert code == os.path.getsize(SCRIPT)
     assert serialized == os.path.getsize(ddp_run["artifact"])
     assert total == serialized + code
+    # GPTQ is on by default: one calibration, after the loop (no cap, so nothing reserved).
+    assert sum(line.startswith("gptq_calibration: 256 tokens in ") and "(reserved 0ms)" in line
+               for line in log.splitlines()) == 1, log
     # Rank 0 prints what it logs, once: the console shows each final line once too.
     for key in ("roundtrip", "sliding", "total"):
         assert sum(line.startswith(PREFIX[key]) for line in ddp_run["proc"].stdout.splitlines()) == 1
@@ -218,10 +221,11 @@ def test_ddp_json_report_matches_log(ddp_run):
 def test_logging_and_artifact_switches(dataset, tmp_path):
     """VAL_LOSS_EVERY=10 gives val lines at steps 10, 20 and the last; TRAIN_LOG_EVERY=0 no train lines;
     EVAL_STRIDE=0 no sliding line, the report's score then the round trip's; the artifact goes to
-    ARTIFACT_PATH and nowhere else; CODA_ENABLED=1 puts CoDA on every layer."""
+    ARTIFACT_PATH and nowhere else; CODA_ENABLED=1 puts CoDA on every layer; GPTQ=0 exports by plain
+    rounding (no calibration line)."""
     (tmp_path / "sub").mkdir()
     env = dict(dataset["env"], RUN_ID="switches", VAL_LOSS_EVERY="10", TRAIN_LOG_EVERY="0", EVAL_STRIDE="0",
-               ARTIFACT_PATH="sub/model.ptz", CODA_ENABLED="1")
+               ARTIFACT_PATH="sub/model.ptz", CODA_ENABLED="1", GPTQ="0")
     proc = trainer(tmp_path, env)
     assert proc.returncode == 0, describe(proc)
     log = (tmp_path / "logs" / "switches.txt").read_text()
@@ -234,6 +238,7 @@ def test_logging_and_artifact_switches(dataset, tmp_path):
     assert (tmp_path / "sub" / "model.ptz").is_file() and not (tmp_path / "final_model.int6.ptz").exists()
     assert report["artifact"] == "sub/model.ptz"
     assert f"coda_layers:{list(range(int(TINY['NUM_LAYERS'])))}" in log
+    assert "gptq_calibration" not in log
 
 
 # -----------------------------
