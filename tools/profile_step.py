@@ -5,7 +5,7 @@
 TRAIN_GPT=path/to/train_gpt.py profiles another version of the script (e.g. an older commit's copy, to
 compare two versions back to back on one machine); the default is this repository's.
 
-Prints: the mean step time with and without a host sync after every step (the training loop reads its
+Prints: the layers XSA, CoDA and value embeddings act on; the mean step time with and without a host sync after every step (the training loop reads its
 stop flags one step late, so it runs like the second figure); peak memory; the top CUDA kernels of a
 torch.profiler trace of a few steps, in ms per step, each generated (Triton) kernel followed by the source
 nodes and the launch line inductor wrote for it; and the time of one Muon step of this script (batched by
@@ -55,6 +55,10 @@ def main() -> None:
     device = torch.device("cuda", 0)
     torch.backends.cuda.matmul.allow_tf32 = True
     base = tg.build_model(args, device)
+    # What the environment asked for, as the model built it (CODA_ENABLED=1 overrides CODA_LAST_N, say).
+    print(f"{os.path.basename(_script)}: xsa_layers:{[i for i, b in enumerate(base.blocks) if b.attn.xsa]} "
+          f"coda_layers:{[i for i, b in enumerate(base.blocks) if b.attn.coda]} "
+          f"ve_layers:{[i for i, b in enumerate(base.blocks) if b.attn.ve_scale is not None]}")
     model = torch.compile(base, dynamic=False)
     muon, optimizers = tg.make_optimizers(base, args, torch.compile(tg.newton_schulz, dynamic=False))
     loader = tg.DistributedTokenLoader(tg.find_shards(args.data_path, "train", 1), args.vocab_size, 0, 1, device)
