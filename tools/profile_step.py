@@ -55,7 +55,8 @@ def main() -> None:
     device = torch.device("cuda", 0)
     torch.backends.cuda.matmul.allow_tf32 = True
     base = tg.build_model(args, device)
-    # What the environment asked for, as the model built it (CODA_ENABLED=1 overrides CODA_LAST_N, say).
+    # What the environment asked for, as the model built it (CODA_ENABLED=1 overrides CODA_LAST_N, say);
+    # the same lists as the script's model_params line, read from the blocks so older copies work too.
     print(f"{os.path.basename(_script)}: xsa_layers:{[i for i, b in enumerate(base.blocks) if b.attn.xsa]} "
           f"coda_layers:{[i for i, b in enumerate(base.blocks) if b.attn.coda]} "
           f"ve_layers:{[i for i, b in enumerate(base.blocks) if b.attn.ve_scale is not None]}")
