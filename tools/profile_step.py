@@ -5,11 +5,12 @@
 TRAIN_GPT=path/to/train_gpt.py profiles another version of the script (e.g. an older commit's copy, to
 compare two versions back to back on one machine); the default is this repository's.
 
-Prints: the layers XSA, CoDA and value embeddings act on; the mean step time with and without a host sync after every step (the training loop reads its
-stop flags one step late, so it runs like the second figure); peak memory; the top CUDA kernels of a
-torch.profiler trace of a few steps, in ms per step, each generated (Triton) kernel followed by the source
-nodes and the launch line inductor wrote for it; and the time of one Muon step of this script (batched by
-shape) against torch.optim.Muon (one matrix at a time). PROFILE_MUON=0 skips the Muon comparison.
+Prints: the layers XSA, CoDA and value embeddings act on; the mean step time with and without a host
+sync after every step (the training loop reads its stop flags one step late, so it runs like the second
+figure); peak memory; the top CUDA kernels of a torch.profiler trace of a few steps, in ms per step,
+each generated (Triton) kernel followed by the source nodes and the launch line inductor wrote for it;
+and the time of one Muon step of this script (batched by shape) against torch.optim.Muon (one matrix at
+a time). PROFILE_MUON=0 skips the Muon comparison.
 """
 import importlib.util
 import os
