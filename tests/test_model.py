@@ -250,6 +250,43 @@ def test_xsa_with_coda_in_bf16():
     assert cos[:, 1:].abs().max() < 0.05
 
 
+# The GPU kernels (Triton, run by its interpreter here: tests/conftest.py) against exclusive_reference in
+# float64. Row counts that are not multiples of XSA_ROWS, head sizes that are not powers of 2, and a zero
+# value (whose unit vector is 0 in both) exercise the masks.
+@pytest.mark.parametrize("shape", [(2, 37, 2, 2, 64), (1, 5, 1, 4, 48), (3, 11, 4, 1, 16), (1, 3, 2, 8, 8)])
+def test_xsa_kernels_match_reference_float32(shape):
+    torch.manual_seed(0)
+    y, v = torch.randn(shape), torch.randn(shape[:3] + shape[4:])
+    v[0, 0, 0] = 0
+    y, v = y.requires_grad_(), v.requires_grad_()
+    out = tg.xsa_kernel(y, v)
+    grad = torch.randn_like(out)
+    got = (out, *torch.autograd.grad(out, (y, v), grad))
+    y64, v64 = y.detach().double().requires_grad_(), v.detach().double().requires_grad_()
+    ref = tg.exclusive_reference(y64, v64)
+    want = (ref, *torch.autograd.grad(ref, (y64, v64), grad.double()))
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        assert (a.double() - b).abs().max() < 1e-5 * b.abs().max()
+    v_hat = F.normalize(v.detach(), dim=-1).unsqueeze(3)
+    assert (out * v_hat).sum(-1).abs().max() < 1e-5  # orthogonal to the own value, in every head
+
+
+def test_xsa_kernels_in_bf16_round_the_fp32_result():
+    """bf16 in, bf16 out, fp32 inside: the output is the reference's fp32 result rounded once, to within one
+    bf16 step (Triton's interpreter stores bf16 by truncation where the GPU rounds to nearest; tools/bench_xsa.py
+    measures the GPU's error), and the gradients come back in their inputs' dtypes."""
+    torch.manual_seed(0)
+    y = torch.randn(2, 40, 2, 2, 64, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(2, 40, 2, 64, dtype=torch.bfloat16, requires_grad=True)
+    out = tg.xsa_kernel(y, v)
+    want = tg.exclusive_reference(y, v)
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - want).abs() <= want.abs() * 2 ** -7).all()
+    grad_y, grad_v = torch.autograd.grad(out, (y, v), torch.ones_like(out))
+    assert grad_y.dtype == grad_v.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
 @pytest.mark.parametrize("xsa", [False, True])
 @pytest.mark.parametrize("rope_dims", [0, 4])
