@@ -112,7 +112,7 @@ class Hyperparameters:
         self.qk_gain_init = _env("QK_GAIN_INIT", 1.5, float)
         self.bigram_vocab_size = _env("BIGRAM_VOCAB_SIZE", 2048)
         self.bigram_dim = _env("BIGRAM_DIM", 128)
-        self.xsa_last_n = _env("XSA_LAST_N", 3)
+        self.xsa_last_n = _env("XSA_LAST_N", 4)
         self.coda_last_n = _env("CODA_LAST_N", 0)
         if _flag("CODA_ENABLED", False):
             self.coda_last_n = self.num_layers
@@ -130,7 +130,7 @@ class Hyperparameters:
         self.iterations = _env("ITERATIONS", 20000)
         self.max_wallclock_seconds = _env("MAX_WALLCLOCK_SECONDS", 600.0, float)
         self.warmup_steps = _env("WARMUP_STEPS", 20)
-        self.warmdown_iters = _env("WARMDOWN_ITERS", 3000)
+        self.warmdown_iters = _env("WARMDOWN_ITERS", 3500)
         # Weight averaging.
         self.ema_enabled = _flag("EMA_ENABLED", False)  # off: on the proxy EMA cost 0.006 bpb (README)
         self.ema_decay = _env("EMA_DECAY", 0.997, float)
