@@ -500,9 +500,10 @@ if triton is not None:
                      BLOCK_D: tl.constexpr):
         rows, offs, mask, v_hat, _ = _xsa_rows(v_ptr, n_rows, D, BLOCK_ROWS, BLOCK_D)
         for h in tl.static_range(G):  # head h of row r sits at (r * G + h) * D
-            y = tl.load(y_ptr + offs + (rows[:, None] * (G - 1) + h) * D, mask=mask, other=0.0).to(tl.float32)
+            head = offs + (rows[:, None] * (G - 1) + h) * D
+            y = tl.load(y_ptr + head, mask=mask, other=0.0).to(tl.float32)
             out = y - tl.sum(y * v_hat, axis=1)[:, None] * v_hat
-            tl.store(out_ptr + offs + (rows[:, None] * (G - 1) + h) * D, out.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + head, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _xsa_backward(g_ptr, y_ptr, v_ptr, gy_ptr, gv_ptr, n_rows, G: tl.constexpr, D: tl.constexpr,

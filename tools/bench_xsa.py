@@ -2,21 +2,18 @@
 
     python tools/bench_xsa.py          # B=48 T=2048 Hkv=4 G=2 D=64, bf16 (XSA_SHAPE=B,T,Hkv,G,D for another)
 
+TRAIN_GPT=path benches another copy of the script, as in tools/profile_step.py.
+
 Prints each kernel's error against a float64 reference (output, grad of y, grad of v, relative to the largest
 reference value), and the forward and forward+backward times of: Inductor's compiled reference (what the
 script ran before the kernels), and the kernels at several rows per program.
 """
-import importlib.util
 import os
-import sys
 
 import torch
 from triton.testing import do_bench
 
-_spec = importlib.util.spec_from_file_location(
-    "train_gpt", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_gpt.py"))
-tg = sys.modules["train_gpt"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tg)
+from profile_step import tg  # the script (or TRAIN_GPT's copy), loaded the way the profile tool loads it
 
 
 def main() -> None:
