@@ -2,7 +2,7 @@
 
     python tools/bench_xsa.py          # B=48 T=2048 Hkv=4 G=2 D=64, bf16 (XSA_SHAPE=B,T,Hkv,G,D for another)
 
-TRAIN_GPT=path benches another copy of the script, as in tools/profile_step.py.
+TRAIN_GPT=path benches another copy of the script that has the kernels, loaded as tools/profile_step.py loads it.
 
 Prints each kernel's error against a float64 reference (output, grad of y, grad of v, relative to the largest
 reference value), and the forward and forward+backward times of: Inductor's compiled reference (what the
