@@ -173,17 +173,16 @@ class Hyperparameters:
         need(0 <= self.seed < 2 ** 32, f"SEED={self.seed}: expected 0..{2 ** 32 - 1}")
         need(re.fullmatch(r"[A-Za-z0-9._-]{1,200}", self.run_id) is not None and self.run_id not in (".", ".."),
              f"RUN_ID={self.run_id!r}: expected up to 200 letters, digits, '.', '_' or '-' (it names files in logs/)")
-        need(self.model_dim % self.num_heads == 0,
-             f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
+        need(self.model_dim % self.num_heads == 0, f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
         need(self.num_heads % self.num_kv_heads == 0,
              f"NUM_KV_HEADS={self.num_kv_heads} must divide NUM_HEADS={self.num_heads}")
         head_dim = self.model_dim // self.num_heads
         need(head_dim % 2 == 0, f"MODEL_DIM/NUM_HEADS={head_dim}: the head size must be even (rotary pairs)")
         need(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0,
              f"ROPE_DIMS={self.rope_dims}: expected an even number in 0..{head_dim} (0 = the whole head)")
-        need(0 <= self.xsa_last_n <= self.num_layers, f"XSA_LAST_N={self.xsa_last_n}: expected 0..{self.num_layers}")
-        need(0 <= self.coda_last_n <= self.num_layers, f"CODA_LAST_N={self.coda_last_n}: expected 0..{self.num_layers}")
-        need(0 <= self.ve_last_n <= self.num_layers, f"VE_LAST_N={self.ve_last_n}: expected 0..{self.num_layers}")
+        for name in ("XSA_LAST_N", "CODA_LAST_N", "VE_LAST_N"):
+            n = getattr(self, name.lower())
+            need(0 <= n <= self.num_layers, f"{name}={n}: expected 0..{self.num_layers}")
         need(self.ve_last_n == 0 or self.ve_dim >= 1, f"VE_DIM={self.ve_dim}: expected >= 1")
         need(self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE=1: expected 0 (off) or at least 2 buckets")
         need(self.bigram_vocab_size == 0 or self.bigram_dim >= 1, f"BIGRAM_DIM={self.bigram_dim}: expected >= 1")
@@ -236,8 +235,7 @@ def newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(compute_dtype(G.device)).reshape(-1, *G.shape[-2:])
     transposed = X.size(-2) > X.size(-1)
-    if transposed:
-        X = X.mT
+    X = X.mT if transposed else X
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
     for _ in range(steps):  # each sum is a product's epilogue: no separate elementwise passes
         A = X @ X.mT
@@ -267,11 +265,9 @@ class Muon(torch.optim.Optimizer):
                 local = torch.zeros((per_rank, *shape), device=device, dtype=compute_dtype(device))
                 if mine:
                     local[:len(mine)] = self.orthogonalize(torch.stack(self._nesterov_momentum(mine, group)))
+                full = local if world == 1 else local.new_empty((world * per_rank, *shape))
                 if world > 1:
-                    full = torch.empty((world * per_rank, *shape), device=local.device, dtype=local.dtype)
                     all_gather_single(full, local)
-                else:
-                    full = local
                 scale = max(1.0, shape[0] / shape[1]) ** 0.5
                 torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
                 torch._foreach_add_(params, list(full[:len(params)].float().unbind(0)), alpha=-group["lr"] * scale)
@@ -320,8 +316,7 @@ def find_shards(data_path: str, split: str, min_tokens: int) -> list[str]:
         raise ConfigError(f"DATA_PATH={data_path} has no fineweb_{split}_*.bin shards: {DOWNLOAD_HINT}")
     total = sum(shard_num_tokens(f) for f in files)
     if total < min_tokens:
-        raise ConfigError(f"DATA_PATH={data_path}: the {split} shards hold {total} tokens, "
-                          f"at least {min_tokens} needed")
+        raise ConfigError(f"DATA_PATH={data_path}: the {split} shards hold {total} tokens; {min_tokens} needed")
     return files
 
 
@@ -429,6 +424,17 @@ class CastedLinear(nn.Linear):
             w = w * out_scale.view(-1, 1)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, w.to(x.dtype), bias)
+
+
+@torch.library.custom_op("train_gpt::cos_sin", mutates_args=())
+def cos_sin(theta: Tensor) -> Tensor:
+    """[cos θ, sin θ] in one op Inductor keeps whole: inlined, they were recomputed in every noise query element."""
+    return torch.stack((theta.cos(), theta.sin()))
+
+
+cos_sin.register_fake(lambda theta: theta.new_empty((2, *theta.shape)))
+cos_sin.register_autograd(lambda ctx, g: g[1] * ctx.saved_tensors[0][0] - g[0] * ctx.saved_tensors[0][1],
+                          setup_context=lambda ctx, inputs, output: ctx.save_for_backward(output))
 
 
 def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -576,7 +582,7 @@ class CausalSelfAttention(nn.Module):
 
     def noise_queries(self, q: Tensor) -> Tensor:
         r = self.rotary.rope_dims // 2
-        cos, sin = self.coda_theta.cos().to(q.dtype), self.coda_theta.sin().to(q.dtype)
+        cos, sin = cos_sin(self.coda_theta).to(q.dtype)
         if r == cos.size(-1):
             return rotate_pairs(q, cos, sin)
         rope = self.rotary.rope_dims
@@ -1151,9 +1157,8 @@ def train_step(args, model, base_model, optimizers, loader: DistributedTokenLoad
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     if args.grad_clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(base_model.parameters(), args.grad_clip_norm)
-    for opt in optimizers:
+    for opt in optimizers:  # each parameter has one optimizer
         opt.step()
-    for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     return loss_sum / args.grad_accum_steps
 
@@ -1480,12 +1485,8 @@ def main() -> None:
     try:
         with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
             code = run()
-    except ConfigError as e:
-        code = 2
-        if master:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-    except TrainingDiverged as e:
-        code = 4
+    except (ConfigError, TrainingDiverged) as e:  # bad input: 2; a loss that turned NaN: 4
+        code = 2 if isinstance(e, ConfigError) else 4
         if master:
             print(f"error: {e}", file=sys.stderr, flush=True)
     if dist.is_available() and dist.is_initialized():

@@ -337,6 +337,20 @@ def test_noise_rotation_commutes_with_rope(rope_dims):
     assert (a - attn.rotary(q)).abs().max() > 0.1  # the rotation does something
 
 
+def test_cos_sin_op_equals_torch_value_and_gradient():
+    """CoDA's angle goes through cos_sin, an op with its own fake and backward: registration (opcheck), the
+    gradient's formula (gradcheck), and value and gradient traced by torch.compile without a graph break."""
+    theta = (torch.rand(4, 6, dtype=torch.float64) * 8 - 4).requires_grad_()
+    torch.library.opcheck(tg.cos_sin, (theta,))
+    assert torch.autograd.gradcheck(tg.cos_sin, (theta,))
+    w = torch.randn(2, 4, 6, dtype=torch.float64)
+    plain = torch.stack((theta.cos(), theta.sin()))
+    want = torch.autograd.grad((plain * w).sum(), theta)[0]
+    out = torch.compile(tg.cos_sin, backend="aot_eager", fullgraph=True)(theta)
+    assert torch.equal(out, plain)
+    assert torch.allclose(torch.autograd.grad((out * w).sum(), theta)[0], want, rtol=0, atol=1e-12)
+
+
 def test_noise_rotation_pairs_half_split_planes():
     """With ROPE_DIMS=4 of 8: RoPE planes (0,2), (1,3) use angles 0, 1; the rest (4,6), (5,7) use 2, 3."""
     attn = make_attention(1, xsa=False, coda=True, rope_dims=4)
