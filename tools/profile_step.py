@@ -10,7 +10,7 @@ sync after every step (the training loop reads its stop flags one step late, so 
 figure); peak memory; the top CUDA kernels of a torch.profiler trace of a few steps, in ms per step,
 each generated (Triton) kernel followed by the source nodes and the launch line inductor wrote for it;
 and the time of one Muon step of this script (batched by shape) against torch.optim.Muon (one matrix at
-a time). PROFILE_MUON=0 skips the Muon comparison.
+a time). PROFILE_MUON=0 skips the Muon comparison; PROFILE_TOP=N lists N kernels (default 25).
 """
 import importlib.util
 import os
@@ -77,7 +77,7 @@ def main() -> None:
     # Annotations (e.g. Optimizer.step#Muon.step) span kernels that are also listed on their own.
     total = sum(e.self_device_time_total for e in kernels if not getattr(e, "is_user_annotation", False))
     print(f"GPU time per step: {total / 5e3:.2f} ms; top kernels (ms per step, launches per step):")
-    for e in kernels[:25]:
+    for e in kernels[:int(os.environ.get("PROFILE_TOP", 25))]:
         print(f"{e.self_device_time_total / 5e3:8.3f} {e.count / 5:5.1f}  {e.key[:150]}")
         if e.key.startswith("triton_"):
             for line in inductor_call_site(e.key):
