@@ -20,17 +20,23 @@ final evaluation.
 from __future__ import annotations
 
 import copy
+import fcntl
 import glob
 import hashlib
 import json
 import math
 import os
+import platform
 import re
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +192,14 @@ class Hyperparameters:
         need(self.ve_last_n == 0 or self.ve_dim >= 1, f"VE_DIM={self.ve_dim}: expected >= 1")
         need(self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE=1: expected 0 (off) or at least 2 buckets")
         need(self.bigram_vocab_size == 0 or self.bigram_dim >= 1, f"BIGRAM_DIM={self.bigram_dim}: expected >= 1")
+        for name in ("TIED_EMBED_INIT_STD", "LOGIT_SOFTCAP", "QK_GAIN_INIT"):
+            need(getattr(self, name.lower()) > 0, f"{name}={getattr(self, name.lower())}: expected > 0")
+        need(self.rope_base > 1, f"ROPE_BASE={self.rope_base}: expected > 1")
+        for name in ("MATRIX_LR", "SCALAR_LR", "TIED_EMBED_LR", "MUON_WD", "ADAM_WD", "GRAD_CLIP_NORM"):
+            need(getattr(self, name.lower()) >= 0, f"{name}={getattr(self, name.lower())}: expected >= 0")
+        for name in ("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START"):
+            need(0 <= getattr(self, name.lower()) < 1,
+                 f"{name}={getattr(self, name.lower())}: expected a number in [0, 1)")
         need(0.0 <= self.late_qat < 1.0, f"LATE_QAT={self.late_qat}: expected a number in [0, 1) (0 = off)")
         need(0.0 < self.ema_decay < 1.0, f"EMA_DECAY={self.ema_decay}: expected a number in (0, 1)")
         need(0 <= self.eval_stride <= self.eval_seq_len,
@@ -205,7 +219,8 @@ class Hyperparameters:
     def shape(self) -> dict:
         """What an artifact must agree on to be loaded into this model."""
         keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
-                "bigram_vocab_size", "bigram_dim", "xsa_last_n", "coda_last_n", "mlp_leaky_slope", "ln_scale")
+                "rope_base", "logit_softcap", "bigram_vocab_size", "bigram_dim", "xsa_last_n", "coda_last_n",
+                "mlp_leaky_slope", "ln_scale")
         shape = {k: getattr(self, k) for k in keys}
         if self.ve_last_n:  # absent when off: artifacts written before value embeddings existed still load
             shape.update(ve_last_n=self.ve_last_n, ve_dim=self.ve_dim)
@@ -1000,24 +1015,32 @@ def deserialize(payload: bytes) -> tuple[dict, dict[str, tuple]]:
     return header["shape"], packed
 
 
-def write_artifact(path: str, packed: dict[str, tuple], shape: dict) -> int:
-    """Writes atomically: magic, sha256 of the payload, payload."""
-    payload = serialize(packed, shape)
+def write_atomic(path: str, data: bytes) -> None:
+    """Writes a temp file beside path, then renames it over path: readers see the old file or the new."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            f.write(ARTIFACT_MAGIC + hashlib.sha256(payload).digest() + payload)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:  # a failed write or rename leaves no temp file behind
+    finally:  # a failed write or rename, or an interrupt, leaves no temp file behind
         if os.path.exists(tmp):
             os.remove(tmp)
-    return os.path.getsize(path)
 
 
-def read_artifact(path: str, shape: dict, variable: str = "LOAD_ARTIFACT") -> dict[str, Tensor]:
-    """Reads and checks an artifact; anything wrong with it is a ConfigError naming the file."""
+def write_artifact(path: str, packed: dict[str, tuple], shape: dict) -> bytes:
+    """Writes magic, sha256 of the payload, payload; returns the sha256."""
+    payload = serialize(packed, shape)
+    digest = hashlib.sha256(payload).digest()
+    write_atomic(path, ARTIFACT_MAGIC + digest + payload)
+    return digest
+
+
+def read_artifact(path: str, shape: dict, variable: str = "LOAD_ARTIFACT",
+                  digest: bytes | None = None) -> dict[str, Tensor]:
+    """Reads and checks an artifact (and, given one, that it is the one whose sha256 is digest);
+    anything wrong with it is a ConfigError naming the file."""
     try:
         blob = Path(path).read_bytes()
     except OSError as e:
@@ -1027,6 +1050,8 @@ def read_artifact(path: str, shape: dict, variable: str = "LOAD_ARTIFACT") -> di
         raise ConfigError(f"{variable}={path}: not an artifact of this script")
     if len(blob) < head or hashlib.sha256(blob[head:]).digest() != blob[len(ARTIFACT_MAGIC):head]:
         raise ConfigError(f"{variable}={path}: truncated or corrupted (checksum mismatch)")
+    if digest is not None and blob[len(ARTIFACT_MAGIC):head] != digest:
+        raise ConfigError(f"{variable}={path}: not the artifact this run wrote (replaced since)")
     try:
         written_shape, packed = deserialize(blob[head:])
     except (zstandard.ZstdError, ValueError, KeyError, TypeError):
@@ -1101,6 +1126,28 @@ class RunLog:
             print(msg, file=f)
 
 
+LOG_HEADER_END = "=" * 100
+
+
+def log_environment(log, cuda: bool) -> None:
+    """The log file (not the console) begins with this script's source and the software and GPUs it
+    ran on, for reviewers; a line of 100 '=' ends that header."""
+    log(f"{'=' * 43} train_gpt.py {'=' * 44}\n{Path(__file__).read_text(encoding='utf-8')}", console=False)
+    log(f"python:{platform.python_version()} torch:{torch.__version__} cuda:{torch.version.cuda} "
+        f"cudnn:{torch.backends.cudnn.version()} triton:{triton.__version__ if triton else None} "
+        f"numpy:{np.__version__} sentencepiece:{spm.__version__} "
+        f"zstandard:{zstandard.__version__ if zstandard else None}", console=False)
+    if cuda:
+        log("gpus: " + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())),
+            console=False)
+        try:
+            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.SubprocessError):
+            smi = "nvidia-smi: not available"
+        log(smi, console=False)
+    log(LOG_HEADER_END, console=False)
+
+
 class TrainingDiverged(Exception):
     pass
 
@@ -1163,11 +1210,18 @@ def train_step(args, model, base_model, optimizers, loader: DistributedTokenLoad
     return loss_sum / args.grad_accum_steps
 
 
+CALIBRATION_PIECES = 8  # per micro-batch: the deadline then drops at most an eighth of one at a time
+GPTQ_MARGIN = 1.25  # the loop stops this many measured calibrations short of the cap
+
+
 @torch.no_grad()
 def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, world_size: int,
-                     device: torch.device) -> dict[str, Tensor]:
-    """GPTQ's calibration: X^T X of the inputs of every int6 matrix's product (keyed by the weight's name),
-    over one optimizer step's worth of training tokens from the stream's start, summed over ranks."""
+                     device: torch.device, time_left_ms=None) -> tuple[dict[str, Tensor], int, float]:
+    """GPTQ's calibration: X^T X of the inputs of every int6 matrix's product (keyed by the weight's
+    name), over one optimizer step's worth of training tokens from the stream's start, summed over
+    ranks. The tokens go through in pieces; with time_left_ms (a clock: ms left), a piece is left out
+    when it might not end in time. Returns the Hessians, the tokens this rank fed them and the ms
+    their sum over ranks took."""
     hessians: dict[str, Tensor] = {}
 
     def accumulate(name: str):
@@ -1180,18 +1234,34 @@ def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, w
              for name, module in base_model.named_modules()
              if isinstance(module, CastedLinear) and export_kind(f"{name}.weight", module.weight) == "int6"]
     loader = DistributedTokenLoader(train_files, args.vocab_size, rank, world_size, device)
-    base_model.eval()
-    try:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def pieces():
         for _ in range(args.grad_accum_steps):
-            base_model.hidden(loader.next_batch(args.micro_batch_tokens, args.train_seq_len)[0])
+            x = loader.next_batch(args.micro_batch_tokens, args.train_seq_len)[0]
+            yield from x.split(max(1, len(x) // CALIBRATION_PIECES))
+
+    base_model.eval()
+    tokens, slowest_ms = 0, 0.0
+    try:
+        for piece in pieces():
+            if tokens and time_left_ms is not None and time_left_ms() < 2 * slowest_ms:
+                break
+            t0 = time.perf_counter()
+            base_model.hidden(piece)
+            sync()
+            slowest_ms = max(slowest_ms, 1000.0 * (time.perf_counter() - t0))
+            tokens += piece.numel()
     finally:
         for hook in hooks:
             hook.remove()
         base_model.train()
+    t0 = time.perf_counter()
     if world_size > 1:
         for name in sorted(hessians):
             dist.all_reduce(hessians[name])
-    return hessians
+    sync()
+    return hessians, tokens, 1000.0 * (time.perf_counter() - t0)
 
 
 def train(args, model, base_model, muon, optimizers, train_files, evaluate, log, rank, world_size, device):
@@ -1228,28 +1298,29 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
             raise TrainingDiverged(msg)
         return agreed_ms
 
-    def calibrate() -> tuple[dict[str, Tensor], float]:
-        """GPTQ's Hessians and the ms they took."""
+    def calibrate(time_left_ms=None) -> tuple[dict[str, Tensor], int, float, float]:
+        """GPTQ's Hessians, this rank's tokens, the ms of their sum over ranks, and the ms in all."""
         t0 = time.perf_counter()
-        hessians = collect_hessians(args, base_model, train_files, rank, world_size, device)
-        sync()
-        return hessians, 1000.0 * (time.perf_counter() - t0)
+        hessians, tokens, reduce_ms = collect_hessians(args, base_model, train_files, rank, world_size, device,
+                                                       time_left_ms)
+        return hessians, tokens, reduce_ms, 1000.0 * (time.perf_counter() - t0)
 
     loader = DistributedTokenLoader(train_files, args.vocab_size, rank, world_size, device)
     average = WeightAverage(base_model, args)
     cap_ms = 1000.0 * args.max_wallclock_seconds
     train_ms, step, stop_at, pending, qat_on = 0.0, 0, None, None, False
     agreed_ms, agreed_step = 0.0, 0  # the clock all ranks agreed on, at the last step whose flags were read
-    # GPTQ's calibration reads training data, so it runs inside the cap: timed here (same work, the initial
-    # weights; the second of two runs, the first warms up), the training budget is the cap less that time.
-    # Ranks take the largest time, to stop together.
-    reserved_ms = 0.0
+    # GPTQ's calibration reads training data, so it runs inside the cap: timed here on the initial weights
+    # (the second of two runs; the first warms up), the loop stops short of the cap by a margin over that
+    # time, and the calibration itself leaves out what might end past the cap. Ranks agree on the largest.
+    reserved_ms = reduce_ms = 0.0
     if args.gptq and cap_ms > 0:
         calibrate()
-        reserved = torch.tensor(calibrate()[1], dtype=torch.float64, device=device)
+        _, _, reduce_ms, calibration_ms = calibrate()
+        measured = torch.tensor([calibration_ms, reduce_ms], dtype=torch.float64, device=device)
         if world_size > 1:
-            dist.all_reduce(reserved, op=dist.ReduceOp.MAX)
-        reserved_ms = reserved.item()
+            dist.all_reduce(measured, op=dist.ReduceOp.MAX)
+        reserved_ms, reduce_ms = GPTQ_MARGIN * measured[0].item(), measured[1].item()
     budget_ms = cap_ms - reserved_ms
     if world_size > 1:
         dist.barrier()  # start the clocks together
@@ -1315,9 +1386,15 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
     log(f"weights for export: {average.apply()}")
     if not args.gptq:
         return step, train_ms, None
-    hessians, calibration_ms = calibrate()
-    log(f"gptq_calibration: {args.train_batch_tokens} tokens in {calibration_ms:.0f}ms (reserved {reserved_ms:.0f}ms), "
-        f"training time with it {train_ms + calibration_ms:.0f}ms")
+    started = time.perf_counter()
+    time_left_ms = lambda: cap_ms - train_ms - 1000.0 * (time.perf_counter() - started) - 2 * reduce_ms  # noqa: E731
+    hessians, tokens, _, calibration_ms = calibrate(time_left_ms if cap_ms > 0 else None)
+    tokens, total_ms = torch.tensor([tokens], device=device), torch.tensor([train_ms + calibration_ms], device=device)
+    if world_size > 1:  # all ranks' tokens; the slowest rank's clock
+        dist.all_reduce(tokens)
+        dist.all_reduce(total_ms, op=dist.ReduceOp.MAX)
+    log(f"gptq_calibration: {tokens.item()} tokens in {calibration_ms:.0f}ms (reserved {reserved_ms:.0f}ms), "
+        f"training time with it {total_ms.item():.0f}ms" + (f" of {cap_ms:.0f}ms" if cap_ms > 0 else ""))
     return step, train_ms, hessians
 
 
@@ -1339,12 +1416,73 @@ def check_inputs(args: Hyperparameters):
     if train_files:
         load_shard(train_files[0], args.vocab_size)  # the others are checked as they are read
     val_tokens = load_validation_tokens(find_shards(args.data_path, "val", 2), args.vocab_size)
-    if not os.path.isdir(os.path.dirname(args.artifact_path) or "."):
+    artifact_dir = os.path.dirname(args.artifact_path) or "."
+    if not os.path.isdir(artifact_dir):
         raise ConfigError(f"ARTIFACT_PATH={args.artifact_path}: its directory does not exist")
     if os.path.isdir(args.artifact_path):
         raise ConfigError(f"ARTIFACT_PATH={args.artifact_path}: is a directory, expected a file name")
+    if int(os.environ.get("RANK", 0)) == 0:  # rank 0 writes the log and the artifact: fail now, not after training
+        if os.path.lexists("logs") and not os.path.isdir("logs"):
+            raise ConfigError(f"logs: {os.path.abspath('logs')} is not a directory (the run logs go there)")
+        probe_writable("logs" if os.path.isdir("logs") else ".", "logs/ (the run's log)")
+        if not args.load_artifact:
+            probe_writable(artifact_dir, f"ARTIFACT_PATH={args.artifact_path}")
+            free = shutil.disk_usage(artifact_dir).free
+            if free < args.artifact_limit_bytes:
+                raise ConfigError(f"ARTIFACT_PATH={args.artifact_path}: {free} bytes free on its disk, the artifact "
+                                  f"needs up to ARTIFACT_LIMIT_BYTES={args.artifact_limit_bytes}")
     loaded = read_artifact(args.load_artifact, args.shape) if args.load_artifact else None
     return sp, train_files, val_tokens, loaded
+
+
+def probe_writable(directory: str, what: str) -> None:
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write_probe")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot write in {os.path.abspath(directory)} ({e.strerror})") from None
+
+
+class ArtifactLock:
+    """An advisory lock on a hidden file beside the artifact, held for the whole run (shared to read,
+    exclusive to write): two runs on one ARTIFACT_PATH would overwrite, and score, each other's file.
+    The kernel drops it if the process dies; the last holder removes the file."""
+
+    def __init__(self, path: str, exclusive: bool, variable: str):
+        self.path = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.lock")
+        while True:
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:  # a folder this run cannot write in: it cannot write the artifact either
+                self.fd = None
+                return
+            try:
+                fcntl.flock(self.fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self.fd)
+                raise ConfigError(f"{variable}={path}: another run is using this artifact now "
+                                  f"(it holds {self.path})") from None
+            try:  # the file may have been removed by its last holder between the open and the lock
+                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                    return
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+
+    def __enter__(self) -> "ArtifactLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is None:
+            return
+        try:  # the file goes only when no other run holds it
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.remove(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
 
 
 def setup_distributed(world_size: int) -> tuple[int, torch.device]:
@@ -1386,9 +1524,9 @@ def make_evaluate(args, base_model: GPT, sp, tokens: Tensor, compile_fn, log, ra
     return evaluate
 
 
-def export(args, base_model: GPT, log, rank: int, code_bytes: int, hessians: dict[str, Tensor] | None) -> None:
+def export(args, base_model: GPT, log, rank: int, code_bytes: int, hessians: dict[str, Tensor] | None) -> bytes:
     """Rank 0 quantizes and writes the artifact, 1.5% under the limit (zstd lands within 1% of the
-    entropy estimate, measured); the others wait for the file."""
+    entropy estimate, measured); the others wait for the file. Returns the payload's sha256."""
     if rank == 0:
         state = base_model.state_dict()
         if hessians is not None:  # GPTQ=1: every int6 matrix was calibrated (a hook that never fired would not be)
@@ -1399,19 +1537,25 @@ def export(args, base_model: GPT, log, rank: int, code_bytes: int, hessians: dic
         kinds = [v[0] for v in packed.values()]
         log(f"export: int6 matrices:{kinds.count('int6')} int5 matrices:{kinds.count('int5')} "
             f"int8 embeddings:{kinds.count('int8')}")
-        write_artifact(args.artifact_path, packed, args.shape)
-    if args.world_size > 1:
-        dist.barrier()
+        digest = torch.tensor(list(write_artifact(args.artifact_path, packed, args.shape)), dtype=torch.uint8)
+    else:
+        digest = torch.zeros(32, dtype=torch.uint8)
+    if args.world_size > 1:  # every rank then checks that the file it scores is this one
+        digest = digest.to(base_model.tok_emb.weight.device)
+        dist.broadcast(digest, 0)
+    return bytes(digest.tolist())
 
 
-def final_evaluation(args, base_model: GPT, evaluate, artifact_path: str, weights, code_bytes: int, log) -> dict:
-    """Scores what is on disk: the artifact alone determines the final numbers."""
+def final_evaluation(args, base_model: GPT, evaluate, artifact_path: str, weights, code_bytes: int, log,
+                     digest: bytes | None = None) -> dict:
+    """Scores what is on disk (the file whose sha256 is digest): the artifact alone determines the
+    final numbers."""
     model_bytes = os.path.getsize(artifact_path)
     log(f"Serialized model int6+zstd: {model_bytes} bytes")
     log(f"Code size: {code_bytes} bytes")
     log(f"Total submission size int6+zstd: {model_bytes + code_bytes} bytes")
     if weights is None:
-        weights = read_artifact(artifact_path, args.shape, "ARTIFACT_PATH")
+        weights = read_artifact(artifact_path, args.shape, "ARTIFACT_PATH", digest)
     base_model.load_state_dict(weights)
     val_loss, val_bpb, _, _ = evaluate()
     log(f"final_int6_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
@@ -1428,9 +1572,7 @@ def final_evaluation(args, base_model: GPT, evaluate, artifact_path: str, weight
 def write_report(args, report: dict, log, rank: int) -> int:
     """logs/{RUN_ID}.json (atomically); the exit status: 3 when the submission is over the limit."""
     if rank == 0:
-        tmp = f"logs/{args.run_id}.json.tmp"
-        Path(tmp).write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, f"logs/{args.run_id}.json")
+        write_atomic(f"logs/{args.run_id}.json", (json.dumps(report, indent=2) + "\n").encode())
     excess = report["bytes_total"] - args.artifact_limit_bytes
     if excess > 0:
         log(f"error: total submission size {report['bytes_total']} bytes exceeds ARTIFACT_LIMIT_BYTES="
@@ -1439,15 +1581,20 @@ def write_report(args, report: dict, log, rank: int) -> int:
     return 0
 
 
-def run() -> int:
+def run(held: ExitStack) -> int:
+    """The whole run; held keeps the artifact's lock until the end."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     args = Hyperparameters(world_size)
     sp, train_files, val_tokens, weights = check_inputs(args)
+    if int(os.environ.get("RANK", 0)) == 0:
+        held.enter_context(ArtifactLock(args.load_artifact, False, "LOAD_ARTIFACT") if args.load_artifact
+                           else ArtifactLock(args.artifact_path, True, "ARTIFACT_PATH"))
     rank, device = setup_distributed(world_size)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     log = RunLog(args.run_id, rank == 0)
     cuda = device.type == "cuda"
+    log_environment(log, cuda)
     log(f"run_id:{args.run_id} world_size:{world_size} grad_accum_steps:{args.grad_accum_steps} device:{device.type} "
         f"attention:{'fa3' if fa3_attention is not None and cuda else 'sdpa'} torch:{torch.__version__}")
     log("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items() if k != "world_size"), console=False)
@@ -1460,7 +1607,7 @@ def run() -> int:
     evaluate = make_evaluate(args, base_model, sp, val_tokens, compile_fn, log, rank, device)
     report = dict(seed=args.seed, step=0, step_avg_ms=None, pre_quant_val_bpb=None,
                   artifact=args.load_artifact or args.artifact_path)
-    code_bytes = os.path.getsize(__file__)
+    code_bytes, digest = os.path.getsize(__file__), None
 
     if weights is None:  # train, average, export
         model = compile_fn(base_model, dynamic=False)
@@ -1475,23 +1622,40 @@ def run() -> int:
         pre_loss, pre_bpb, _, _ = evaluate()
         log(f"pre_quant_average val_loss:{pre_loss:.8f} val_bpb:{pre_bpb:.8f}")
         report.update(step=steps, step_avg_ms=round(train_ms / max(steps, 1), 2), pre_quant_val_bpb=pre_bpb)
-        export(args, base_model, log, rank, code_bytes, hessians)
-    report.update(final_evaluation(args, base_model, evaluate, report["artifact"], weights, code_bytes, log))
+        digest = export(args, base_model, log, rank, code_bytes, hessians)
+    report.update(final_evaluation(args, base_model, evaluate, report["artifact"], weights, code_bytes, log,
+                                   digest))
     return write_report(args, report, log, rank)
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM: raised where the run is, so the way out removes temp files and locks."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}; no artifact or report was half-written")
+        self.exit_code = 128 + signum
+
+
+def interrupt(signum: int, frame) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not break the clean-up
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
 
 
 def main() -> None:
     master = int(os.environ.get("RANK", 0)) == 0
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
     try:
-        with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
-            code = run()
-    except (ConfigError, TrainingDiverged) as e:  # bad input: 2; a loss that turned NaN: 4
-        code = 2 if isinstance(e, ConfigError) else 4
+        with sdpa_kernel(SDPA_BACKENDS, set_priority=True), ExitStack() as held:
+            code = run(held)
+    except (ConfigError, TrainingDiverged, Interrupted) as e:  # bad input: 2; a NaN loss: 4; a signal: 128+n
+        code = 2 if isinstance(e, ConfigError) else 4 if isinstance(e, TrainingDiverged) else e.exit_code
         if master:
             print(f"error: {e}", file=sys.stderr, flush=True)
     if dist.is_available() and dist.is_initialized():
-        if code != 2:  # exits all ranks reach together: none leaves (and has torchrun stop the others) before
-            dist.barrier()  # rank 0 has written its last line; a bad input may be one rank's alone
+        if code in (0, 3, 4):  # exits all ranks reach together: none leaves (and has torchrun stop the others)
+            dist.barrier()  # before rank 0 has written its last line; a bad input may be one rank's alone
         dist.destroy_process_group()
     sys.exit(code)
 

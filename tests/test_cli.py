@@ -9,8 +9,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -80,6 +82,13 @@ def contract_line(log: str, key: str) -> re.Match:
     return match
 
 
+def run_lines(log_text: str) -> str:
+    """The log after its header (the script's source and the machine it ran on, in the file only)."""
+    header, sep, rest = log_text.partition("\n" + "=" * 100 + "\n")
+    assert sep, "the log file must begin with the header that a line of 100 '=' ends"
+    return rest
+
+
 def shard_tokens(path) -> int:
     return int(np.fromfile(path, dtype="<i4", count=3)[2])
 
@@ -95,7 +104,7 @@ def dataset(tmp_path_factory):
 def finished_run(cwd: Path, env: dict, run_id: str, nproc: int = 0) -> dict:
     proc = trainer(cwd, dict(env, RUN_ID=run_id), nproc)
     log_path = cwd / "logs" / f"{run_id}.txt"
-    log = log_path.read_text() if log_path.exists() else ""
+    log = run_lines(log_path.read_text()) if log_path.exists() else ""
     return dict(proc=proc, cwd=cwd, log=log, log_path=log_path, json_path=cwd / "logs" / f"{run_id}.json",
                 artifact=cwd / "final_model.int6.ptz")
 
@@ -136,6 +145,17 @@ def test_ddp_run_exits_cleanly_and_logs(ddp_run):
     assert "Traceback" not in proc.stdout + proc.stderr, describe(proc)
     assert ddp_run["log_path"].is_file()
     assert ddp_run["artifact"].is_file()
+
+
+def test_log_file_begins_with_the_source_and_the_software(ddp_run):
+    """As the challenge's baseline does, for reviewers: the file (not the console) opens with the exact
+    source that ran and the versions it ran with."""
+    raw = ddp_run["log_path"].read_text()
+    header = raw[:len(raw) - len(ddp_run["log"])]
+    first, _, rest = header.partition("\n")
+    assert "train_gpt.py" in first and rest.startswith(SCRIPT.read_text())
+    assert re.search(r"^python:\d+\.\d+\.\d+ torch:\S+ cuda:\S+ ", header, re.M), header[-2000:]
+    assert "def main()" not in ddp_run["proc"].stdout and "python:" not in ddp_run["proc"].stdout
 
 
 def test_ddp_train_loss_falls(ddp_run):
@@ -186,13 +206,13 @@ def test_ddp_ranks_train_one_model_when_their_clocks_differ(dataset, tmp_path):
     assert proc.returncode == 0, describe(proc)
     hashes = [(tmp_path / f"weights_rank{rank}.sha256").read_text() for rank in (0, 1)]
     assert hashes[0] == hashes[1]
-    log = (tmp_path / "logs" / "skew.txt").read_text()
+    log = run_lines((tmp_path / "logs" / "skew.txt").read_text())
     lines = [line for line in log.splitlines() if line.startswith("gptq_calibration:")]
     assert len(lines) == 1, log
-    match = re.fullmatch(r"gptq_calibration: 256 tokens in (\d+)ms \(reserved (\d+)ms\), "
-                         r"training time with it (\d+)ms", lines[0])
+    match = re.fullmatch(r"gptq_calibration: (\d+) tokens in (\d+)ms \(reserved (\d+)ms\), "
+                         r"training time with it (\d+)ms of 3000ms", lines[0])
     assert match, lines[0]
-    assert int(match.group(2)) > 0 and int(match.group(3)) <= 3000, lines[0]
+    assert 0 < int(match.group(1)) <= 256 and int(match.group(3)) > 0 and int(match.group(4)) <= 3000, lines[0]
 
 
 def test_ddp_json_report_matches_log(ddp_run):
@@ -228,7 +248,7 @@ def test_logging_and_artifact_switches(dataset, tmp_path):
                ARTIFACT_PATH="sub/model.ptz", CODA_ENABLED="1", GPTQ="0")
     proc = trainer(tmp_path, env)
     assert proc.returncode == 0, describe(proc)
-    log = (tmp_path / "logs" / "switches.txt").read_text()
+    log = run_lines((tmp_path / "logs" / "switches.txt").read_text())
     assert [int(m.group(1)) for m in map(VAL_LINE.fullmatch, log.splitlines()) if m] == [10, 20, ITERATIONS]
     assert not any(TRAIN_LINE.fullmatch(line) for line in log.splitlines())
     assert "final_int6_sliding_window_exact" not in log and "sliding_window_eval" not in log
@@ -252,7 +272,7 @@ def test_load_artifact_reproduces_final_lines(single_run, dataset, tmp_path):
     cwd = tmp_path / "load"
     proc = trainer(cwd, dict(dataset["env"], RUN_ID="load", LOAD_ARTIFACT=str(artifact)))
     assert proc.returncode == 0, describe(proc)
-    log = (cwd / "logs" / "load.txt").read_text()
+    log = run_lines((cwd / "logs" / "load.txt").read_text())
     for key in ("roundtrip", "sliding", "serialized", "val_tokens"):
         expected = contract_line(single_run["log"], key).group(0)
         assert contract_line(log, key).group(0) == expected
@@ -297,6 +317,93 @@ def test_nan_loss_stops_with_one_line(dataset, tmp_path):
     assert len(lines) == 1 and lines[0].strip(), describe(proc)
     assert "loss" in lines[0] and re.search(r"not finite|non-finite|\bnan\b", lines[0], re.I), lines[0]
     assert not (tmp_path / "final_model.int6.ptz").exists(), "a diverged run must not export"
+
+
+# -----------------------------
+# Interrupted runs, two runs on one artifact, outputs that cannot be written
+# -----------------------------
+
+
+def wait_for(predicate, proc, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"exited early ({proc.returncode}): {proc.communicate()}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def start(cwd: Path, env: dict, script: Path = SCRIPT) -> subprocess.Popen:
+    full_env = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS}
+    full_env.update(OMP_NUM_THREADS="1", **env)
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([sys.executable, str(script)], cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def one_error_line(stderr: str, *needles: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert all(n in lines[0] for n in needles), (needles, lines[0])
+    return lines[0]
+
+
+def test_signals_end_the_run_with_one_line_and_a_second_run_cannot_take_its_artifact(dataset, tmp_path):
+    """SIGINT while training: exit 130 and one line. Meanwhile a second run given the same ARTIFACT_PATH
+    is refused before it starts (exit 2, one line), and it leaves the first run's lock alone. SIGTERM
+    while the artifact's temp file is being written: exit 143, one line, no temp file, no artifact, no
+    lock file left."""
+    artifact = tmp_path / "shared.ptz"
+    env = dict(dataset["env"], RUN_ID="long", ITERATIONS="1000000", ARTIFACT_PATH=str(artifact))
+    first = start(tmp_path / "first", env)
+    try:
+        wait_for(lambda: " train_loss:" in (tmp_path / "first" / "logs" / "long.txt").read_text()
+                 if (tmp_path / "first" / "logs" / "long.txt").exists() else False, first)
+        second = trainer(tmp_path / "second", dict(env, RUN_ID="second"), timeout=BAD_INPUT_TIMEOUT_S)
+        assert second.returncode == 2 and second.stdout == "", describe(second)
+        one_error_line(second.stderr, "ARTIFACT_PATH", "another run")
+        assert os.listdir(tmp_path / "second") == []
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert first.returncode == 130, (out, err)
+    one_error_line(err, "SIGINT")
+    assert sorted(os.listdir(tmp_path)) == ["first", "second"], "no artifact, temp or lock file"
+
+    paused = start(tmp_path / "third", dict(env, RUN_ID="third", ITERATIONS="3"),
+                   SCRIPT.parent / "tests" / "pause_export.py")
+    try:
+        wait_for(lambda: (tmp_path / "third" / "export_paused").exists(), paused)
+        assert [n for n in os.listdir(tmp_path) if ".tmp" in n], "the temp file is there while it is written"
+        paused.send_signal(signal.SIGTERM)
+        out, err = paused.communicate(timeout=90)
+    finally:
+        paused.kill()
+    assert paused.returncode == 143, (out, err)
+    one_error_line(err, "SIGTERM")
+    assert sorted(os.listdir(tmp_path)) == ["first", "second", "third"], "no artifact, temp or lock file"
+    assert not list((tmp_path / "third" / "logs").glob("*.json*")), "no report"
+
+
+@pytest.mark.parametrize("case", ["logs_is_a_file", "artifact_dir_not_writable", "disk_too_small"])
+def test_outputs_that_cannot_be_written_fail_before_training(case, dataset, tmp_path):
+    """What used to fail after the whole training run, with a traceback, fails before it with one line."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env, needles = dict(dataset["env"], RUN_ID="out"), []
+    if case == "logs_is_a_file":
+        (cwd / "logs").write_text("not a folder")
+        needles = ["logs"]
+    elif case == "artifact_dir_not_writable":  # /sys refuses new files even to root
+        env["ARTIFACT_PATH"], needles = "/sys/model.int6.ptz", ["ARTIFACT_PATH", "/sys"]
+    else:
+        env["ARTIFACT_LIMIT_BYTES"], needles = str(10 ** 18), ["ARTIFACT_PATH", "free", "ARTIFACT_LIMIT_BYTES"]
+    before = sorted(os.listdir(cwd))
+    proc = trainer(cwd, env, timeout=BAD_INPUT_TIMEOUT_S)
+    assert proc.returncode == 2 and proc.stdout == "", describe(proc)
+    one_error_line(proc.stderr, *needles)
+    assert sorted(os.listdir(cwd)) == before
 
 
 # -----------------------------
@@ -416,6 +523,20 @@ BAD_INPUT = {
     "artifact_truncated": _damaged_artifact(_cut_in_half),
     "artifact_byte_flipped": _damaged_artifact(_flip_middle_byte),
     "artifact_other_shape": _artifact_of_other_shape,
+    "artifact_other_rope_base": lambda ds, tmp, artifact: (dict(LOAD_ARTIFACT=str(artifact()), ROPE_BASE="500"),
+                                                           ["LOAD_ARTIFACT", "ROPE_BASE"]),
+    "artifact_other_softcap": lambda ds, tmp, artifact: (dict(LOAD_ARTIFACT=str(artifact()), LOGIT_SOFTCAP="20"),
+                                                         ["LOAD_ARTIFACT", "LOGIT_SOFTCAP"]),
+    "init_std_negative": _env_only(["TIED_EMBED_INIT_STD"], TIED_EMBED_INIT_STD="-0.005"),
+    "softcap_zero": _env_only(["LOGIT_SOFTCAP"], LOGIT_SOFTCAP="0"),
+    "rope_base_zero": _env_only(["ROPE_BASE"], ROPE_BASE="0"),
+    "qk_gain_zero": _env_only(["QK_GAIN_INIT"], QK_GAIN_INIT="0"),
+    "matrix_lr_negative": _env_only(["MATRIX_LR"], MATRIX_LR="-0.01"),
+    "tied_embed_lr_negative": _env_only(["TIED_EMBED_LR"], TIED_EMBED_LR="-1"),
+    "muon_wd_negative": _env_only(["MUON_WD"], MUON_WD="-0.04"),
+    "grad_clip_negative": _env_only(["GRAD_CLIP_NORM"], GRAD_CLIP_NORM="-1"),
+    "muon_momentum_one": _env_only(["MUON_MOMENTUM"], MUON_MOMENTUM="1.0"),
+    "momentum_warmup_start_negative": _env_only(["MUON_MOMENTUM_WARMUP_START"], MUON_MOMENTUM_WARMUP_START="-0.1"),
 }
 
 

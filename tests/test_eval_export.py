@@ -548,7 +548,8 @@ def test_collect_hessians_sums_each_int6_products_inputs(tmp_path):
     seen = {}
     capture = [m.register_forward_pre_hook(lambda mod, inp, n=n: seen.setdefault(n, []).append(inp[0].detach()))
                for n, m in model.named_modules() if isinstance(m, tg.CastedLinear)]
-    hessians = tg.collect_hessians(args, model, [str(path)], 0, 1, CPU)
+    hessians, tokens, _ = tg.collect_hessians(args, model, [str(path)], 0, 1, CPU)
+    assert tokens == 64
     for hook in capture:
         hook.remove()
     int6 = {n for n, t in model.state_dict().items() if tg.export_kind(n, t) == "int6" and "." in n}
@@ -558,6 +559,38 @@ def test_collect_hessians_sums_each_int6_products_inputs(tmp_path):
         assert x.size(0) == 64 and torch.allclose(h, x.t() @ x, rtol=1e-5, atol=1e-5), name
     assert torch.equal(hessians["blocks.0.attn.c_q.weight"], hessians["blocks.0.attn.c_v.weight"])
     assert all(not m._forward_pre_hooks for m in model.modules()) and model.training
+
+
+def test_collect_hessians_leaves_out_pieces_that_would_end_past_the_deadline(tmp_path, monkeypatch):
+    """With a clock, a piece runs only while twice the slowest piece so far still fits: pieces of 300 ms
+    against 1 s give two pieces (700 ms left after one, 400 ms after two), and their X^T X alone."""
+    torch.manual_seed(0)
+    model = tg.GPT(vocab_size=64, num_layers=1, model_dim=16, num_heads=2, num_kv_heads=1, mlp_mult=2,
+                   max_seq_len=8, act_dtype=torch.float32)
+    path = tmp_path / "fineweb_train_000000.bin"
+    synth.write_shard(str(path), list(np.random.default_rng(0).integers(0, 64, 400)))
+    args = types.SimpleNamespace(vocab_size=64, train_batch_tokens=128, grad_accum_steps=2, train_seq_len=8,
+                                 micro_batch_tokens=64)
+    now = [0.0]  # a fake clock in seconds: each piece takes 0.3 s of it
+    monkeypatch.setattr(tg, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    hidden, seen = model.hidden, []
+
+    def slow_hidden(ids):
+        now[0] += 0.3
+        seen.append(ids)
+        return hidden(ids)
+
+    monkeypatch.setattr(model, "hidden", slow_hidden)
+    inputs = []
+    capture = model.blocks[0].mlp.fc.register_forward_pre_hook(lambda mod, inp: inputs.append(inp[0].flatten(0, 1)))
+    hessians, tokens, _ = tg.collect_hessians(args, model, [str(path)], 0, 1, CPU,
+                                              time_left_ms=lambda: 1000.0 - 1000.0 * now[0])
+    capture.remove()
+    assert len(seen) == 2 and tokens == sum(ids.numel() for ids in seen) == 16 and now[0] <= 1.0
+    x = torch.cat(inputs)
+    assert x.size(0) == 16 and torch.allclose(hessians["blocks.0.mlp.fc.weight"], x.t() @ x, rtol=1e-5, atol=1e-5)
+    _, all_tokens, _ = tg.collect_hessians(args, model, [str(path)], 0, 1, CPU)
+    assert all_tokens == 128 and len(seen) == 2 + 16
 
 
 def test_gptq_export_refuses_a_matrix_without_calibration(tmp_path):
@@ -702,9 +735,10 @@ def test_artifact_roundtrip_exact_and_atomic(packed_state, tmp_path):
     assert {v[0] for v in packed_state.values()} == {"int5", "int6", "int8", "fp16", "fp32"}
     path = tmp_path / "model.ptz"
     path.write_bytes(b"an older artifact")
-    size = tg.write_artifact(str(path), packed_state, SHAPE)
-    assert os.listdir(tmp_path) == ["model.ptz"] and size == path.stat().st_size
-    assert path.read_bytes().startswith(tg.ARTIFACT_MAGIC)
+    digest = tg.write_artifact(str(path), packed_state, SHAPE)
+    blob = path.read_bytes()
+    assert os.listdir(tmp_path) == ["model.ptz"] and blob.startswith(tg.ARTIFACT_MAGIC)
+    assert digest == hashlib.sha256(blob[len(tg.ARTIFACT_MAGIC) + 32:]).digest()
     got, want = tg.read_artifact(str(path), dict(SHAPE)), tg.dequantize_state(packed_state)
     assert set(got) == set(want)
     for name in want:
@@ -780,6 +814,38 @@ def test_artifact_bad_files(packed_state, tmp_path):
     assert tg.read_artifact(str(good), dict(SHAPE)).keys() == packed_state.keys()  # the good one still reads
 
 
+def test_artifact_replaced_since_it_was_written_is_refused(packed_state, tmp_path):
+    """A run scores only the file it wrote: another run's artifact at the same path (valid, same shape)
+    is refused by its sha256."""
+    path = tmp_path / "model.ptz"
+    mine = tg.write_artifact(str(path), packed_state, SHAPE)
+    assert tg.read_artifact(str(path), dict(SHAPE), "ARTIFACT_PATH", mine).keys() == packed_state.keys()
+    other = {name: (entry[0], entry[1].clone(), *entry[2:]) for name, entry in packed_state.items()}
+    name = next(n for n, e in other.items() if e[0] == "fp16")
+    other[name][1].add_(1.0)
+    tg.write_artifact(str(path), other, SHAPE)
+    with pytest.raises(tg.ConfigError, match="not the artifact this run wrote"):
+        tg.read_artifact(str(path), dict(SHAPE), "ARTIFACT_PATH", mine)
+
+
+def test_artifact_shape_holds_every_setting_that_changes_the_function():
+    """ROPE_BASE and LOGIT_SOFTCAP change what the model computes from the same weights: an artifact
+    written with another value must not load. Initialisation-only settings must not block a load."""
+    base = tg.Hyperparameters().shape
+    for var, value, key in (("ROPE_BASE", "500000", "rope_base"), ("LOGIT_SOFTCAP", "15", "logit_softcap")):
+        os.environ[var] = value
+        try:
+            assert tg.Hyperparameters().shape[key] != base[key], var
+        finally:
+            del os.environ[var]
+    for var in ("QK_GAIN_INIT", "TIED_EMBED_INIT_STD", "MATRIX_LR", "TRAIN_SEQ_LEN"):
+        os.environ[var] = "0.5" if var != "TRAIN_SEQ_LEN" else "1024"
+        try:
+            assert tg.Hyperparameters().shape == base, var
+        finally:
+            del os.environ[var]
+
+
 # -----------------------------
 # artifact size against the estimate
 # -----------------------------
@@ -803,8 +869,8 @@ def gaussian_state(shapes, seed=0):
 
 def size_ratio(shapes, tmp_path):
     packed = tg.quantize_state(gaussian_state(shapes))
-    size = tg.write_artifact(str(tmp_path / "size.ptz"), packed, SHAPE)
-    return size / sum(tg.packed_bytes(v) for v in packed.values())
+    tg.write_artifact(str(tmp_path / "size.ptz"), packed, SHAPE)
+    return (tmp_path / "size.ptz").stat().st_size / sum(tg.packed_bytes(v) for v in packed.values())
 
 
 def test_artifact_size_within_margin_record_shapes(tmp_path):
