@@ -1,6 +1,6 @@
 """train_gpt.py as users run it: subprocesses on CPU against a tiny synthetic dataset.
 
-Checks the interface contract of DESIGN.md (log lines, logs/{RUN_ID}.json, the artifact, exit
+Checks the interface contract of docs/contract.md (log lines, logs/{RUN_ID}.json, the artifact, exit
 status), LOAD_ARTIFACT, the size limit, a diverging run, and every kind of bad input.
 Each run works in its own temporary directory, which is where logs/ and the artifact go.
 """
@@ -34,7 +34,7 @@ TINY = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", MLP
             EVAL_STRIDE="16", BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", XSA_LAST_N="2", CODA_LAST_N="1",
             TRAIN_LOG_EVERY="5", SEED="1337")
 
-# The contract's log lines (DESIGN.md, "Interface contract"), each matched as a whole line.
+# The contract's log lines (docs/contract.md), each matched as a whole line.
 FLOAT4, FLOAT8 = r"(-?\d+\.\d{4}|nan|inf)", r"(\d+\.\d{8})"
 TRAIN_LINE = re.compile(rf"step:(\d+)/(\d+) train_loss:{FLOAT4} train_time:(\d+)ms step_avg:(\d+\.\d{{2}})ms")
 VAL_LINE = re.compile(r"step:(\d+)/(\d+) val_loss:(\d+\.\d{4}) val_bpb:(\d+\.\d{4}) "
