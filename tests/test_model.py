@@ -1,5 +1,5 @@
 """Model and Muon checks on CPU: shapes and gradients, XSA, CoDA, RoPE, Newton-Schulz, Muon against
-torch.optim.Muon and across two gloo ranks, the optimizer grouping. float32 throughout, plus bf16 (the
+torch.optim.Muon and across three gloo ranks, its plan by cost, the optimizer grouping. float32 throughout, plus bf16 (the
 GPU dtype) where rounding is the point."""
 import math
 import os
@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import train_gpt as tg
 
@@ -529,15 +530,18 @@ def test_muon_matches_torch_optim_muon(compute_dtype, monkeypatch):
         assert_same_updates(params, run_optimizer(make_ours(False), params, grads), theirs, 3 * rtol)
 
 
-# 3 matrices of one shape (rank 1 gets one, padded), 1 of another (rank 1 gets none), 2 of a third.
-SHARED_SHAPES = [(16, 32), (16, 32), (16, 32), (32, 16), (24, 24), (24, 24)]
+# On 3 ranks: 4 matrices of one shape, 1 of its transpose, 2 of a third (no count divides 3), and a
+# second group of 2 (one rank gets none of it).
+SHARED_SHAPES = [(16, 32)] * 4 + [(32, 16), (24, 24), (24, 24), (8, 40), (8, 40)]
+SHARED_STEPS, SHARED_WORLD = 2, 3
 
 
-def run_tg_muon(steps=2):
-    params, grads = muon_problem(SHARED_SHAPES, steps, seed=3)
+def run_tg_muon(orthogonalize=tg.newton_schulz):
+    params, grads = muon_problem(SHARED_SHAPES, SHARED_STEPS, seed=3)
     # Two groups, like a real set-up with several learning rates.
-    make = lambda ps: tg.Muon([{"params": ps[:4]}, {"params": ps[4:], "lr": 0.01}], lr=0.02,  # noqa: E731
-                              momentum=0.9, weight_decay=0.1)
+    make = lambda ps: tg.Muon(  # noqa: E731
+        [{"params": ps[:7]}, {"params": ps[7:], "lr": 0.01}], lr=0.02, momentum=0.9,
+        weight_decay=0.1, orthogonalize=orthogonalize)
     return params, run_optimizer(make, params, grads)
 
 
@@ -548,7 +552,10 @@ def _shared_muon_worker(rank, world, port, out_dir):
     try:
         for dtype in DTYPES:  # one process group for both: spawning costs more than the steps
             tg.compute_dtype = lambda device: dtype
-            torch.save(run_tg_muon()[1], os.path.join(out_dir, f"{dtype}-rank{rank}.pt"))
+            calls = []  # the shape of every batch this rank orthogonalized
+            record = lambda G: calls.append(tuple(G.shape)) or tg.newton_schulz(G)  # noqa: E731
+            params = run_tg_muon(record)[1]
+            torch.save((params, calls), os.path.join(out_dir, f"{dtype}-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -560,15 +567,114 @@ def free_port():
 
 
 def test_muon_shared_across_ranks_equals_single_process(tmp_path, monkeypatch):
-    mp.spawn(_shared_muon_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    world = SHARED_WORLD
+    mp.spawn(_shared_muon_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     for dtype in DTYPES:
         monkeypatch.setattr(tg, "compute_dtype", lambda device: dtype)
         start, single = run_tg_muon()
-        rank0, rank1 = (torch.load(tmp_path / f"{dtype}-rank{r}.pt") for r in range(2))
-        for a, b in zip(rank0, rank1):
-            assert torch.equal(a, b)  # replicas stay identical
+        ranks = [torch.load(tmp_path / f"{dtype}-rank{r}.pt") for r in range(SHARED_WORLD)]
+        for params, _ in ranks[1:]:
+            for a, b in zip(ranks[0][0], params):
+                assert torch.equal(a, b)  # replicas stay identical
         # Each matrix goes through the same iteration either way; only the batch it rides in differs.
-        assert_same_updates(start, rank0, single, rtol=1e-5 if dtype == torch.float32 else 1e-2)
+        rtol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert_same_updates(start, ranks[0][0], single, rtol)
+        # Every step, each matrix is orthogonalized once: on one rank, in its batch of that shape.
+        done = {}
+        for _, calls in ranks:
+            assert len(calls) == len(set(calls)) * SHARED_STEPS, calls
+            for batch in set(calls):
+                done[batch[1:]] = done.get(batch[1:], 0) + batch[0]
+        assert done == {s: SHARED_SHAPES.count(s) for s in SHARED_SHAPES}
+        assert all(calls for _, calls in ranks)  # split by count, rank 2 got none of these 9
+
+
+def newton_schulz_flops(shape):
+    """tg.newton_schulz's cost on one matrix, by torch's FLOP counter (on meta: no arithmetic)."""
+    with FlopCounterMode(display=False) as counter:
+        tg.newton_schulz(torch.empty(shape, device="meta"))
+    return counter.get_total_flops()
+
+
+def check_plan(shapes, world):
+    """share_by_cost's plan is a partition into per-shape batches whose results lie apart in the
+    gathered buffer, each in its rank's share. Returns each rank's cost in FLOPs."""
+    batches, offsets, size = tg.share_by_cost(tuple(shapes), world)
+    assert len(batches) == world and len(offsets) == len(shapes)
+    assigned = sorted(i for mine in batches for batch in mine for i in batch)
+    assert assigned == list(range(len(shapes)))  # every matrix exactly once
+    load, used = [0] * world, [set() for _ in range(world)]
+    for r, mine in enumerate(batches):
+        kinds = [shapes[batch[0]] for batch in mine]
+        assert len(kinds) == len(set(kinds))  # one batch (one call) per shape
+        for batch in mine:
+            assert all(shapes[i] == shapes[batch[0]] for i in batch)
+            for i in batch:
+                n = math.prod(shapes[i])
+                cells = set(range(offsets[i], offsets[i] + n))
+                assert r * size <= offsets[i] and offsets[i] + n <= (r + 1) * size
+                assert not cells & used[r]  # no two results overlap
+                used[r] |= cells
+                load[r] += newton_schulz_flops(shapes[i])
+    # A batch lies contiguously in the buffer (one copy per batch), in the order of its indices.
+    for mine in batches:
+        for batch in mine:
+            starts = [offsets[i] for i in batch]
+            step = math.prod(shapes[batch[0]])
+            assert starts == [starts[0] + j * step for j in range(len(batch))]
+    return load
+
+
+def record_muon_shapes(monkeypatch):
+    """The shapes of the record run's Muon matrices, in its parameter order, from the defaults."""
+    for name in list(os.environ):
+        if name.isupper() and name in tg.Hyperparameters.__init__.__code__.co_consts:
+            monkeypatch.delenv(name)
+    args = tg.Hyperparameters()
+    muon, _ = tg.make_optimizers(tg.build_model(args, torch.device("cpu")), args, tg.newton_schulz)
+    assert len(muon.param_groups) == 1
+    return [tuple(p.shape) for p in muon.param_groups[0]["params"]]
+
+
+def test_muon_plan_balances_cost_across_8_ranks_at_the_record_shape(monkeypatch):
+    shapes = record_muon_shapes(monkeypatch)
+    per_layer = [(512, 512), (256, 512), (256, 512), (512, 512), (1536, 512), (512, 1536)]
+    assert sorted(shapes) == sorted(per_layer * 11 + [(512, 128)])  # 11 layers and bigram.proj
+    world = 8
+    load = check_plan(shapes, world)
+    mean = sum(load) / world
+    assert max(load) <= 1.1 * mean, [x / mean for x in load]
+    plan = tg.share_by_cost(tuple(shapes), world)
+    assert tg.share_by_cost.__wrapped__(tuple(shapes), world) == plan  # not just cached
+    # The split by count it replaced (per shape, ceil(n / world) consecutive matrices a rank): two
+    # ranks got none of the 1536x512 matrices and the most loaded rank a third more than the mean.
+    by_count = [0] * world
+    for shape in set(shapes):
+        of_shape = [i for i, s in enumerate(shapes) if s == shape]
+        per_rank = -(-len(of_shape) // world)
+        for r in range(world):
+            mine = of_shape[r * per_rank:(r + 1) * per_rank]
+            by_count[r] += len(mine) * newton_schulz_flops(shape)
+            if shape == (1536, 512) and r >= world - 2:
+                assert not mine
+    assert max(by_count) > 1.3 * mean, [x / mean for x in by_count]
+
+
+@pytest.mark.parametrize("seed", range(18))
+def test_muon_plan_is_within_the_greedy_bound(seed):
+    """Random shapes and world sizes (more ranks than matrices included): a partition whose most
+    loaded rank is within list scheduling's bound, mean + (1 - 1/world) x the costliest matrix."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [8, 16, 24, 40, 64]
+    pick = lambda high, *shape: torch.randint(0, high, shape, generator=g).tolist()  # noqa: E731
+    kinds = [(sizes[a], sizes[b]) for a, b in pick(len(sizes), 4, 2)]
+    shapes = [kinds[k] for k in pick(4, 1 + pick(29, 1)[0])]
+    world = 1 + seed % 9
+    load = check_plan(shapes, world)
+    costliest = max(map(newton_schulz_flops, shapes))
+    assert max(load) <= sum(load) / world + (1 - 1 / world) * costliest
+    if world == 1:
+        assert load == [sum(map(newton_schulz_flops, shapes))]
 
 
 # -----------------------------
