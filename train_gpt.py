@@ -44,10 +44,11 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-try:  # FlashAttention-3 (Hopper); otherwise PyTorch SDPA
+try:  # FlashAttention-3 (Hopper) for the tensors on FA3_DEVICE, decided here alone; otherwise SDPA
     from flash_attn_interface import flash_attn_func as fa3_attention
+    FA3_DEVICE = "cuda"
 except ImportError:
-    fa3_attention = None
+    fa3_attention = FA3_DEVICE = None
 try:  # XSA's fused kernels on CUDA (CUDA builds of torch bring Triton)
     import triton
     import triton.language as tl
@@ -488,7 +489,7 @@ SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBack
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal attention, q [B, T, H, D] against k, v [B, T, Hkv, D]; query head h reads KV head h // (H/Hkv)."""
-    if fa3_attention is not None and q.is_cuda:
+    if q.device.type == FA3_DEVICE:
         out = fa3_attention(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
@@ -1467,7 +1468,7 @@ def run() -> int:
     log = RunLog(args.run_id, rank == 0)
     cuda = device.type == "cuda"
     log(f"run_id:{args.run_id} world_size:{world_size} grad_accum_steps:{args.grad_accum_steps} device:{device.type} "
-        f"attention:{'fa3' if fa3_attention is not None and cuda else 'sdpa'} torch:{torch.__version__}")
+        f"attention:{'fa3' if device.type == FA3_DEVICE else 'sdpa'} torch:{torch.__version__}")
     log("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items() if k != "world_size"), console=False)
     base_model = build_model(args, device)
     log(f"model_params:{sum(p.numel() for p in base_model.parameters())} "

@@ -1,6 +1,7 @@
-"""Model and Muon checks on CPU: shapes and gradients, XSA, CoDA, RoPE, Newton-Schulz, Muon against
-torch.optim.Muon and across three gloo ranks, its plan by cost, the optimizer grouping. float32 throughout, plus bf16 (the
-GPU dtype) where rounding is the point."""
+"""Model and Muon checks on CPU: shapes and gradients, XSA, CoDA, RoPE, the FlashAttention-3 branch
+(through a stand-in), Newton-Schulz, Muon against torch.optim.Muon and across three gloo ranks, its
+plan by cost, the optimizer grouping. float32 throughout, plus bf16 (the GPU dtype) where rounding
+is the point, and float64 where two paths must agree exactly."""
 import math
 import os
 import socket
@@ -395,6 +396,98 @@ def test_rotary(rope_dims):
         diagonal = scores.diagonal(offset)
         assert (diagonal - diagonal[0]).abs().max() < 1e-4, offset
     assert (scores.diagonal(0)[0] - scores.diagonal(3)[0]).abs() > 1e-3  # positions do matter
+
+
+# -----------------------------
+# FlashAttention-3's branch of attention(), through a stand-in on CPU
+# -----------------------------
+
+class FA3StandIn:
+    """flash_attn_interface.flash_attn_func's signature and layout: q [B, T, H, D], k and v
+    [B, T, Hkv, D], query head h reading KV head h // (H / Hkv); out [B, T, H, D], or (out, lse) as
+    some versions return. Its math is written out here (einsum, an explicit causal mask), not taken
+    from SDPA. `kv_head` maps query heads to KV heads: a wrong map shows the comparison can fail."""
+
+    def __init__(self, returns_tuple=False, kv_head=lambda h, group, hkv: h // group):
+        self.returns_tuple, self.kv_head, self.dtypes = returns_tuple, kv_head, []
+
+    def __call__(self, q, k, v, softmax_scale=None, causal=False):
+        B, T, H, D = q.shape
+        Hkv = k.size(2)
+        assert k.shape == v.shape == (B, T, Hkv, D) and H % Hkv == 0, (q.shape, k.shape, v.shape)
+        assert causal is True
+        assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1  # FA3: last dim contiguous
+        self.dtypes.append((q.dtype, k.dtype, v.dtype))
+        scale = D ** -0.5 if softmax_scale is None else softmax_scale
+        heads = torch.tensor([self.kv_head(h, H // Hkv, Hkv) for h in range(H)])
+        wide = torch.promote_types(q.dtype, torch.float32)  # bf16 in, fp32 math, as FA3
+        scores = torch.einsum("bthd,bshd->bhts", q.to(wide), k[:, :, heads].to(wide)) * scale
+        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        out = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v[:, :, heads].to(wide))
+        out = out.to(q.dtype)
+        return (out, torch.logsumexp(scores, -1)) if self.returns_tuple else out
+
+
+def fa3_gpt(num_kv_heads, xsa_last_n, coda_last_n, ve_last_n, act_dtype=torch.float64):
+    """float64 by default: the two paths then agree to ~1e-13, where fp32 rounding (amplified by
+    XSA's small remainders) left gaps of 1e-4 in small gradients."""
+    torch.manual_seed(0)
+    model = tg.GPT(vocab_size=VOCAB, num_layers=2, model_dim=DIM, num_heads=HEADS,
+                   num_kv_heads=num_kv_heads, mlp_mult=2, max_seq_len=SEQ, rope_dims=4,
+                   bigram_vocab_size=16, bigram_dim=8,
+                   xsa_last_n=xsa_last_n, coda_last_n=coda_last_n, ve_last_n=ve_last_n, ve_dim=8,
+                   act_dtype=act_dtype).to(torch.promote_types(act_dtype, torch.float32))
+    perturb(model)
+    with torch.no_grad():
+        for block in model.blocks:
+            if block.attn.coda:  # gates well open and angles off pi/2: noise heads count
+                block.attn.coda_theta.uniform_(-math.pi, math.pi)
+                block.attn.coda_gate.bias.fill_(0.0)
+    return model
+
+
+def loss_and_grads(model, monkeypatch, fa3):
+    """The loss and its gradients, through SDPA (fa3 None) or through `fa3` as FlashAttention-3."""
+    with monkeypatch.context() as m:
+        if fa3 is not None:
+            m.setattr(tg, "fa3_attention", fa3)
+            m.setattr(tg, "FA3_DEVICE", "cpu")
+        model.zero_grad()
+        loss = model(*tokens())
+        loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+# Layer 0 XSA and a value embedding, layer 1 all three (CoDA's noise queries stacked 2x on the group
+# axis); CoDA without XSA; each with GQA (2 KV heads) and MQA (1).
+FA3_CONFIGS = dict(xsa_coda_ve=(2, 1, 2), coda_only=(0, 2, 0))
+
+
+@pytest.mark.parametrize("returns_tuple", [False, True], ids=["tensor", "tuple"])
+@pytest.mark.parametrize("num_kv_heads", [2, 1])
+@pytest.mark.parametrize("config", list(FA3_CONFIGS))
+def test_fa3_branch_equals_sdpa(config, num_kv_heads, returns_tuple, monkeypatch):
+    model = fa3_gpt(num_kv_heads, *FA3_CONFIGS[config])
+    fa3 = FA3StandIn(returns_tuple)
+    loss, grads = loss_and_grads(model, monkeypatch, fa3)
+    assert len(fa3.dtypes) == len(model.blocks)  # every layer went through the branch
+    ref_loss, ref_grads = loss_and_grads(model, monkeypatch, None)
+    assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=0)  # the logits are fp32
+    for name, g in ref_grads.items():
+        assert (grads[name] - g).norm() <= 1e-9 * g.norm(), name
+    if num_kv_heads > 1:  # the KV head of query head h is h // (H / Hkv): reading h % Hkv must show
+        wrong = FA3StandIn(returns_tuple, kv_head=lambda h, group, hkv: h % hkv)
+        assert (loss_and_grads(model, monkeypatch, wrong)[0] - ref_loss).abs() > 1e-3
+
+
+def test_fa3_branch_gets_one_dtype_in_bf16(monkeypatch):
+    """FA3 has no fp32 kernel and no mixed inputs: with bf16 activations (the GPU's), q, k and v
+    (value embedding included) arrive in bf16, and the loss is SDPA's within bf16 rounding."""
+    model = fa3_gpt(2, *FA3_CONFIGS["xsa_coda_ve"], act_dtype=torch.bfloat16)
+    fa3 = FA3StandIn()
+    loss, _ = loss_and_grads(model, monkeypatch, fa3)
+    assert fa3.dtypes == [(torch.bfloat16,) * 3] * len(model.blocks)
+    assert (loss - loss_and_grads(model, monkeypatch, None)[0]).abs() < 1e-3 * loss  # a wrong map: 4e-3
 
 
 # -----------------------------
