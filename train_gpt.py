@@ -287,9 +287,9 @@ class Muon(torch.optim.Optimizer):
             if world > 1:
                 all_gather_single(full, local)
             updates = [full[at:at + p.numel()].view_as(p).float() for p, at in zip(params, offsets)]
-            steps = [-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5 for p in params]
+            alphas = [-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5 for p in params]
             torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
-            torch._foreach_add_(params, torch._foreach_mul(updates, steps))
+            torch._foreach_add_(params, torch._foreach_mul(updates, alphas))
 
     def _nesterov_momentum(self, params: list[Tensor], group: dict) -> list[Tensor]:
         grads = [p.grad for p in params]
