@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import functools
 import glob
 import hashlib
 import json
@@ -49,10 +50,11 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-try:  # FlashAttention-3 (Hopper); otherwise PyTorch SDPA
+try:  # FlashAttention-3 (Hopper) for the tensors on FA3_DEVICE, decided here alone; otherwise SDPA
     from flash_attn_interface import flash_attn_func as fa3_attention
+    FA3_DEVICE = "cuda"
 except ImportError:
-    fa3_attention = None
+    fa3_attention = FA3_DEVICE = None
 try:  # XSA's fused kernels on CUDA (CUDA builds of torch bring Triton)
     import triton
     import triton.language as tl
@@ -232,8 +234,7 @@ class Hyperparameters:
 # -----------------------------
 # torch.optim.Muon computes the same single-process update (tests/test_model.py checks it), one matrix at
 # a time: 45 ms a step for the record's matrices on one H100, against 6.8 ms here (logs/proxy_profile_step.txt).
-# This one batches same-shape matrices into one Newton-Schulz call and shares the matrices out across
-# ranks, each rank orthogonalizing its slice and all-gathering the results.
+# This one shares matrices out to ranks by cost, each batching its own by shape: one all-gather.
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -259,6 +260,25 @@ def newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     return (X.mT if transposed else X).reshape(G.shape)
 
 
+@functools.cache
+def share_by_cost(shapes: tuple[tuple[int, int], ...], world: int) -> tuple[tuple, tuple, int]:
+    """Muon's plan on `world` ranks: each rank's batches (indices of one shape), where each result
+    lies in the gathered buffer, and each rank's share of it. Greedy by Newton-Schulz multiply-adds
+    (2 m^2 n + m^3, m <= n), costliest first to the least loaded rank (by count, ranks sat idle)."""
+    cost = [2 * min(s) ** 2 * max(s) + min(s) ** 3 for s in shapes]
+    load, batches = [0] * world, [{} for _ in range(world)]
+    for i in sorted(range(len(shapes)), key=lambda i: (-cost[i], i)):
+        r = load.index(min(load))
+        batches[r].setdefault(shapes[i], []).append(i)
+        load[r] += cost[i]
+    order = [[i for batch in mine.values() for i in batch] for mine in batches]
+    size = max(sum(math.prod(shapes[i]) for i in mine) for mine in order)
+    at = {i: r * size + sum(math.prod(shapes[k]) for k in mine[:j])  # after the rank's earlier ones
+          for r, mine in enumerate(order) for j, i in enumerate(mine)}
+    offsets = tuple(at[i] for i in range(len(shapes)))
+    return tuple(tuple(map(tuple, mine.values())) for mine in batches), offsets, size
+
+
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float, weight_decay: float = 0.0, nesterov: bool = True,
                  orthogonalize=newton_schulz):
@@ -270,22 +290,21 @@ class Muon(torch.optim.Optimizer):
         distributed = dist.is_available() and dist.is_initialized()
         world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
         for group in self.param_groups:
-            by_shape: dict[tuple, list[Tensor]] = {}
-            for p in group["params"]:
-                by_shape.setdefault(tuple(p.shape), []).append(p)
-            for shape, params in by_shape.items():
-                per_rank = -(-len(params) // world)
-                mine = params[rank * per_rank:(rank + 1) * per_rank]
-                device = params[0].device
-                local = torch.zeros((per_rank, *shape), device=device, dtype=compute_dtype(device))
-                if mine:
-                    local[:len(mine)] = self.orthogonalize(torch.stack(self._nesterov_momentum(mine, group)))
-                full = local if world == 1 else local.new_empty((world * per_rank, *shape))
-                if world > 1:
-                    all_gather_single(full, local)
-                scale = max(1.0, shape[0] / shape[1]) ** 0.5
-                torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
-                torch._foreach_add_(params, list(full[:len(params)].float().unbind(0)), alpha=-group["lr"] * scale)
+            params = group["params"]
+            batches, offsets, size = share_by_cost(tuple(tuple(p.shape) for p in params), world)
+            device = params[0].device
+            local = torch.zeros(size, device=device, dtype=compute_dtype(device))
+            for batch in batches[rank]:
+                mine, at = [params[i] for i in batch], offsets[batch[0]] - rank * size
+                out = self.orthogonalize(torch.stack(self._nesterov_momentum(mine, group)))
+                local[at:at + out.numel()].view_as(out).copy_(out)
+            full = local if world == 1 else local.new_empty(world * size)
+            if world > 1:
+                all_gather_single(full, local)
+            updates = [full[at:at + p.numel()].view_as(p).float() for p, at in zip(params, offsets)]
+            alphas = [-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5 for p in params]
+            torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(params, torch._foreach_mul(updates, alphas))
 
     def _nesterov_momentum(self, params: list[Tensor], group: dict) -> list[Tensor]:
         grads = [p.grad for p in params]
@@ -485,7 +504,7 @@ SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBack
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal attention, q [B, T, H, D] against k, v [B, T, Hkv, D]; query head h reads KV head h // (H/Hkv)."""
-    if fa3_attention is not None and q.is_cuda:
+    if q.device.type == FA3_DEVICE:
         out = fa3_attention(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
@@ -1596,7 +1615,7 @@ def run(held: ExitStack) -> int:
     cuda = device.type == "cuda"
     log_environment(log, cuda)
     log(f"run_id:{args.run_id} world_size:{world_size} grad_accum_steps:{args.grad_accum_steps} device:{device.type} "
-        f"attention:{'fa3' if fa3_attention is not None and cuda else 'sdpa'} torch:{torch.__version__}")
+        f"attention:{'fa3' if device.type == FA3_DEVICE else 'sdpa'} torch:{torch.__version__}")
     log("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items() if k != "world_size"), console=False)
     base_model = build_model(args, device)
     log(f"model_params:{sum(p.numel() for p in base_model.parameters())} "

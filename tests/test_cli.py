@@ -1,7 +1,8 @@
 """train_gpt.py as users run it: subprocesses on CPU against a tiny synthetic dataset.
 
 Checks the interface contract of docs/contract.md (log lines, logs/{RUN_ID}.json, the artifact, exit
-status), LOAD_ARTIFACT, the size limit, a diverging run, and every kind of bad input.
+status), 2 and 8 ranks (one model, one stop, one process's scores), LOAD_ARTIFACT, the size limit,
+a diverging run, and every kind of bad input.
 Each run works in its own temporary directory, which is where logs/ and the artifact go.
 """
 import json
@@ -213,6 +214,36 @@ def test_ddp_ranks_train_one_model_when_their_clocks_differ(dataset, tmp_path):
                          r"training time with it (\d+)ms of 3000ms", lines[0])
     assert match, lines[0]
     assert 0 < int(match.group(1)) <= 256 and int(match.group(3)) > 0 and int(match.group(4)) <= 3000, lines[0]
+
+
+def test_8_ranks_train_one_model_and_score_as_one_process(dataset, tmp_path):
+    """The record's 8 ranks (gloo) on 3 layers with XSA and CoDA (19 Muon matrices: no shape's
+    count divides 8), the clocks of ranks 1..7 fast by 1.5x..1.1x (tests/skewed_clock.py), under a
+    4 s cap: every rank exports the same weights and stops at the same step, the one of the log's
+    last val line, before ITERATIONS; a one-process LOAD_ARTIFACT of the artifact prints the same
+    final lines to the last digit, so the evaluations split 8 ways equal one process's."""
+    nproc, iterations = 8, 100000
+    env = dict(dataset["env"], RUN_ID="ranks8", NUM_LAYERS="3", ITERATIONS=str(iterations),
+               TRAIN_BATCH_TOKENS=str(2 * 64 * nproc), MAX_WALLCLOCK_SECONDS="4",
+               WARMDOWN_ITERS=str(iterations), TRAIN_LOG_EVERY="50")
+    cwd = tmp_path / "train"
+    proc = trainer(cwd, env, nproc=nproc, script=SCRIPT.parent / "tests" / "skewed_clock.py")
+    assert proc.returncode == 0, describe(proc)
+    hashes = [(cwd / f"weights_rank{rank}.sha256").read_text() for rank in range(nproc)]
+    assert len(set(hashes)) == 1, hashes
+    steps = [int((cwd / f"steps_rank{rank}.txt").read_text()) for rank in range(nproc)]
+    log = (cwd / "logs" / "ranks8.txt").read_text()
+    assert "xsa_layers:[1, 2] coda_layers:[2]" in log
+    val_steps = [int(m.group(1)) for m in map(VAL_LINE.fullmatch, log.splitlines()) if m]
+    assert len(set(steps)) == 1 and 0 < steps[0] < iterations, steps
+    assert val_steps[-1:] == steps[:1], (steps, val_steps)
+    artifact = str(cwd / "final_model.int6.ptz")
+    loaded = trainer(tmp_path / "load", dict(env, RUN_ID="load", LOAD_ARTIFACT=artifact))
+    assert loaded.returncode == 0, describe(loaded)
+    load_log = (tmp_path / "load" / "logs" / "load.txt").read_text()
+    assert "world_size:1 " in load_log
+    for key in ("roundtrip", "sliding", "val_tokens"):
+        assert contract_line(load_log, key).group(0) == contract_line(log, key).group(0), key
 
 
 def test_ddp_json_report_matches_log(ddp_run):

@@ -1,6 +1,7 @@
-"""Model and Muon checks on CPU: shapes and gradients, XSA, CoDA, RoPE, Newton-Schulz, Muon against
-torch.optim.Muon and across two gloo ranks, the optimizer grouping. float32 throughout, plus bf16 (the
-GPU dtype) where rounding is the point."""
+"""Model and Muon checks on CPU: shapes and gradients, XSA, CoDA, RoPE, the FlashAttention-3 branch
+(through a stand-in), Newton-Schulz, Muon against torch.optim.Muon and across three gloo ranks, its
+plan by cost, the optimizer grouping. float32 throughout, plus bf16 (the GPU dtype) where rounding
+is the point, and float64 where two paths must agree exactly."""
 import math
 import os
 import socket
@@ -11,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import train_gpt as tg
 
@@ -397,6 +399,98 @@ def test_rotary(rope_dims):
 
 
 # -----------------------------
+# FlashAttention-3's branch of attention(), through a stand-in on CPU
+# -----------------------------
+
+class FA3StandIn:
+    """flash_attn_interface.flash_attn_func's signature and layout: q [B, T, H, D], k and v
+    [B, T, Hkv, D], query head h reading KV head h // (H / Hkv); out [B, T, H, D], or (out, lse) as
+    some versions return. Its math is written out here (einsum, an explicit causal mask), not taken
+    from SDPA. `kv_head` maps query heads to KV heads: a wrong map shows the comparison can fail."""
+
+    def __init__(self, returns_tuple=False, kv_head=lambda h, group, hkv: h // group):
+        self.returns_tuple, self.kv_head, self.dtypes = returns_tuple, kv_head, []
+
+    def __call__(self, q, k, v, softmax_scale=None, causal=False):
+        B, T, H, D = q.shape
+        Hkv = k.size(2)
+        assert k.shape == v.shape == (B, T, Hkv, D) and H % Hkv == 0, (q.shape, k.shape, v.shape)
+        assert causal is True
+        assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1  # FA3: last dim contiguous
+        self.dtypes.append((q.dtype, k.dtype, v.dtype))
+        scale = D ** -0.5 if softmax_scale is None else softmax_scale
+        heads = torch.tensor([self.kv_head(h, H // Hkv, Hkv) for h in range(H)])
+        wide = torch.promote_types(q.dtype, torch.float32)  # bf16 in, fp32 math, as FA3
+        scores = torch.einsum("bthd,bshd->bhts", q.to(wide), k[:, :, heads].to(wide)) * scale
+        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        out = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v[:, :, heads].to(wide))
+        out = out.to(q.dtype)
+        return (out, torch.logsumexp(scores, -1)) if self.returns_tuple else out
+
+
+def fa3_gpt(num_kv_heads, xsa_last_n, coda_last_n, ve_last_n, act_dtype=torch.float64):
+    """float64 by default: the two paths then agree to ~1e-13, where fp32 rounding (amplified by
+    XSA's small remainders) left gaps of 1e-4 in small gradients."""
+    torch.manual_seed(0)
+    model = tg.GPT(vocab_size=VOCAB, num_layers=2, model_dim=DIM, num_heads=HEADS,
+                   num_kv_heads=num_kv_heads, mlp_mult=2, max_seq_len=SEQ, rope_dims=4,
+                   bigram_vocab_size=16, bigram_dim=8,
+                   xsa_last_n=xsa_last_n, coda_last_n=coda_last_n, ve_last_n=ve_last_n, ve_dim=8,
+                   act_dtype=act_dtype).to(torch.promote_types(act_dtype, torch.float32))
+    perturb(model)
+    with torch.no_grad():
+        for block in model.blocks:
+            if block.attn.coda:  # gates well open and angles off pi/2: noise heads count
+                block.attn.coda_theta.uniform_(-math.pi, math.pi)
+                block.attn.coda_gate.bias.fill_(0.0)
+    return model
+
+
+def loss_and_grads(model, monkeypatch, fa3):
+    """The loss and its gradients, through SDPA (fa3 None) or through `fa3` as FlashAttention-3."""
+    with monkeypatch.context() as m:
+        if fa3 is not None:
+            m.setattr(tg, "fa3_attention", fa3)
+            m.setattr(tg, "FA3_DEVICE", "cpu")
+        model.zero_grad()
+        loss = model(*tokens())
+        loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+# Layer 0 XSA and a value embedding, layer 1 all three (CoDA's noise queries stacked 2x on the group
+# axis); CoDA without XSA; each with GQA (2 KV heads) and MQA (1).
+FA3_CONFIGS = dict(xsa_coda_ve=(2, 1, 2), coda_only=(0, 2, 0))
+
+
+@pytest.mark.parametrize("returns_tuple", [False, True], ids=["tensor", "tuple"])
+@pytest.mark.parametrize("num_kv_heads", [2, 1])
+@pytest.mark.parametrize("config", list(FA3_CONFIGS))
+def test_fa3_branch_equals_sdpa(config, num_kv_heads, returns_tuple, monkeypatch):
+    model = fa3_gpt(num_kv_heads, *FA3_CONFIGS[config])
+    fa3 = FA3StandIn(returns_tuple)
+    loss, grads = loss_and_grads(model, monkeypatch, fa3)
+    assert len(fa3.dtypes) == len(model.blocks)  # every layer went through the branch
+    ref_loss, ref_grads = loss_and_grads(model, monkeypatch, None)
+    assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=0)  # the logits are fp32
+    for name, g in ref_grads.items():
+        assert (grads[name] - g).norm() <= 1e-9 * g.norm(), name
+    if num_kv_heads > 1:  # the KV head of query head h is h // (H / Hkv): reading h % Hkv must show
+        wrong = FA3StandIn(returns_tuple, kv_head=lambda h, group, hkv: h % hkv)
+        assert (loss_and_grads(model, monkeypatch, wrong)[0] - ref_loss).abs() > 1e-3
+
+
+def test_fa3_branch_gets_one_dtype_in_bf16(monkeypatch):
+    """FA3 has no fp32 kernel and no mixed inputs: with bf16 activations (the GPU's), q, k and v
+    (value embedding included) arrive in bf16, and the loss is SDPA's within bf16 rounding."""
+    model = fa3_gpt(2, *FA3_CONFIGS["xsa_coda_ve"], act_dtype=torch.bfloat16)
+    fa3 = FA3StandIn()
+    loss, _ = loss_and_grads(model, monkeypatch, fa3)
+    assert fa3.dtypes == [(torch.bfloat16,) * 3] * len(model.blocks)
+    assert (loss - loss_and_grads(model, monkeypatch, None)[0]).abs() < 1e-3 * loss  # a wrong map: 4e-3
+
+
+# -----------------------------
 # Newton-Schulz and Muon
 # -----------------------------
 # The products run in tg.compute_dtype: bf16 on GPUs, fp32 on CPUs. Both are checked here, bf16 by
@@ -529,15 +623,18 @@ def test_muon_matches_torch_optim_muon(compute_dtype, monkeypatch):
         assert_same_updates(params, run_optimizer(make_ours(False), params, grads), theirs, 3 * rtol)
 
 
-# 3 matrices of one shape (rank 1 gets one, padded), 1 of another (rank 1 gets none), 2 of a third.
-SHARED_SHAPES = [(16, 32), (16, 32), (16, 32), (32, 16), (24, 24), (24, 24)]
+# On 3 ranks: 4 matrices of one shape, 1 of its transpose, 2 of a third (no count divides 3), and a
+# second group of 2 (one rank gets none of it).
+SHARED_SHAPES = [(16, 32)] * 4 + [(32, 16), (24, 24), (24, 24), (8, 40), (8, 40)]
+SHARED_STEPS, SHARED_WORLD = 2, 3
 
 
-def run_tg_muon(steps=2):
-    params, grads = muon_problem(SHARED_SHAPES, steps, seed=3)
+def run_tg_muon(orthogonalize=tg.newton_schulz):
+    params, grads = muon_problem(SHARED_SHAPES, SHARED_STEPS, seed=3)
     # Two groups, like a real set-up with several learning rates.
-    make = lambda ps: tg.Muon([{"params": ps[:4]}, {"params": ps[4:], "lr": 0.01}], lr=0.02,  # noqa: E731
-                              momentum=0.9, weight_decay=0.1)
+    make = lambda ps: tg.Muon(  # noqa: E731
+        [{"params": ps[:7]}, {"params": ps[7:], "lr": 0.01}], lr=0.02, momentum=0.9,
+        weight_decay=0.1, orthogonalize=orthogonalize)
     return params, run_optimizer(make, params, grads)
 
 
@@ -548,7 +645,10 @@ def _shared_muon_worker(rank, world, port, out_dir):
     try:
         for dtype in DTYPES:  # one process group for both: spawning costs more than the steps
             tg.compute_dtype = lambda device: dtype
-            torch.save(run_tg_muon()[1], os.path.join(out_dir, f"{dtype}-rank{rank}.pt"))
+            calls = []  # the shape of every batch this rank orthogonalized
+            record = lambda G: calls.append(tuple(G.shape)) or tg.newton_schulz(G)  # noqa: E731
+            params = run_tg_muon(record)[1]
+            torch.save((params, calls), os.path.join(out_dir, f"{dtype}-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -560,15 +660,114 @@ def free_port():
 
 
 def test_muon_shared_across_ranks_equals_single_process(tmp_path, monkeypatch):
-    mp.spawn(_shared_muon_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    world = SHARED_WORLD
+    mp.spawn(_shared_muon_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     for dtype in DTYPES:
         monkeypatch.setattr(tg, "compute_dtype", lambda device: dtype)
         start, single = run_tg_muon()
-        rank0, rank1 = (torch.load(tmp_path / f"{dtype}-rank{r}.pt") for r in range(2))
-        for a, b in zip(rank0, rank1):
-            assert torch.equal(a, b)  # replicas stay identical
+        ranks = [torch.load(tmp_path / f"{dtype}-rank{r}.pt") for r in range(SHARED_WORLD)]
+        for params, _ in ranks[1:]:
+            for a, b in zip(ranks[0][0], params):
+                assert torch.equal(a, b)  # replicas stay identical
         # Each matrix goes through the same iteration either way; only the batch it rides in differs.
-        assert_same_updates(start, rank0, single, rtol=1e-5 if dtype == torch.float32 else 1e-2)
+        rtol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert_same_updates(start, ranks[0][0], single, rtol)
+        # Every step, each matrix is orthogonalized once: on one rank, in its batch of that shape.
+        done = {}
+        for _, calls in ranks:
+            assert len(calls) == len(set(calls)) * SHARED_STEPS, calls
+            for batch in set(calls):
+                done[batch[1:]] = done.get(batch[1:], 0) + batch[0]
+        assert done == {s: SHARED_SHAPES.count(s) for s in SHARED_SHAPES}
+        assert all(calls for _, calls in ranks)  # split by count, rank 2 got none of these 9
+
+
+def newton_schulz_flops(shape):
+    """tg.newton_schulz's cost on one matrix, by torch's FLOP counter (on meta: no arithmetic)."""
+    with FlopCounterMode(display=False) as counter:
+        tg.newton_schulz(torch.empty(shape, device="meta"))
+    return counter.get_total_flops()
+
+
+def check_plan(shapes, world):
+    """share_by_cost's plan is a partition into per-shape batches whose results lie apart in the
+    gathered buffer, each in its rank's share. Returns each rank's cost in FLOPs."""
+    batches, offsets, size = tg.share_by_cost(tuple(shapes), world)
+    assert len(batches) == world and len(offsets) == len(shapes)
+    assigned = sorted(i for mine in batches for batch in mine for i in batch)
+    assert assigned == list(range(len(shapes)))  # every matrix exactly once
+    load, used = [0] * world, [set() for _ in range(world)]
+    for r, mine in enumerate(batches):
+        kinds = [shapes[batch[0]] for batch in mine]
+        assert len(kinds) == len(set(kinds))  # one batch (one call) per shape
+        for batch in mine:
+            assert all(shapes[i] == shapes[batch[0]] for i in batch)
+            for i in batch:
+                n = math.prod(shapes[i])
+                cells = set(range(offsets[i], offsets[i] + n))
+                assert r * size <= offsets[i] and offsets[i] + n <= (r + 1) * size
+                assert not cells & used[r]  # no two results overlap
+                used[r] |= cells
+                load[r] += newton_schulz_flops(shapes[i])
+    # A batch lies contiguously in the buffer (one copy per batch), in the order of its indices.
+    for mine in batches:
+        for batch in mine:
+            starts = [offsets[i] for i in batch]
+            step = math.prod(shapes[batch[0]])
+            assert starts == [starts[0] + j * step for j in range(len(batch))]
+    return load
+
+
+def record_muon_shapes(monkeypatch):
+    """The shapes of the record run's Muon matrices, in its parameter order, from the defaults."""
+    for name in list(os.environ):
+        if name.isupper() and name in tg.Hyperparameters.__init__.__code__.co_consts:
+            monkeypatch.delenv(name)
+    args = tg.Hyperparameters()
+    muon, _ = tg.make_optimizers(tg.build_model(args, torch.device("cpu")), args, tg.newton_schulz)
+    assert len(muon.param_groups) == 1
+    return [tuple(p.shape) for p in muon.param_groups[0]["params"]]
+
+
+def test_muon_plan_balances_cost_across_8_ranks_at_the_record_shape(monkeypatch):
+    shapes = record_muon_shapes(monkeypatch)
+    per_layer = [(512, 512), (256, 512), (256, 512), (512, 512), (1536, 512), (512, 1536)]
+    assert sorted(shapes) == sorted(per_layer * 11 + [(512, 128)])  # 11 layers and bigram.proj
+    world = 8
+    load = check_plan(shapes, world)
+    mean = sum(load) / world
+    assert max(load) <= 1.1 * mean, [x / mean for x in load]
+    plan = tg.share_by_cost(tuple(shapes), world)
+    assert tg.share_by_cost.__wrapped__(tuple(shapes), world) == plan  # not just cached
+    # The split by count it replaced (per shape, ceil(n / world) consecutive matrices a rank): two
+    # ranks got none of the 1536x512 matrices and the most loaded rank a third more than the mean.
+    by_count = [0] * world
+    for shape in set(shapes):
+        of_shape = [i for i, s in enumerate(shapes) if s == shape]
+        per_rank = -(-len(of_shape) // world)
+        for r in range(world):
+            mine = of_shape[r * per_rank:(r + 1) * per_rank]
+            by_count[r] += len(mine) * newton_schulz_flops(shape)
+            if shape == (1536, 512) and r >= world - 2:
+                assert not mine
+    assert max(by_count) > 1.3 * mean, [x / mean for x in by_count]
+
+
+@pytest.mark.parametrize("seed", range(18))
+def test_muon_plan_is_within_the_greedy_bound(seed):
+    """Random shapes and world sizes (more ranks than matrices included): a partition whose most
+    loaded rank is within list scheduling's bound, mean + (1 - 1/world) x the costliest matrix."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [8, 16, 24, 40, 64]
+    pick = lambda high, *shape: torch.randint(0, high, shape, generator=g).tolist()  # noqa: E731
+    kinds = [(sizes[a], sizes[b]) for a, b in pick(len(sizes), 4, 2)]
+    shapes = [kinds[k] for k in pick(4, 1 + pick(29, 1)[0])]
+    world = 1 + seed % 9
+    load = check_plan(shapes, world)
+    costliest = max(map(newton_schulz_flops, shapes))
+    assert max(load) <= sum(load) / world + (1 - 1 / world) * costliest
+    if world == 1:
+        assert load == [sum(map(newton_schulz_flops, shapes))]
 
 
 # -----------------------------
