@@ -15,6 +15,7 @@ Where the toggles act: XSA_LAST_N, CODA_LAST_N / CODA_ENABLED and VE_LAST_N in C
 BigramHash, MLP_LEAKY_SLOPE in MLP, LN_SCALE in Block, LATE_QAT in CastedLinear (switched on by train),
 EMA_* / SWA_* in WeightAverage, EVAL_STRIDE in Evaluator, LOAD_ARTIFACT / ARTIFACT_* in run's export and
 final evaluation.
+TTT_* in test_time_train, the final evaluation's last step.
 """
 
 from __future__ import annotations
