@@ -15,6 +15,7 @@ Where the toggles act: XSA_LAST_N, CODA_LAST_N / CODA_ENABLED and VE_LAST_N in C
 BigramHash, MLP_LEAKY_SLOPE in MLP, LN_SCALE in Block, LATE_QAT in CastedLinear (switched on by train),
 EMA_* / SWA_* in WeightAverage, EVAL_STRIDE in Evaluator, LOAD_ARTIFACT / ARTIFACT_* in run's export and
 final evaluation.
+TTT_* in test_time_train, the final evaluation's last step.
 """
 
 from __future__ import annotations
@@ -162,6 +163,14 @@ class Hyperparameters:
         self.load_artifact = os.environ.get("LOAD_ARTIFACT") or None
         self.artifact_path = os.environ.get("ARTIFACT_PATH") or "final_model.int6.ptz"
         self.artifact_limit_bytes = _env("ARTIFACT_LIMIT_BYTES", 16_000_000)
+        # Legal score-first test-time training, run last (freeze 0: what both records ran).
+        self.ttt_enabled = _flag("TTT_ENABLED", False)
+        self.ttt_chunk_tokens = _env("TTT_CHUNK_TOKENS", 32768)
+        self.ttt_epochs = _env("TTT_EPOCHS", 3)
+        self.ttt_lr = _env("TTT_LR", 0.002, float)
+        self.ttt_momentum = _env("TTT_MOMENTUM", 0.9, float)
+        self.ttt_freeze_blocks = _env("TTT_FREEZE_BLOCKS", 0)
+        self.ttt_grad_clip = _env("TTT_GRAD_CLIP", 1.0, float)
         self.world_size = world_size
         self._validate()
 
@@ -211,6 +220,14 @@ class Hyperparameters:
              f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be divisible by world size x GRAD_ACCUM_STEPS x "
              f"TRAIN_SEQ_LEN = {self.world_size} x {self.grad_accum_steps} x {self.train_seq_len} = {per_step}")
         need(self.artifact_limit_bytes >= 1, f"ARTIFACT_LIMIT_BYTES={self.artifact_limit_bytes}: expected >= 1")
+        need(not self.ttt_enabled or self.ttt_chunk_tokens >= self.eval_seq_len,
+             f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens}: below EVAL_SEQ_LEN={self.eval_seq_len}")
+        need(self.ttt_epochs >= 1, f"TTT_EPOCHS={self.ttt_epochs}: expected a positive integer")
+        need(self.ttt_lr > 0, f"TTT_LR={self.ttt_lr}: expected > 0")
+        need(0 <= self.ttt_momentum < 1, f"TTT_MOMENTUM={self.ttt_momentum}: expected [0, 1)")
+        need(0 <= self.ttt_freeze_blocks <= self.num_layers,
+             f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks}: expected 0..{self.num_layers}")
+        need(self.ttt_grad_clip >= 0, f"TTT_GRAD_CLIP={self.ttt_grad_clip}: expected >= 0 (0: off)")
 
     @property
     def micro_batch_tokens(self) -> int:
@@ -841,17 +858,25 @@ class Evaluator:
         windows = plan_windows(self.num_targets, self.seq_len, stride)
         lo, hi = len(windows) * rank // world_size, len(windows) * (rank + 1) // world_size
         self.windows = torch.tensor(windows[lo:hi], dtype=torch.int64, device=device).view(-1, 2)
-        self.batch = max(1, min(batch_tokens // self.seq_len, -(-len(windows) // world_size)))
-        self.luts, self.device = luts, device
+        self.max_batch = max(1, batch_tokens // self.seq_len)
+        self.batch = min(self.max_batch, -(-len(windows) // world_size))
+        self.luts, self.device, self.rank, self.world_size = luts, device, rank, world_size
         self.offsets = torch.arange(self.seq_len + 1, device=device)
 
-    @torch.no_grad()
     def __call__(self, nll_fn) -> tuple[float, float, int, int]:
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # nll, tokens, bytes
-        for i in range(0, len(self.windows), self.batch):
-            w = self.windows[i:i + self.batch]
-            if len(w) < self.batch:  # pad with windows that score nothing: one compiled shape
-                pad = torch.tensor([[0, self.seq_len]], device=self.device).expand(self.batch - len(w), 2)
+        sums = self.score(self.windows, nll_fn, self.batch)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        return self.result(sums)
+
+    @torch.no_grad()
+    def score(self, windows: Tensor, nll_fn, batch: int) -> Tensor:
+        """float64 sums (nll, targets, bytes) of these windows on this rank, `batch` at a time."""
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for i in range(0, len(windows), batch):
+            w = windows[i:i + batch]
+            if len(w) < batch:  # pad with windows that score nothing: one compiled shape
+                pad = torch.tensor([[0, self.seq_len]], device=w.device).expand(batch - len(w), 2)
                 w = torch.cat((w, pad))
             chunk = self.tokens[w[:, :1] + self.offsets]
             x, y = chunk[:, :-1], chunk[:, 1:]
@@ -860,13 +885,76 @@ class Evaluator:
             sums[0] += torch.where(scored, nll.double(), 0.0).sum()
             sums[1] += scored.sum()
             sums[2] += torch.where(scored, token_bytes(x, y, self.luts), 0).sum()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(sums)
+        return sums
+
+    def result(self, sums: Tensor) -> tuple[float, float, int, int]:
+        """(loss, bpb, targets, bytes) of sums over all ranks, which count every target once."""
         nll_sum, n_tokens, n_bytes = sums.tolist()
         if int(n_tokens) != self.num_targets:
             raise RuntimeError(f"evaluation scored {int(n_tokens)} targets, expected {self.num_targets}")
         loss = nll_sum / n_tokens
         return loss, loss / math.log(2.0) * n_tokens / n_bytes, int(n_tokens), int(n_bytes)
+
+
+def test_time_train(ev: Evaluator, stride: int, model: GPT, nll_fn, args, log) -> tuple:
+    """Legal score-first TTT: chunk by chunk, score the chunk's windows, then train on the targets
+    they scored (SGD, TTT_EPOCHS passes): every target is scored once, before it is trained on.
+    Returns evaluate's (loss, bpb, targets, bytes) and each chunk's float64 nll, targets, bytes."""
+    rank, world, L, t0, score_s = ev.rank, ev.world_size, ev.seq_len, time.perf_counter(), 0.0
+    sync = torch.cuda.synchronize if ev.device.type == "cuda" else (lambda: None)
+    plan = torch.tensor(plan_windows(ev.num_targets, L, stride), dtype=torch.int64).view(-1, 2)
+    # A chunk holds the windows whose first scored target falls in it: its edges are windows' edges.
+    counts = plan.sum(1).div(args.ttt_chunk_tokens, rounding_mode="floor").unique_consecutive(
+        return_counts=True)[1].tolist()
+    chunks = plan.split(counts)
+    bounds = [int(w[0].sum()) for w in chunks] + [ev.num_targets]
+    n_seqs = [(bounds[c + 1] - bounds[c]) // L for c in range(len(chunks))]
+    micro = max(1, min(-(-max(n_seqs) // world), args.micro_batch_tokens // L))
+    frozen = {id(p) for block in model.blocks[:args.ttt_freeze_blocks] for p in block.parameters()}
+    params = [p.requires_grad_(id(p) not in frozen) for p in model.parameters()]
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
+    sums = torch.zeros(len(chunks), 3, dtype=torch.float64, device=ev.device)
+    for c, (windows, n) in enumerate(zip(chunks, n_seqs)):
+        sync()
+        t1 = time.perf_counter()
+        mine = windows[len(windows) * rank // world:len(windows) * (rank + 1) // world]
+        sums[c] = ev.score(mine.to(ev.device), nll_fn, min(ev.max_batch, -(-max(counts) // world)))
+        sync()
+        score_s += time.perf_counter() - t1
+        if c == len(chunks) - 1 or n == 0:  # nothing is scored after the last chunk
+            continue
+        for group in opt.param_groups:  # cosine decay over the chunks
+            group["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(len(chunks) - 1, 1)))
+        mine = bounds[c] + L * torch.arange(n * rank // world, n * (rank + 1) // world)
+        padded = max(1, -(-len(mine) // micro)) * micro  # zero-weight rows: one compiled shape
+        weight = ((torch.arange(padded) < len(mine))[:, None] / (n * L)).to(ev.device)
+        starts = torch.cat((mine, mine.new_full((padded - len(mine),), bounds[c]))).to(ev.device)
+        for _ in range(args.ttt_epochs):
+            for i in range(0, padded, micro):
+                rows = ev.tokens[starts[i:i + micro, None] + ev.offsets]
+                (nll_fn(rows[:, :-1], rows[:, 1:]) * weight[i:i + micro]).sum().backward()
+            if world > 1:  # the chunk's mean gradient on every rank: the same weights everywhere
+                flat = torch.cat([p.grad.flatten() for p in params])
+                dist.all_reduce(flat)
+                for p, g in zip(params, flat.split([p.numel() for p in params])):
+                    p.grad.copy_(g.view_as(p))
+            if args.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+        if (c + 1) % max(1, len(chunks) // 10) == 0:
+            log(f"ttt_chunk:{c + 1}/{len(chunks)} time:{time.perf_counter() - t0:.1f}s")
+    for p in model.parameters():
+        p.requires_grad_(True).grad = None
+    if world > 1:
+        dist.all_reduce(sums)
+    result, total_s = ev.result(sums.sum(0)), time.perf_counter() - t0
+    log(f"ttt_eval chunks:{len(chunks)} tokens:{result[2]} time:{total_s:.1f}s "
+        f"score:{score_s:.1f}s train:{total_s - score_s:.1f}s")
+    return result, sums
 
 
 # -----------------------------
@@ -1519,19 +1607,23 @@ def setup_distributed(world_size: int) -> tuple[int, torch.device]:
 
 
 def make_evaluate(args, base_model: GPT, sp, tokens: Tensor, compile_fn, log, rank: int, device):
-    """evaluate(stride) -> (loss, bpb, targets, bytes) of the model as it is now; stride None = plain.
-    Every evaluation scores the same targets: their count is logged once, then checked."""
+    """evaluate(stride) -> (loss, bpb, targets, bytes) of the model as it is; stride None = plain;
+    ttt: by legal score-first TTT, which trains the model. Every evaluation scores the same targets:
+    their count is logged once, then checked."""
     nll_fn = compile_fn(base_model.token_nll, dynamic=False)
     luts, tokens = build_byte_luts(sp, device), tokens.to(device)  # one copy for every evaluator
     evaluators: dict[int, Evaluator] = {}
     counted: list[tuple[int, int]] = []
 
-    def evaluate(stride: int | None = None) -> tuple[float, float, int, int]:
+    def evaluate(stride: int | None = None, ttt: bool = False) -> tuple[float, float, int, int]:
         stride = stride or args.eval_seq_len
         if stride not in evaluators:
             evaluators[stride] = Evaluator(tokens, args.eval_seq_len, stride, luts, device, rank, args.world_size)
         base_model.eval()
-        result = evaluators[stride](nll_fn)
+        if ttt:
+            result = test_time_train(evaluators[stride], stride, base_model, nll_fn, args, log)[0]
+        else:
+            result = evaluators[stride](nll_fn)
         base_model.train()
         if not counted:
             counted.append(result[2:])
@@ -1579,12 +1671,18 @@ def final_evaluation(args, base_model: GPT, evaluate, artifact_path: str, weight
     val_loss, val_bpb, _, _ = evaluate()
     log(f"final_int6_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
     result = dict(roundtrip_val_bpb=val_bpb, bytes_total=model_bytes + code_bytes,
-                  bytes_model_int6_zstd=model_bytes, bytes_code=code_bytes)
+                  bytes_model_int6_zstd=model_bytes, bytes_code=code_bytes,
+                  score="final_int6_roundtrip_exact", ttt_val_loss=None, ttt_val_bpb=None)
     if args.eval_stride > 0:
         t0 = time.perf_counter()
         val_loss, val_bpb, _, _ = evaluate(args.eval_stride)
         log(f"final_int6_sliding_window_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
         log(f"sliding_window_eval stride:{args.eval_stride} time:{time.perf_counter() - t0:.1f}s")
+        result.update(score="final_int6_sliding_window_exact")
+    if args.ttt_enabled:  # last: it trains the model on the validation tokens it has scored
+        val_loss, val_bpb, _, _ = evaluate(args.eval_stride, ttt=True)
+        log(f"legal_ttt_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+        result.update(score="legal_ttt_exact", ttt_val_loss=val_loss, ttt_val_bpb=val_bpb)
     return dict(result, val_loss=val_loss, val_bpb=val_bpb)
 
 

@@ -47,11 +47,13 @@ CONTRACT = {
     "roundtrip": re.compile(rf"final_int6_roundtrip_exact val_loss:{FLOAT8} val_bpb:{FLOAT8}"),
     "sliding": re.compile(rf"final_int6_sliding_window_exact val_loss:{FLOAT8} val_bpb:{FLOAT8}"),
     "val_tokens": re.compile(r"val_tokens:(\d+) val_bytes:(\d+)"),
+    "ttt": re.compile(rf"legal_ttt_exact val_loss:{FLOAT8} val_bpb:{FLOAT8}"),
+    "ttt_eval": re.compile(r"ttt_eval chunks:(\d+) tokens:(\d+) time:\d+\.\ds score:\d+\.\ds train:\d+\.\ds"),
 }
 # What each contract line starts with: a second line with that start, in any format, is a duplicate.
 PREFIX = dict(serialized="Serialized model", code="Code size", total="Total submission size",
               roundtrip="final_int6_roundtrip_exact", sliding="final_int6_sliding_window_exact",
-              val_tokens="val_tokens:")
+              val_tokens="val_tokens:", ttt="legal_ttt_exact", ttt_eval="ttt_eval")
 
 # Every variable the script reads is taken out of the inherited environment, so that nothing a
 # developer exported (DATA_PATH, RANK, ...) leaks into a test; each test sets what it needs.
@@ -287,7 +289,7 @@ def test_logging_and_artifact_switches(dataset, tmp_path):
     report = json.loads((tmp_path / "logs" / "switches.json").read_text())
     assert (f"{report['val_loss']:.8f}", f"{report['val_bpb']:.8f}") == roundtrip.groups()
     assert (tmp_path / "sub" / "model.ptz").is_file() and not (tmp_path / "final_model.int6.ptz").exists()
-    assert report["artifact"] == "sub/model.ptz"
+    assert report["artifact"] == "sub/model.ptz" and report["score"] == "final_int6_roundtrip_exact"
     assert f"coda_layers:{list(range(int(TINY['NUM_LAYERS'])))}" in log
     assert "gptq_calibration" not in log
 
@@ -311,6 +313,49 @@ def test_load_artifact_reproduces_final_lines(single_run, dataset, tmp_path):
     assert " train_loss:" not in log, "LOAD_ARTIFACT must skip training"
     assert artifact.read_bytes() == before
     assert not (cwd / "final_model.int6.ptz").exists(), "LOAD_ARTIFACT must not write an artifact"
+
+
+# -----------------------------
+# Legal score-first TTT
+# -----------------------------
+
+TTT = dict(TTT_ENABLED="1", TTT_CHUNK_TOKENS="512")  # 7 chunks of the ~3,200 targets
+
+
+@pytest.fixture(scope="module")
+def ttt_run(dataset, tmp_path_factory):
+    run = finished_run(tmp_path_factory.mktemp("ttt"), dict(dataset["env"], **TTT), "ttt")
+    assert run["proc"].returncode == 0, describe(run["proc"])
+    return run
+
+
+def test_ttt_run_scores_last_and_leaves_the_other_scores_alone(ttt_run, single_run):
+    """The same run as single_run plus TTT_ENABLED=1: the same artifact and final_int6_* lines, then the TTT
+    lines once (log and console), over every target; the report's score is TTT's."""
+    log = ttt_run["log"]
+    assert ttt_run["artifact"].read_bytes() == single_run["artifact"].read_bytes()
+    for key in ("roundtrip", "sliding", "val_tokens"):
+        assert contract_line(log, key).group(0) == contract_line(single_run["log"], key).group(0)
+    ttt, ttt_eval = contract_line(log, "ttt"), contract_line(log, "ttt_eval")
+    assert contract_line(ttt_run["proc"].stdout, "ttt").group(0) == ttt.group(0)
+    assert int(ttt_eval.group(1)) == 7 and ttt_eval.group(2) == contract_line(log, "val_tokens").group(1)
+    lines = log.splitlines()
+    assert lines.index(ttt.group(0)) > lines.index(contract_line(log, "sliding").group(0))
+    assert ttt.group(2) != contract_line(log, "sliding").group(2)  # it trained
+    report = json.loads(ttt_run["json_path"].read_text())
+    assert report["score"] == "legal_ttt_exact"
+    assert (f"{report['val_loss']:.8f}", f"{report['val_bpb']:.8f}") == ttt.groups()
+    assert (f"{report['ttt_val_loss']:.8f}", f"{report['ttt_val_bpb']:.8f}") == ttt.groups()
+    plain = json.loads(single_run["json_path"].read_text())
+    assert plain["score"] == "final_int6_sliding_window_exact" and plain["ttt_val_bpb"] is None
+
+
+def test_load_artifact_reproduces_the_ttt_line(ttt_run, dataset, tmp_path):
+    proc = trainer(tmp_path, dict(dataset["env"], **TTT, RUN_ID="load_ttt", LOAD_ARTIFACT=str(ttt_run["artifact"])))
+    assert proc.returncode == 0, describe(proc)
+    log = (tmp_path / "logs" / "load_ttt.txt").read_text()
+    for key in ("ttt", "roundtrip", "sliding"):
+        assert contract_line(log, key).group(0) == contract_line(ttt_run["log"], key).group(0)
 
 
 # -----------------------------
@@ -568,6 +613,13 @@ BAD_INPUT = {
     "grad_clip_negative": _env_only(["GRAD_CLIP_NORM"], GRAD_CLIP_NORM="-1"),
     "muon_momentum_one": _env_only(["MUON_MOMENTUM"], MUON_MOMENTUM="1.0"),
     "momentum_warmup_start_negative": _env_only(["MUON_MOMENTUM_WARMUP_START"], MUON_MOMENTUM_WARMUP_START="-0.1"),
+    "ttt_lr_zero": _env_only(["TTT_LR"], TTT_LR="0"),
+    "ttt_momentum_one": _env_only(["TTT_MOMENTUM"], TTT_MOMENTUM="1"),
+    "ttt_epochs_zero": _env_only(["TTT_EPOCHS"], TTT_EPOCHS="0"),
+    "ttt_freeze_beyond_layers": _env_only(["TTT_FREEZE_BLOCKS"], TTT_FREEZE_BLOCKS="3"),
+    "ttt_chunk_below_eval_seq_len": _env_only(["TTT_CHUNK_TOKENS", "EVAL_SEQ_LEN"], TTT_ENABLED="1",
+                                              TTT_CHUNK_TOKENS="63"),
+    "ttt_grad_clip_negative": _env_only(["TTT_GRAD_CLIP"], TTT_GRAD_CLIP="-1"),
 }
 
 
