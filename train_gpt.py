@@ -1323,23 +1323,24 @@ GPTQ_MARGIN = 1.25  # the loop stops this many measured calibrations short of th
 
 @torch.no_grad()
 def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, world_size: int,
-                     device: torch.device, time_left_ms=None) -> tuple[dict[str, Tensor], int, float]:
+                     device: torch.device, time_left_ms=None, piece_ms: float = 0.0) -> tuple[dict, dict]:
     """GPTQ's calibration: X^T X of the inputs of every int6 matrix's product (keyed by the weight's
     name), over one optimizer step's worth of training tokens from the stream's start, summed over
-    ranks. The tokens go through in pieces; with time_left_ms (a clock: ms left), a piece is left out
-    when it might not end in time. Returns the Hessians, the tokens this rank fed them and the ms
-    their sum over ranks took."""
-    hessians: dict[str, Tensor] = {}
+    ranks. The tokens go through in pieces; with time_left_ms (a clock: ms left), a piece is left
+    out when twice the slowest so far (at least piece_ms) would not fit. Returns the Hessians and
+    this rank's tokens, slowest piece and ms of the sum over ranks."""
+    linears = {f"{name}.weight": module for name, module in base_model.named_modules()
+               if isinstance(module, CastedLinear) and export_kind(f"{name}.weight", module.weight) == "int6"}
+    # Every key from the start: ranks that fed no piece still take part in each sum.
+    hessians = {name: torch.zeros(m.in_features, m.in_features, device=device) for name, m in linears.items()}
 
     def accumulate(name: str):
         def hook(module, inputs):
             x = inputs[0].flatten(0, -2).float()
-            hessians[name] = x.t() @ x if name not in hessians else hessians[name].addmm_(x.t(), x)
+            hessians[name].addmm_(x.t(), x)
         return hook
 
-    hooks = [module.register_forward_pre_hook(accumulate(f"{name}.weight"))
-             for name, module in base_model.named_modules()
-             if isinstance(module, CastedLinear) and export_kind(f"{name}.weight", module.weight) == "int6"]
+    hooks = [module.register_forward_pre_hook(accumulate(name)) for name, module in linears.items()]
     loader = DistributedTokenLoader(train_files, args.vocab_size, rank, world_size, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -1349,10 +1350,10 @@ def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, w
             yield from x.split(max(1, len(x) // CALIBRATION_PIECES))
 
     base_model.eval()
-    tokens, slowest_ms = 0, 0.0
+    tokens, slowest_ms = 0, piece_ms
     try:
         for piece in pieces():
-            if tokens and time_left_ms is not None and time_left_ms() < 2 * slowest_ms:
+            if time_left_ms is not None and time_left_ms() < 2 * slowest_ms:
                 break
             t0 = time.perf_counter()
             base_model.hidden(piece)
@@ -1368,7 +1369,7 @@ def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, w
         for name in sorted(hessians):
             dist.all_reduce(hessians[name])
     sync()
-    return hessians, tokens, 1000.0 * (time.perf_counter() - t0)
+    return hessians, dict(tokens=tokens, piece_ms=slowest_ms, reduce_ms=1000.0 * (time.perf_counter() - t0))
 
 
 def train(args, model, base_model, muon, optimizers, train_files, evaluate, log, rank, world_size, device):
@@ -1405,12 +1406,12 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
             raise TrainingDiverged(msg)
         return agreed_ms
 
-    def calibrate(time_left_ms=None) -> tuple[dict[str, Tensor], int, float, float]:
-        """GPTQ's Hessians, this rank's tokens, the ms of their sum over ranks, and the ms in all."""
+    def calibrate(time_left_ms=None, piece_ms: float = 0.0) -> tuple[dict[str, Tensor], dict]:
+        """GPTQ's Hessians and collect_hessians' figures, with the ms it took in all."""
         t0 = time.perf_counter()
-        hessians, tokens, reduce_ms = collect_hessians(args, base_model, train_files, rank, world_size, device,
-                                                       time_left_ms)
-        return hessians, tokens, reduce_ms, 1000.0 * (time.perf_counter() - t0)
+        hessians, stats = collect_hessians(args, base_model, train_files, rank, world_size, device,
+                                           time_left_ms, piece_ms)
+        return hessians, dict(stats, ms=1000.0 * (time.perf_counter() - t0))
 
     loader = DistributedTokenLoader(train_files, args.vocab_size, rank, world_size, device)
     average = WeightAverage(base_model, args)
@@ -1420,14 +1421,15 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
     # GPTQ's calibration reads training data, so it runs inside the cap: timed here on the initial weights
     # (the second of two runs; the first warms up), the loop stops short of the cap by a margin over that
     # time, and the calibration itself leaves out what might end past the cap. Ranks agree on the largest.
-    reserved_ms = reduce_ms = 0.0
+    reserved_ms, measured = 0.0, torch.zeros(3, dtype=torch.float64, device=device)
     if args.gptq and cap_ms > 0:
         calibrate()
-        _, _, reduce_ms, calibration_ms = calibrate()
-        measured = torch.tensor([calibration_ms, reduce_ms], dtype=torch.float64, device=device)
+        stats = calibrate()[1]
+        measured = torch.tensor([stats["ms"], stats["piece_ms"], stats["reduce_ms"]], dtype=torch.float64,
+                                device=device)
         if world_size > 1:
             dist.all_reduce(measured, op=dist.ReduceOp.MAX)
-        reserved_ms, reduce_ms = GPTQ_MARGIN * measured[0].item(), measured[1].item()
+        reserved_ms = GPTQ_MARGIN * measured[0].item()
     budget_ms = cap_ms - reserved_ms
     if world_size > 1:
         dist.barrier()  # start the clocks together
@@ -1493,15 +1495,19 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
     log(f"weights for export: {average.apply()}")
     if not args.gptq:
         return step, train_ms, None
-    started = time.perf_counter()
+    started, (_, piece_ms, reduce_ms) = time.perf_counter(), measured.tolist()
     time_left_ms = lambda: cap_ms - train_ms - 1000.0 * (time.perf_counter() - started) - 2 * reduce_ms  # noqa: E731
-    hessians, tokens, _, calibration_ms = calibrate(time_left_ms if cap_ms > 0 else None)
-    tokens, total_ms = torch.tensor([tokens], device=device), torch.tensor([train_ms + calibration_ms], device=device)
+    hessians, stats = calibrate(time_left_ms if cap_ms > 0 else None, piece_ms)
+    tokens = torch.tensor([stats["tokens"]], device=device)
+    total_ms = torch.tensor([train_ms + stats["ms"]], dtype=torch.float64, device=device)
     if world_size > 1:  # all ranks' tokens; the slowest rank's clock
         dist.all_reduce(tokens)
         dist.all_reduce(total_ms, op=dist.ReduceOp.MAX)
-    log(f"gptq_calibration: {tokens.item()} tokens in {calibration_ms:.0f}ms (reserved {reserved_ms:.0f}ms), "
+    log(f"gptq_calibration: {tokens.item()} tokens in {stats['ms']:.0f}ms (reserved {reserved_ms:.0f}ms), "
         f"training time with it {total_ms.item():.0f}ms" + (f" of {cap_ms:.0f}ms" if cap_ms > 0 else ""))
+    if tokens.item() == 0:  # no time was left for any piece: the export rounds instead
+        log("gptq_calibration: no time left inside the cap; exporting without GPTQ")
+        return step, train_ms, None
     return step, train_ms, hessians
 
 
@@ -1640,8 +1646,9 @@ def export(args, base_model: GPT, log, rank: int, code_bytes: int, hessians: dic
     entropy estimate, measured); the others wait for the file. Returns the payload's sha256."""
     if rank == 0:
         state = base_model.state_dict()
-        if hessians is not None:  # GPTQ=1: every int6 matrix was calibrated (a hook that never fired would not be)
-            missing = [name for name, t in state.items() if export_kind(name, t) == "int6" and name not in hessians]
+        if hessians is not None:  # GPTQ=1: every int6 matrix was calibrated (a hook that never fired was not)
+            missing = [name for name, t in state.items()
+                       if export_kind(name, t) == "int6" and (name not in hessians or not hessians[name].any())]
             if missing:
                 raise RuntimeError(f"GPTQ calibration saw no inputs for {missing}")
         packed = quantize_state(state, 0.985 * (args.artifact_limit_bytes - code_bytes), hessians)

@@ -548,8 +548,8 @@ def test_collect_hessians_sums_each_int6_products_inputs(tmp_path):
     seen = {}
     capture = [m.register_forward_pre_hook(lambda mod, inp, n=n: seen.setdefault(n, []).append(inp[0].detach()))
                for n, m in model.named_modules() if isinstance(m, tg.CastedLinear)]
-    hessians, tokens, _ = tg.collect_hessians(args, model, [str(path)], 0, 1, CPU)
-    assert tokens == 64
+    hessians, stats = tg.collect_hessians(args, model, [str(path)], 0, 1, CPU)
+    assert stats["tokens"] == 64
     for hook in capture:
         hook.remove()
     int6 = {n for n, t in model.state_dict().items() if tg.export_kind(n, t) == "int6" and "." in n}
@@ -583,14 +583,18 @@ def test_collect_hessians_leaves_out_pieces_that_would_end_past_the_deadline(tmp
     monkeypatch.setattr(model, "hidden", slow_hidden)
     inputs = []
     capture = model.blocks[0].mlp.fc.register_forward_pre_hook(lambda mod, inp: inputs.append(inp[0].flatten(0, 1)))
-    hessians, tokens, _ = tg.collect_hessians(args, model, [str(path)], 0, 1, CPU,
-                                              time_left_ms=lambda: 1000.0 - 1000.0 * now[0])
+    hessians, stats = tg.collect_hessians(args, model, [str(path)], 0, 1, CPU,
+                                          time_left_ms=lambda: 1000.0 - 1000.0 * now[0])
     capture.remove()
-    assert len(seen) == 2 and tokens == sum(ids.numel() for ids in seen) == 16 and now[0] <= 1.0
+    assert len(seen) == 2 and stats["tokens"] == sum(ids.numel() for ids in seen) == 16 and now[0] <= 1.0
+    assert stats["piece_ms"] == pytest.approx(300.0)
     x = torch.cat(inputs)
     assert x.size(0) == 16 and torch.allclose(hessians["blocks.0.mlp.fc.weight"], x.t() @ x, rtol=1e-5, atol=1e-5)
-    _, all_tokens, _ = tg.collect_hessians(args, model, [str(path)], 0, 1, CPU)
-    assert all_tokens == 128 and len(seen) == 2 + 16
+    assert tg.collect_hessians(args, model, [str(path)], 0, 1, CPU)[1]["tokens"] == 128 and len(seen) == 2 + 16
+    # a first piece that may not fit (its expected time given) is left out too: no tokens at all
+    empty, stats = tg.collect_hessians(args, model, [str(path)], 0, 1, CPU, time_left_ms=lambda: 500.0,
+                                       piece_ms=300.0)
+    assert stats["tokens"] == 0 and len(seen) == 18 and not any(h.any() for h in empty.values())
 
 
 def test_gptq_export_refuses_a_matrix_without_calibration(tmp_path):
