@@ -20,7 +20,7 @@ final evaluation.
 from __future__ import annotations
 
 import copy
-import glob
+import fnmatch
 import hashlib
 import json
 import math
@@ -291,7 +291,14 @@ DOWNLOAD_HINT = ("download the data with `python3 data/cached_challenge_fineweb.
 
 def shard_num_tokens(path: str) -> int:
     """Checks a shard's header and exact size; returns its token count."""
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if not os.path.isfile(path):  # reading a directory or a dangling link fails, a FIFO hangs
+        what = ("a symbolic link to nothing" if os.path.islink(path) and not os.path.exists(path)
+                else "a directory" if os.path.isdir(path) else "not a regular file")
+        raise ConfigError(f"{path}: {what}, expected a shard file")
+    try:
+        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
     if header.size != HEADER_INTS or header[0] != SHARD_MAGIC:
         raise ConfigError(f"{path}: not a challenge shard (expected magic {SHARD_MAGIC} in a 1024-byte header)")
     if header[1] != SHARD_VERSION:
@@ -302,18 +309,44 @@ def shard_num_tokens(path: str) -> int:
     return int(header[2])
 
 
-def load_shard(path: str, vocab_size: int) -> np.ndarray:
-    tokens = np.fromfile(path, dtype="<u2", count=shard_num_tokens(path), offset=4 * HEADER_INTS)
-    if len(tokens) and tokens.max() >= vocab_size:  # tokens of another tokenizer: refuse, never index past
-        raise ConfigError(f"{path}: token id {tokens.max()} is outside VOCAB_SIZE={vocab_size}")
+def shard_tokens(path: str) -> np.ndarray:
+    """A shard's tokens, memory-mapped: only the pages a reader touches are read."""
+    n = shard_num_tokens(path)
+    if n == 0:  # mmap refuses an empty range
+        return np.empty(0, dtype="<u2")
+    return np.memmap(path, dtype="<u2", mode="r", offset=4 * HEADER_INTS, shape=(n,))
+
+
+def largest_id(tokens: np.ndarray, chunk: int = 1 << 24) -> int:
+    """In chunks, so a memory-mapped shard is never held in memory whole."""
+    return max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)), default=0)
+
+
+def check_ids(path: str, tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+    """tokens, once all ids are in the vocabulary (another tokenizer's: refuse, never index past)"""
+    if (top := largest_id(tokens)) >= vocab_size:
+        raise ConfigError(f"{path}: token id {top} is outside VOCAB_SIZE={vocab_size}")
     return tokens
 
 
+def load_shard(path: str, vocab_size: int) -> np.ndarray:
+    return check_ids(path, np.array(shard_tokens(path)), vocab_size)
+
+
 def find_shards(data_path: str, split: str, min_tokens: int) -> list[str]:
-    """The split's shards, every header checked, holding at least min_tokens in all."""
-    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    """The split's shards (listed, not globbed: DATA_PATH may hold glob characters), every header
+    checked, holding at least min_tokens in all."""
+    if not os.path.isdir(data_path):
+        what = "not a directory" if os.path.exists(data_path) else "no such directory"
+        raise ConfigError(f"DATA_PATH={data_path}: {what} ({DOWNLOAD_HINT})")
+    try:
+        names = os.listdir(data_path)
+    except OSError as e:
+        raise ConfigError(f"DATA_PATH={data_path}: cannot be listed ({e.strerror})") from None
+    pattern = f"fineweb_{split}_*.bin"
+    files = [os.path.join(data_path, n) for n in sorted(names) if fnmatch.fnmatchcase(n, pattern)]
     if not files:
-        raise ConfigError(f"DATA_PATH={data_path} has no fineweb_{split}_*.bin shards: {DOWNLOAD_HINT}")
+        raise ConfigError(f"DATA_PATH={data_path} has no {pattern} shards: {DOWNLOAD_HINT}")
     total = sum(shard_num_tokens(f) for f in files)
     if total < min_tokens:
         raise ConfigError(f"DATA_PATH={data_path}: the {split} shards hold {total} tokens; {min_tokens} needed")
@@ -321,38 +354,77 @@ def find_shards(data_path: str, split: str, min_tokens: int) -> list[str]:
 
 
 class TokenStream:
-    """Reads the shards in order, wrapping around forever."""
+    """The shards' tokens as one stream, wrapping around forever."""
 
-    def __init__(self, files: list[str], vocab_size: int):
-        self.files, self.index, self.vocab_size = files, 0, vocab_size
-        self.tokens, self.pos = load_shard(files[0], vocab_size), 0
+    def __init__(self, files: list[str]):
+        self.shards = [shard_tokens(f) for f in files]
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # where each shard begins
+        self.total = int(self.starts[-1])
 
-    def take(self, n: int) -> np.ndarray:
-        chunks = []
+    def pieces(self, start: int, n: int):
+        """(shard index, first, end) of each shard's piece of the n tokens from position start."""
+        pos = start % self.total
         while n > 0:
-            if self.pos == len(self.tokens):
-                self.index = (self.index + 1) % len(self.files)
-                self.tokens, self.pos = load_shard(self.files[self.index], self.vocab_size), 0
-            k = min(n, len(self.tokens) - self.pos)
-            chunks.append(self.tokens[self.pos:self.pos + k])
-            self.pos, n = self.pos + k, n - k
-        return np.concatenate(chunks)
+            i = int(np.searchsorted(self.starts, pos, side="right")) - 1  # past the empty shards
+            first = pos - int(self.starts[i])
+            k = min(n, len(self.shards[i]) - first)
+            yield i, first, first + k
+            pos, n = (pos + k) % self.total, n - k
+
+    def read(self, start: int, out: np.ndarray) -> None:
+        filled = 0
+        for i, first, end in self.pieces(start, len(out)):
+            out[filled:filled + end - first] = self.shards[i][first:end]
+            filled += end - first
 
 
 class DistributedTokenLoader:
-    """Each micro-step takes one contiguous span of the stream; each rank gets its own slice of it."""
+    """Each micro-step takes one contiguous span of the stream; each rank reads its own slice."""
 
-    def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device):
-        self.stream = TokenStream(files, vocab_size)
+    def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device):
+        self.stream, self.pos = TokenStream(files), 0
         self.rank, self.world_size, self.device = rank, world_size, device
 
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
         span = local_tokens + 1
-        chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
-        local = torch.from_numpy(chunk.astype(np.int64))
-        if self.device.type == "cuda":
-            local = local.pin_memory().to(self.device, non_blocking=True)
+        cuda = self.device.type == "cuda"
+        local = torch.empty(span, dtype=torch.int64, pin_memory=cuda)
+        self.stream.read(self.pos + self.rank * span, local.numpy())
+        self.pos = (self.pos + span * self.world_size) % self.stream.total
+        if cuda:
+            local = local.to(self.device, non_blocking=True)
         return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+
+
+def read_before_clock(args: Hyperparameters, files: list[str]) -> list[str]:
+    """The train shards the compile warm-up and GPTQ's calibration read (the stream's start): their
+    ids are checked before them, the other shards' beside the warm-up."""
+    stream = TokenStream(files)
+    steps = max(args.warmup_steps, 1)
+    n = steps * args.grad_accum_steps * args.world_size * (args.micro_batch_tokens + 1)
+    return [files[i] for i in sorted({i for i, _, _ in stream.pieces(0, min(n, stream.total))})]
+
+
+def check_train_ids(args: Hyperparameters, files: list[str], rank: int, world_size: int,
+                    device: torch.device):
+    """Starts a thread checking the ids of this rank's share (every W-th) of the train shards that
+    read_before_clock leaves; the function returned waits for it and stops every rank together,
+    naming the first bad shard of any."""
+    early = set(read_before_clock(args, files))
+    mine = [i for i in range(rank, len(files), world_size) if files[i] not in early]
+    bad = lambda i: largest_id(shard_tokens(files[i])) >= args.vocab_size  # noqa: E731
+    pool = ThreadPoolExecutor(1)
+    scan = pool.submit(lambda: next(filter(bad, mine), len(files)))
+    pool.shutdown(wait=False)
+
+    def wait() -> None:
+        first = torch.tensor(scan.result(), dtype=torch.int64, device=device)
+        if world_size > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        if first.item() < len(files):  # each rank reads the bad shard again for the message
+            check_ids(files[first.item()], shard_tokens(files[first.item()]), args.vocab_size)
+
+    return wait
 
 
 def load_validation_tokens(files: list[str], vocab_size: int) -> Tensor:
@@ -1179,7 +1251,7 @@ def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, w
     hooks = [module.register_forward_pre_hook(accumulate(f"{name}.weight"))
              for name, module in base_model.named_modules()
              if isinstance(module, CastedLinear) and export_kind(f"{name}.weight", module.weight) == "int6"]
-    loader = DistributedTokenLoader(train_files, args.vocab_size, rank, world_size, device)
+    loader = DistributedTokenLoader(train_files, rank, world_size, device)
     base_model.eval()
     try:
         for _ in range(args.grad_accum_steps):
@@ -1199,12 +1271,13 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     run_step = lambda loader: train_step(args, model, base_model, optimizers, loader)  # noqa: E731
 
+    finish_id_check = check_train_ids(args, train_files, rank, world_size, device)  # beside warm-up
     # Compile warm-up on real batches, then restore the initial weights, optimizer state and data order.
     if args.warmup_steps > 0:
         t0 = time.perf_counter()
         initial_model = copy.deepcopy(base_model.state_dict())
         initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        loader = DistributedTokenLoader(train_files, args.vocab_size, rank, world_size, device)
+        loader = DistributedTokenLoader(train_files, rank, world_size, device)
         for _ in range(args.warmup_steps):
             run_step(loader)
         base_model.load_state_dict(initial_model)
@@ -1235,7 +1308,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         sync()
         return hessians, 1000.0 * (time.perf_counter() - t0)
 
-    loader = DistributedTokenLoader(train_files, args.vocab_size, rank, world_size, device)
+    loader = DistributedTokenLoader(train_files, rank, world_size, device)
     average = WeightAverage(base_model, args)
     cap_ms = 1000.0 * args.max_wallclock_seconds
     train_ms, step, stop_at, pending, qat_on = 0.0, 0, None, None, False
@@ -1251,6 +1324,8 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
             dist.all_reduce(reserved, op=dist.ReduceOp.MAX)
         reserved_ms = reserved.item()
     budget_ms = cap_ms - reserved_ms
+    finish_id_check()
+    log(f"train_shards:{len(train_files)} token ids checked")
     if world_size > 1:
         dist.barrier()  # start the clocks together
     sync()
@@ -1337,7 +1412,8 @@ def check_inputs(args: Hyperparameters):
                           f"({args.tokenizer_path})")
     train_files = [] if args.load_artifact else find_shards(args.data_path, "train", 1)
     if train_files:
-        load_shard(train_files[0], args.vocab_size)  # the others are checked as they are read
+        for path in read_before_clock(args, train_files):  # the others: check_train_ids
+            check_ids(path, shard_tokens(path), args.vocab_size)
     val_tokens = load_validation_tokens(find_shards(args.data_path, "val", 2), args.vocab_size)
     if not os.path.isdir(os.path.dirname(args.artifact_path) or "."):
         raise ConfigError(f"ARTIFACT_PATH={args.artifact_path}: its directory does not exist")
