@@ -292,13 +292,10 @@ DOWNLOAD_HINT = ("download the data with `python3 data/cached_challenge_fineweb.
 def shard_num_tokens(path: str) -> int:
     """Checks a shard's header and exact size; returns its token count."""
     if not os.path.isfile(path):  # reading a directory or a dangling link fails, a FIFO hangs
-        what = ("a symbolic link to nothing" if os.path.islink(path) and not os.path.exists(path)
-                else "a directory" if os.path.isdir(path) else "not a regular file")
+        what = ("a directory" if os.path.isdir(path) else
+                "a dangling link" if os.path.islink(path) else "not a regular file")
         raise ConfigError(f"{path}: {what}, expected a shard file")
-    try:
-        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header.size != HEADER_INTS or header[0] != SHARD_MAGIC:
         raise ConfigError(f"{path}: not a challenge shard (expected magic {SHARD_MAGIC} in a 1024-byte header)")
     if header[1] != SHARD_VERSION:
@@ -309,120 +306,73 @@ def shard_num_tokens(path: str) -> int:
     return int(header[2])
 
 
-def shard_tokens(path: str) -> np.ndarray:
-    """A shard's tokens, memory-mapped: only the pages a reader touches are read."""
-    n = shard_num_tokens(path)
-    if n == 0:  # mmap refuses an empty range
-        return np.empty(0, dtype="<u2")
-    return np.memmap(path, dtype="<u2", mode="r", offset=4 * HEADER_INTS, shape=(n,))
-
-
-def largest_id(tokens: np.ndarray, chunk: int = 1 << 24) -> int:
-    """In chunks, so a memory-mapped shard is never held in memory whole."""
-    return max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)), default=0)
-
-
-def check_ids(path: str, tokens: np.ndarray, vocab_size: int) -> np.ndarray:
-    """tokens, once all ids are in the vocabulary (another tokenizer's: refuse, never index past)"""
-    if (top := largest_id(tokens)) >= vocab_size:
+def load_shard(path: str, vocab_size: int = 0) -> np.ndarray:
+    """Memory-mapped (a reader reads only what it touches); with vocab_size, every id checked."""
+    n = shard_num_tokens(path)  # mmap refuses an empty shard
+    tokens = np.memmap(path, "<u2", "r", 4 * HEADER_INTS, (n,)) if n else np.zeros(0, "<u2")
+    if vocab_size and (top := tokens.max(initial=0)) >= vocab_size:
         raise ConfigError(f"{path}: token id {top} is outside VOCAB_SIZE={vocab_size}")
     return tokens
 
 
-def load_shard(path: str, vocab_size: int) -> np.ndarray:
-    return check_ids(path, np.array(shard_tokens(path)), vocab_size)
-
-
 def find_shards(data_path: str, split: str, min_tokens: int) -> list[str]:
-    """The split's shards (listed, not globbed: DATA_PATH may hold glob characters), every header
-    checked, holding at least min_tokens in all."""
+    """The split's shards, every header checked, holding at least min_tokens in all."""
     if not os.path.isdir(data_path):
-        what = "not a directory" if os.path.exists(data_path) else "no such directory"
-        raise ConfigError(f"DATA_PATH={data_path}: {what} ({DOWNLOAD_HINT})")
-    try:
-        names = os.listdir(data_path)
-    except OSError as e:
-        raise ConfigError(f"DATA_PATH={data_path}: cannot be listed ({e.strerror})") from None
-    pattern = f"fineweb_{split}_*.bin"
-    files = [os.path.join(data_path, n) for n in sorted(names) if fnmatch.fnmatchcase(n, pattern)]
+        raise ConfigError(f"DATA_PATH={data_path}: not a directory ({DOWNLOAD_HINT})")
+    names = fnmatch.filter(os.listdir(data_path), f"fineweb_{split}_*.bin")  # no glob: data[1]/ too
+    files = [os.path.join(data_path, name) for name in sorted(names)]
     if not files:
-        raise ConfigError(f"DATA_PATH={data_path} has no {pattern} shards: {DOWNLOAD_HINT}")
+        raise ConfigError(f"DATA_PATH={data_path} has no fineweb_{split}_*.bin shards: {DOWNLOAD_HINT}")
     total = sum(shard_num_tokens(f) for f in files)
     if total < min_tokens:
         raise ConfigError(f"DATA_PATH={data_path}: the {split} shards hold {total} tokens; {min_tokens} needed")
     return files
 
 
-class TokenStream:
-    """The shards' tokens as one stream, wrapping around forever."""
-
-    def __init__(self, files: list[str]):
-        self.shards = [shard_tokens(f) for f in files]
-        self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # where each shard begins
-        self.total = int(self.starts[-1])
-
-    def pieces(self, start: int, n: int):
-        """(shard index, first, end) of each shard's piece of the n tokens from position start."""
-        pos = start % self.total
-        while n > 0:
-            i = int(np.searchsorted(self.starts, pos, side="right")) - 1  # past the empty shards
-            first = pos - int(self.starts[i])
-            k = min(n, len(self.shards[i]) - first)
-            yield i, first, first + k
-            pos, n = (pos + k) % self.total, n - k
-
-    def read(self, start: int, out: np.ndarray) -> None:
-        filled = 0
-        for i, first, end in self.pieces(start, len(out)):
-            out[filled:filled + end - first] = self.shards[i][first:end]
-            filled += end - first
-
-
 class DistributedTokenLoader:
-    """Each micro-step takes one contiguous span of the stream; each rank reads its own slice."""
+    """Each micro-step takes one span of the shards' looping stream; a rank reads only its slice."""
 
     def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device):
-        self.stream, self.pos = TokenStream(files), 0
-        self.rank, self.world_size, self.device = rank, world_size, device
+        self.shards = [load_shard(f) for f in files]
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # where each shard begins
+        self.pos, self.rank, self.world_size, self.device = 0, rank, world_size, device
 
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
-        span = local_tokens + 1
-        cuda = self.device.type == "cuda"
-        local = torch.empty(span, dtype=torch.int64, pin_memory=cuda)
-        self.stream.read(self.pos + self.rank * span, local.numpy())
-        self.pos = (self.pos + span * self.world_size) % self.stream.total
-        if cuda:
-            local = local.to(self.device, non_blocking=True)
+        span, total = local_tokens + 1, int(self.starts[-1])
+        local = torch.empty(span, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        out, pos, done = local.numpy(), (self.pos + self.rank * span) % total, 0
+        while done < span:
+            i = int(np.searchsorted(self.starts, pos, side="right")) - 1  # skips empty shards
+            k = min(span - done, int(self.starts[i + 1]) - pos)
+            out[done:done + k] = self.shards[i][pos - self.starts[i]:pos - self.starts[i] + k]
+            pos, done = (pos + k) % total, done + k
+        self.pos = (self.pos + span * self.world_size) % total
+        local = local.to(self.device, non_blocking=True)
         return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
 
 
 def read_before_clock(args: Hyperparameters, files: list[str]) -> list[str]:
-    """The train shards the compile warm-up and GPTQ's calibration read (the stream's start): their
-    ids are checked before them, the other shards' beside the warm-up."""
-    stream = TokenStream(files)
-    steps = max(args.warmup_steps, 1)
-    n = steps * args.grad_accum_steps * args.world_size * (args.micro_batch_tokens + 1)
-    return [files[i] for i in sorted({i for i, _, _ in stream.pieces(0, min(n, stream.total))})]
+    """The train shards the warm-up and calibration read: checked before them, the rest beside."""
+    steps = max(1, args.warmup_steps)  # calibration reads one step; a rank's span is its batch + 1
+    n = steps * (args.train_batch_tokens + args.world_size * args.grad_accum_steps)
+    starts = np.cumsum([0] + [shard_num_tokens(f) for f in files])
+    return [f for f, a, b in zip(files, starts, starts[1:]) if a < n and b > a]
 
 
-def check_train_ids(args: Hyperparameters, files: list[str], rank: int, world_size: int,
-                    device: torch.device):
-    """Starts a thread checking the ids of this rank's share (every W-th) of the train shards that
-    read_before_clock leaves; the function returned waits for it and stops every rank together,
-    naming the first bad shard of any."""
-    early = set(read_before_clock(args, files))
+def check_train_ids(args, files: list[str], rank: int, world_size: int, device):
+    """Starts a thread checking this rank's share (every W-th) of the shards read_before_clock
+    leaves; the function returned waits for it, and all ranks stop at the first bad shard of any."""
+    early = read_before_clock(args, files)
     mine = [i for i in range(rank, len(files), world_size) if files[i] not in early]
-    bad = lambda i: largest_id(shard_tokens(files[i])) >= args.vocab_size  # noqa: E731
-    pool = ThreadPoolExecutor(1)
-    scan = pool.submit(lambda: next(filter(bad, mine), len(files)))
-    pool.shutdown(wait=False)
+    bad = lambda i: load_shard(files[i]).max(initial=0) >= args.vocab_size  # noqa: E731
+    scan = ThreadPoolExecutor(1).submit(lambda: next(filter(bad, mine), len(files)))
 
     def wait() -> None:
-        first = torch.tensor(scan.result(), dtype=torch.int64, device=device)
+        first = torch.tensor(scan.result(), device=device)
         if world_size > 1:
             dist.all_reduce(first, op=dist.ReduceOp.MIN)
-        if first.item() < len(files):  # each rank reads the bad shard again for the message
-            check_ids(files[first.item()], shard_tokens(files[first.item()]), args.vocab_size)
+        if first.item() < len(files):
+            load_shard(files[first.item()], args.vocab_size)  # raises, naming the shard and the id
 
     return wait
 
@@ -1325,7 +1275,6 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         reserved_ms = reserved.item()
     budget_ms = cap_ms - reserved_ms
     finish_id_check()
-    log(f"train_shards:{len(train_files)} token ids checked")
     if world_size > 1:
         dist.barrier()  # start the clocks together
     sync()
@@ -1411,9 +1360,8 @@ def check_inputs(args: Hyperparameters):
         raise ConfigError(f"VOCAB_SIZE={args.vocab_size} differs from the tokenizer's {sp.vocab_size()} "
                           f"({args.tokenizer_path})")
     train_files = [] if args.load_artifact else find_shards(args.data_path, "train", 1)
-    if train_files:
-        for path in read_before_clock(args, train_files):  # the others: check_train_ids
-            check_ids(path, shard_tokens(path), args.vocab_size)
+    for path in read_before_clock(args, train_files):  # the others: check_train_ids
+        load_shard(path, args.vocab_size)
     val_tokens = load_validation_tokens(find_shards(args.data_path, "val", 2), args.vocab_size)
     if not os.path.isdir(os.path.dirname(args.artifact_path) or "."):
         raise ConfigError(f"ARTIFACT_PATH={args.artifact_path}: its directory does not exist")
