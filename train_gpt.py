@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import fnmatch
 import functools
-import glob
 import hashlib
 import json
 import math
@@ -342,6 +342,10 @@ DOWNLOAD_HINT = ("download the data with `python3 data/cached_challenge_fineweb.
 
 def shard_num_tokens(path: str) -> int:
     """Checks a shard's header and exact size; returns its token count."""
+    if not os.path.isfile(path):  # reading a directory or a dangling link fails, a FIFO hangs
+        what = ("a directory" if os.path.isdir(path) else
+                "a dangling link" if os.path.islink(path) else "not a regular file")
+        raise ConfigError(f"{path}: {what}, expected a shard file")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header.size != HEADER_INTS or header[0] != SHARD_MAGIC:
         raise ConfigError(f"{path}: not a challenge shard (expected magic {SHARD_MAGIC} in a 1024-byte header)")
@@ -353,16 +357,21 @@ def shard_num_tokens(path: str) -> int:
     return int(header[2])
 
 
-def load_shard(path: str, vocab_size: int) -> np.ndarray:
-    tokens = np.fromfile(path, dtype="<u2", count=shard_num_tokens(path), offset=4 * HEADER_INTS)
-    if len(tokens) and tokens.max() >= vocab_size:  # tokens of another tokenizer: refuse, never index past
-        raise ConfigError(f"{path}: token id {tokens.max()} is outside VOCAB_SIZE={vocab_size}")
+def load_shard(path: str, vocab_size: int = 0) -> np.ndarray:
+    """Memory-mapped (a reader reads only what it touches); with vocab_size, every id checked."""
+    n = shard_num_tokens(path)  # mmap refuses an empty shard
+    tokens = np.memmap(path, "<u2", "r", 4 * HEADER_INTS, (n,)) if n else np.zeros(0, "<u2")
+    if vocab_size and (top := tokens.max(initial=0)) >= vocab_size:
+        raise ConfigError(f"{path}: token id {top} is outside VOCAB_SIZE={vocab_size}")
     return tokens
 
 
 def find_shards(data_path: str, split: str, min_tokens: int) -> list[str]:
     """The split's shards, every header checked, holding at least min_tokens in all."""
-    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    if not os.path.isdir(data_path):
+        raise ConfigError(f"DATA_PATH={data_path}: not a directory ({DOWNLOAD_HINT})")
+    names = fnmatch.filter(os.listdir(data_path), f"fineweb_{split}_*.bin")  # no glob: data[1]/ too
+    files = [os.path.join(data_path, name) for name in sorted(names)]
     if not files:
         raise ConfigError(f"DATA_PATH={data_path} has no fineweb_{split}_*.bin shards: {DOWNLOAD_HINT}")
     total = sum(shard_num_tokens(f) for f in files)
@@ -371,39 +380,52 @@ def find_shards(data_path: str, split: str, min_tokens: int) -> list[str]:
     return files
 
 
-class TokenStream:
-    """Reads the shards in order, wrapping around forever."""
-
-    def __init__(self, files: list[str], vocab_size: int):
-        self.files, self.index, self.vocab_size = files, 0, vocab_size
-        self.tokens, self.pos = load_shard(files[0], vocab_size), 0
-
-    def take(self, n: int) -> np.ndarray:
-        chunks = []
-        while n > 0:
-            if self.pos == len(self.tokens):
-                self.index = (self.index + 1) % len(self.files)
-                self.tokens, self.pos = load_shard(self.files[self.index], self.vocab_size), 0
-            k = min(n, len(self.tokens) - self.pos)
-            chunks.append(self.tokens[self.pos:self.pos + k])
-            self.pos, n = self.pos + k, n - k
-        return np.concatenate(chunks)
-
-
 class DistributedTokenLoader:
-    """Each micro-step takes one contiguous span of the stream; each rank gets its own slice of it."""
+    """Each micro-step takes one span of the shards' looping stream; a rank reads only its slice."""
 
-    def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device):
-        self.stream = TokenStream(files, vocab_size)
-        self.rank, self.world_size, self.device = rank, world_size, device
+    def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device):
+        self.shards = [load_shard(f) for f in files]
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # where each shard begins
+        self.pos, self.rank, self.world_size, self.device = 0, rank, world_size, device
 
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
-        span = local_tokens + 1
-        chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
-        local = torch.from_numpy(chunk.astype(np.int64))
-        if self.device.type == "cuda":
-            local = local.pin_memory().to(self.device, non_blocking=True)
+        span, total = local_tokens + 1, int(self.starts[-1])
+        local = torch.empty(span, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        out, pos, done = local.numpy(), (self.pos + self.rank * span) % total, 0
+        while done < span:
+            i = int(np.searchsorted(self.starts, pos, side="right")) - 1  # skips empty shards
+            k = min(span - done, int(self.starts[i + 1]) - pos)
+            out[done:done + k] = self.shards[i][pos - self.starts[i]:pos - self.starts[i] + k]
+            pos, done = (pos + k) % total, done + k
+        self.pos = (self.pos + span * self.world_size) % total
+        local = local.to(self.device, non_blocking=True)
         return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+
+
+def read_before_clock(args: Hyperparameters, files: list[str]) -> list[str]:
+    """The train shards the warm-up and calibration read: checked before them, the rest beside."""
+    steps = max(1, args.warmup_steps)  # calibration reads one step; a rank's span is its batch + 1
+    n = steps * (args.train_batch_tokens + args.world_size * args.grad_accum_steps)
+    starts = np.cumsum([0] + [shard_num_tokens(f) for f in files])
+    return [f for f, a, b in zip(files, starts, starts[1:]) if a < n and b > a]
+
+
+def check_train_ids(args, files: list[str], rank: int, world_size: int, device):
+    """Starts a thread checking this rank's share (every W-th) of the shards read_before_clock
+    leaves; the function returned waits for it, and all ranks stop at the first bad shard of any."""
+    early = read_before_clock(args, files)
+    mine = [i for i in range(rank, len(files), world_size) if files[i] not in early]
+    bad = lambda i: load_shard(files[i]).max(initial=0) >= args.vocab_size  # noqa: E731
+    scan = ThreadPoolExecutor(1).submit(lambda: next(filter(bad, mine), len(files)))
+
+    def wait() -> None:
+        first = torch.tensor(scan.result(), device=device)
+        if world_size > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        if first.item() < len(files):
+            load_shard(files[first.item()], args.vocab_size)  # raises, naming the shard and the id
+
+    return wait
 
 
 def load_validation_tokens(files: list[str], vocab_size: int) -> Tensor:
@@ -1341,7 +1363,7 @@ def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, w
         return hook
 
     hooks = [module.register_forward_pre_hook(accumulate(name)) for name, module in linears.items()]
-    loader = DistributedTokenLoader(train_files, args.vocab_size, rank, world_size, device)
+    loader = DistributedTokenLoader(train_files, rank, world_size, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def pieces():
@@ -1377,12 +1399,13 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     run_step = lambda loader: train_step(args, model, base_model, optimizers, loader)  # noqa: E731
 
+    finish_id_check = check_train_ids(args, train_files, rank, world_size, device)  # beside warm-up
     # Compile warm-up on real batches, then restore the initial weights, optimizer state and data order.
     if args.warmup_steps > 0:
         t0 = time.perf_counter()
         initial_model = copy.deepcopy(base_model.state_dict())
         initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        loader = DistributedTokenLoader(train_files, args.vocab_size, rank, world_size, device)
+        loader = DistributedTokenLoader(train_files, rank, world_size, device)
         for _ in range(args.warmup_steps):
             run_step(loader)
         base_model.load_state_dict(initial_model)
@@ -1413,7 +1436,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
                                            time_left_ms, piece_ms)
         return hessians, dict(stats, ms=1000.0 * (time.perf_counter() - t0))
 
-    loader = DistributedTokenLoader(train_files, args.vocab_size, rank, world_size, device)
+    loader = DistributedTokenLoader(train_files, rank, world_size, device)
     average = WeightAverage(base_model, args)
     cap_ms = 1000.0 * args.max_wallclock_seconds
     train_ms, step, stop_at, pending, qat_on = 0.0, 0, None, None, False
@@ -1431,6 +1454,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
             dist.all_reduce(measured, op=dist.ReduceOp.MAX)
         reserved_ms = GPTQ_MARGIN * measured[0].item()
     budget_ms = cap_ms - reserved_ms
+    finish_id_check()
     if world_size > 1:
         dist.barrier()  # start the clocks together
     sync()
@@ -1526,8 +1550,8 @@ def check_inputs(args: Hyperparameters):
         raise ConfigError(f"VOCAB_SIZE={args.vocab_size} differs from the tokenizer's {sp.vocab_size()} "
                           f"({args.tokenizer_path})")
     train_files = [] if args.load_artifact else find_shards(args.data_path, "train", 1)
-    if train_files:
-        load_shard(train_files[0], args.vocab_size)  # the others are checked as they are read
+    for path in read_before_clock(args, train_files):  # the others: check_train_ids
+        load_shard(path, args.vocab_size)
     val_tokens = load_validation_tokens(find_shards(args.data_path, "val", 2), args.vocab_size)
     artifact_dir = os.path.dirname(args.artifact_path) or "."
     if not os.path.isdir(artifact_dir):

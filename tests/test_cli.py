@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -483,6 +484,75 @@ def test_outputs_that_cannot_be_written_fail_before_training(case, dataset, tmp_
 
 
 # -----------------------------
+# The train shards: every one's ids checked before the clock; DATA_PATH a name, not a pattern
+# -----------------------------
+
+
+def ranks(cwd: Path, env: dict, world_size: int, timeout: float) -> list:
+    """The ranks of one run, started as torchrun starts them but without it (its report of a failed
+    rank is a traceback of its own), each rank's output apart."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    full_env = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS}
+    full_env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                    WORLD_SIZE=str(world_size), **env)
+    cwd.mkdir(parents=True, exist_ok=True)
+    procs = [subprocess.Popen([sys.executable, str(SCRIPT)], cwd=cwd, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(full_env, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(world_size)]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err)
+            for p, (out, err) in zip(procs, outputs)]
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_bad_id_in_the_second_train_shard_stops_every_rank_before_training(dataset, tmp_path,
+                                                                           world_size):
+    """An id outside the vocabulary in the second train shard (which this run's steps never reach;
+    with two ranks, rank 1 checks it) stops every rank before the first step, with one error line
+    naming the shard and the id (exit 2), and no artifact. The old loader found it only when the
+    stream reached the shard."""
+    data = tmp_path / "data"
+    shutil.copytree(dataset["data_path"], data)
+    path = data / "fineweb_train_000001.bin"
+    tokens = np.fromfile(path, dtype="<u2", offset=1024)
+    tokens[len(tokens) // 2] = dataset["vocab_size"] + 7  # past the steps' reach
+    synth.write_shard(str(path), tokens)
+    env = dict(dataset["env"], DATA_PATH=str(data), RUN_ID="bad_id")
+    procs = ranks(tmp_path / "cwd", env, world_size, timeout=BAD_INPUT_TIMEOUT_S)
+    vocab = dataset["vocab_size"]
+    for rank, proc in enumerate(procs):
+        assert proc.returncode == 2, describe(proc)
+        assert "Traceback" not in proc.stdout + proc.stderr, describe(proc)
+        assert not re.search(r"^step:", proc.stdout, re.M), describe(proc)
+        expected = [f"error: {path}: token id {vocab + 7} is outside VOCAB_SIZE={vocab}"]
+        errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]  # not DDP's
+        assert errors == ([] if rank else expected), describe(proc)  # rank 0 prints it
+    assert "step:" not in (tmp_path / "cwd" / "logs" / "bad_id.txt").read_text()
+    assert not (tmp_path / "cwd" / "final_model.int6.ptz").exists()
+
+
+def test_data_path_with_glob_characters_trains(dataset, tmp_path):
+    """DATA_PATH=.../data[1] is a folder's name: as a glob pattern it found nothing, or .../data1's
+    shards (here a damaged one)."""
+    shutil.copytree(dataset["data_path"], tmp_path / "data[1]")
+    (tmp_path / "data1").mkdir()
+    (tmp_path / "data1" / "fineweb_train_000000.bin").write_bytes(b"decoy")
+    env = dict(dataset["env"], DATA_PATH=str(tmp_path / "data[1]"), RUN_ID="glob", ITERATIONS="3",
+               EVAL_STRIDE="0", GPTQ="0")
+    proc = trainer(tmp_path / "cwd", env)
+    assert proc.returncode == 0, describe(proc)
+    assert re.search(r"^step:3/3 train_loss:", proc.stdout, re.M), describe(proc)
+    contract_line(proc.stdout, "roundtrip")
+
+
+# -----------------------------
 # Bad input: one line naming the culprit, non-zero exit, nothing written
 # -----------------------------
 
@@ -517,6 +587,19 @@ def _shards(**tokens_by_name):
             synth.write_shard(str(data / f"{name}.bin"), tokens)
         return dict(DATA_PATH=str(data)), [("DATA_PATH", *(f"{name}.bin" for name in tokens_by_name))]
     return setup
+
+
+def _third_shard(make):
+    def setup(ds, tmp, artifact):
+        data = tmp / "data"
+        shutil.copytree(ds["data_path"], data)
+        make(data / "fineweb_train_000002.bin", tmp)
+        return dict(DATA_PATH=str(data)), ["fineweb_train_000002.bin"]
+    return setup
+
+
+def _data_path_a_file(ds, tmp, artifact):
+    return dict(DATA_PATH=ds["tokenizer_path"]), ["DATA_PATH", "not a directory"]
 
 
 def _empty_data(ds, tmp, artifact):
@@ -587,6 +670,9 @@ BAD_INPUT = {
                                                                        ["ARTIFACT_PATH"]),
     "run_id_too_long": _env_only(["RUN_ID"], RUN_ID="a" * 250),
     "data_path_empty": _empty_data,
+    "data_path_a_file": _data_path_a_file,
+    "shard_a_directory": _third_shard(lambda path, tmp: path.mkdir()),
+    "shard_a_dangling_link": _third_shard(lambda path, tmp: path.symlink_to(tmp / "gone.bin")),
     "shard_wrong_magic": _damaged_shard("fineweb_train_000000.bin", _set_header_int(0, 20240521)),
     "shard_wrong_version": _damaged_shard("fineweb_val_000000.bin", _set_header_int(1, 2)),
     "shard_truncated": _damaged_shard("fineweb_train_000001.bin", _cut_last_token),

@@ -13,6 +13,7 @@ and the time of one Muon step of this script (batched by shape) against torch.op
 a time). PROFILE_MUON=0 skips the Muon comparison; PROFILE_TOP=N lists N kernels (default 25).
 """
 import importlib.util
+import inspect
 import os
 import sys
 import time
@@ -24,6 +25,12 @@ _script = os.environ.get("TRAIN_GPT") or os.path.join(os.path.dirname(os.path.di
 _spec = importlib.util.spec_from_file_location("train_gpt", _script)
 tg = sys.modules["train_gpt"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tg)
+
+
+def token_loader(files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device):
+    """The script's DistributedTokenLoader (older copies took vocab_size as well)."""
+    takes_vocab = "vocab_size" in inspect.signature(tg.DistributedTokenLoader).parameters
+    return tg.DistributedTokenLoader(files, *[vocab_size][:takes_vocab], rank, world_size, device)
 
 
 def timed_steps(step, n: int, host_sync: bool) -> float:
@@ -63,7 +70,7 @@ def main() -> None:
           f"ve_layers:{[i for i, b in enumerate(base.blocks) if b.attn.ve_scale is not None]}")
     model = torch.compile(base, dynamic=False)
     muon, optimizers = tg.make_optimizers(base, args, torch.compile(tg.newton_schulz, dynamic=False))
-    loader = tg.DistributedTokenLoader(tg.find_shards(args.data_path, "train", 1), args.vocab_size, 0, 1, device)
+    loader = token_loader(tg.find_shards(args.data_path, "train", 1), args.vocab_size, 0, 1, device)
     step = lambda: tg.train_step(args, model, base, optimizers, loader)  # noqa: E731
     timed_steps(step, 15, True)  # compile and warm up
     print(f"step_ms with per-step host sync: {timed_steps(step, 30, True):.2f}")

@@ -1,0 +1,100 @@
+"""The DATA section of train_gpt.py: the memory-mapped token stream against a plain reading of the
+concatenated shards, the shards read before the clock, and how the shards are found."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import synth
+import train_gpt as tg
+
+CPU = torch.device("cpu")
+
+
+def write_shards(folder, sizes, rng, vocab=500) -> list[np.ndarray]:
+    """Train shards of the given token counts (0 allowed) in folder; returns their tokens."""
+    os.makedirs(folder, exist_ok=True)
+    shards = [rng.integers(0, vocab, n) for n in sizes]
+    for i, tokens in enumerate(shards):
+        synth.write_shard(os.path.join(folder, f"fineweb_train_{i:06d}.bin"), tokens)
+    return shards
+
+
+def reference_span(stream: np.ndarray, start: int, n: int) -> np.ndarray:
+    """n tokens of the stream repeated forever, from position start."""
+    return stream[(start + np.arange(n)) % len(stream)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_loader_batches_are_the_plain_streams_slices(tmp_path, seed):
+    """Micro-step k on rank r of W is the plain stream's tokens [k*W*s + r*s, k*W*s + (r+1)*s),
+    s = tokens + 1, the stream being the shards concatenated and repeated: across shard boundaries,
+    empty shards, spans longer than a shard, the wrap-around, and several world sizes."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.choice([0, 1, 7, 50, 333, 1000], size=rng.integers(1, 6)).tolist()
+    if sum(sizes) == 0:
+        sizes.append(13)
+    stream = np.concatenate(write_shards(tmp_path, sizes, rng))
+    files = tg.find_shards(str(tmp_path), "train", 1)
+    for world in (1, 2, 3, 8):
+        seq_len = int(rng.choice([1, 4, 16]))
+        local = seq_len * int(rng.integers(1, 20))
+        span = local + 1
+        steps = 3 * len(stream) // (span * world) + 3  # the stream wraps around at least twice
+        for rank in range(world):
+            loader = tg.DistributedTokenLoader(files, rank, world, CPU)
+            for k in range(steps):
+                x, y = loader.next_batch(local, seq_len)
+                expected = reference_span(stream, k * world * span + rank * span, span)
+                assert x.dtype == y.dtype == torch.int64
+                assert x.shape == y.shape == (local // seq_len, seq_len)
+                np.testing.assert_array_equal(x.flatten().numpy(), expected[:-1])
+                np.testing.assert_array_equal(y.flatten().numpy(), expected[1:])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_read_before_clock_covers_what_warmup_and_calibration_read(tmp_path, monkeypatch, seed):
+    """Every shard a rank reads in the warm-up's steps (or the one step of GPTQ's calibration when
+    there is no warm-up) is one read_before_clock lists, and it lists no other: those are the shards
+    checked before the warm-up starts, the others only beside it."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.choice([0, 100, 2000, 10_000], size=rng.integers(2, 7)).tolist() + [500]
+    write_shards(tmp_path, sizes, rng)
+    starts, total = np.cumsum([0] + sizes), sum(sizes)
+    files = tg.find_shards(str(tmp_path), "train", 1)
+    world, accum, seq_len = int(rng.choice([1, 2, 8])), int(rng.choice([1, 2])), 8
+    warmup = int(rng.choice([0, 1, 3, 20]))
+    batch = world * accum * seq_len * int(rng.integers(1, 40))
+    config = dict(TRAIN_BATCH_TOKENS=batch, GRAD_ACCUM_STEPS=accum, TRAIN_SEQ_LEN=seq_len,
+                  WARMUP_STEPS=warmup)
+    for name, value in config.items():
+        monkeypatch.setenv(name, str(value))
+    args = tg.Hyperparameters(world)
+    span, touched = args.micro_batch_tokens + 1, set()
+    for k in range(max(warmup, 1) * accum):
+        for rank in range(world):
+            positions = (k * world * span + rank * span + np.arange(span)) % total
+            touched |= {files[i] for i in np.searchsorted(starts, positions, side="right") - 1}
+    assert tg.read_before_clock(args, files) == sorted(touched)
+
+
+def test_find_shards_lists_a_folder_named_with_glob_characters(tmp_path):
+    """DATA_PATH=.../data[1] is a name, not a pattern: as one it found the shards of .../data1."""
+    rng = np.random.default_rng(0)
+    write_shards(tmp_path / "data[1]", [10, 20], rng)
+    write_shards(tmp_path / "data1", [30, 40, 50], rng)
+    (tmp_path / "data[1]" / "fineweb_train_x.bin.tmp").write_bytes(b"")  # not a shard's name
+    files = tg.find_shards(str(tmp_path / "data[1]"), "train", 1)
+    assert files == [str(tmp_path / "data[1]" / f"fineweb_train_{i:06d}.bin") for i in range(2)]
+
+
+def test_load_shard_checks_ids_only_when_asked(tmp_path):
+    path = str(tmp_path / "fineweb_train_000000.bin")
+    synth.write_shard(path, [1, 2, 700, 3])
+    with pytest.raises(tg.ConfigError, match=r"\.bin: token id 700 is outside VOCAB_SIZE=512"):
+        tg.load_shard(path, 512)
+    assert tg.load_shard(path).tolist() == [1, 2, 700, 3]  # the loader's reading: no scan
+    assert tg.load_shard(path, 701).tolist() == [1, 2, 700, 3]
+    synth.write_shard(path, [])
+    assert len(tg.load_shard(path, 512)) == 0
