@@ -164,10 +164,10 @@ class Hyperparameters:
         self.artifact_path = os.environ.get("ARTIFACT_PATH") or "final_model.int6.ptz"
         self.artifact_limit_bytes = _env("ARTIFACT_LIMIT_BYTES", 16_000_000)
         # Legal score-first test-time training, run last (freeze 0: what both records ran).
-        self.ttt_enabled = _flag("TTT_ENABLED", False)
+        self.ttt_enabled = _flag("TTT_ENABLED", True)
         self.ttt_chunk_tokens = _env("TTT_CHUNK_TOKENS", 32768)
         self.ttt_epochs = _env("TTT_EPOCHS", 3)
-        self.ttt_lr = _env("TTT_LR", 0.002, float)
+        self.ttt_lr = _env("TTT_LR", 0.02, float)
         self.ttt_momentum = _env("TTT_MOMENTUM", 0.9, float)
         self.ttt_freeze_blocks = _env("TTT_FREEZE_BLOCKS", 0)
         self.ttt_grad_clip = _env("TTT_GRAD_CLIP", 1.0, float)
