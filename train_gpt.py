@@ -770,12 +770,13 @@ class ValueEmbedding(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab_size: int, num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int,
-                 mlp_mult: float, max_seq_len: int, rope_dims: int = 0, rope_base: float = 10000.0,
-                 bigram_vocab_size: int = 0, bigram_dim: int = 128, xsa_last_n: int = 0, coda_last_n: int = 0,
-                 logit_softcap: float = 30.0, qk_gain_init: float = 1.5, tied_embed_init_std: float = 0.005,
-                 act_dtype: torch.dtype = torch.bfloat16, mlp_leaky_slope: float = 0.5, ln_scale: bool = False,
-                 qat: bool = False, ve_last_n: int = 0, ve_dim: int = 128):
+    def __init__(self, *, vocab_size: int, num_layers: int, model_dim: int, num_heads: int,
+                 num_kv_heads: int, mlp_mult: float, max_seq_len: int, rope_dims: int = 0,
+                 rope_base: float = 10000.0, bigram_vocab_size: int = 0, bigram_dim: int = 128,
+                 xsa_last_n: int = 0, coda_last_n: int = 0, logit_softcap: float = 30.0,
+                 qk_gain_init: float = 1.5, tied_embed_init_std: float = 0.005,
+                 act_dtype: torch.dtype = torch.bfloat16, mlp_leaky_slope: float = 0.5,
+                 ln_scale: bool = False, qat: bool = False, ve_last_n: int = 0, ve_dim: int = 128):
         super().__init__()
         self.logit_softcap, self.act_dtype = logit_softcap, act_dtype
         self.tok_emb = nn.Embedding(vocab_size, model_dim)
@@ -840,11 +841,10 @@ class GPT(nn.Module):
 
 
 def build_model(args: Hyperparameters, device: torch.device) -> GPT:
-    return GPT(args.vocab_size, args.num_layers, args.model_dim, args.num_heads, args.num_kv_heads, args.mlp_mult,
-               max(args.train_seq_len, args.eval_seq_len), args.rope_dims, args.rope_base, args.bigram_vocab_size,
-               args.bigram_dim, args.xsa_last_n, args.coda_last_n, args.logit_softcap, args.qk_gain_init,
-               args.tied_embed_init_std, compute_dtype(device), args.mlp_leaky_slope, args.ln_scale,
-               args.late_qat > 0, args.ve_last_n, args.ve_dim).to(device)
+    """The model of args.shape (what its artifact records), every argument by keyword."""
+    return GPT(**args.shape, max_seq_len=max(args.train_seq_len, args.eval_seq_len),
+               qk_gain_init=args.qk_gain_init, tied_embed_init_std=args.tied_embed_init_std,
+               act_dtype=compute_dtype(device), qat=args.late_qat > 0).to(device)
 
 
 # -----------------------------

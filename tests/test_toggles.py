@@ -56,7 +56,9 @@ def test_value_embedding_goes_to_the_deepest_layers_and_starts_as_a_no_op():
     ids, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
     assert torch.equal(plain.hidden(ids), ve.hidden(ids))
     assert torch.count_nonzero(tiny_gpt(ve_last_n=1).value_embed.proj.weight) > 0  # tiny_gpt's re-init
-    assert torch.count_nonzero(tg.GPT(64, 3, 32, 4, 2, 2, 16, ve_last_n=1).value_embed.proj.weight) == 0
+    fresh = tg.GPT(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2,
+                   max_seq_len=16, ve_last_n=1)
+    assert torch.count_nonzero(fresh.value_embed.proj.weight) == 0
     ve.value_embed.proj.weight.data.normal_(std=0.2)
     assert (ve.hidden(ids) - plain.hidden(ids)).abs().max() > 1e-4  # the table starts small (std 0.01)
     ve(ids, targets).backward()
