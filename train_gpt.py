@@ -796,9 +796,9 @@ class GPT(nn.Module):
         # None with no skips (one layer): DDP fails on a parameter that never gets a gradient.
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, model_dim)) if self.num_skips else None
         self._init_weights(tied_embed_init_std)
-        if qat:  # the matrices exported as int6
+        if qat:
             for name, module in self.named_modules():
-                if isinstance(module, CastedLinear) and export_kind(f"{name}.weight", module.weight) == "int6":
+                if isinstance(module, CastedLinear) and is_qat_matrix(f"{name}.weight", module.weight):
                     module.enable_qat()
 
     def set_qat(self, on: bool) -> None:
@@ -995,15 +995,30 @@ EMBEDDINGS = ("tok_emb.weight", "bigram.embed.weight", "value_embed.embed.weight
 CLIP_QUANTILES = (1.0, 0.9999, 0.999, 0.995, 0.99)
 
 
+def is_control(name: str) -> bool:
+    """Gains, gates, mixes and angles: small, and sensitive to rounding."""
+    return any(p in name for p in CONTROL_PATTERNS)
+
+
 def export_kind(name: str, t: Tensor) -> str:
-    """How a tensor is stored; "int6" also marks the matrices that Muon trains."""
-    if any(p in name for p in CONTROL_PATTERNS):
+    """How a tensor is stored in the artifact (int6 matrices may drop to int5 to fit)."""
+    if is_control(name):
         return "fp32"
     if name in EMBEDDINGS:
         return "int8"
-    if t.ndim == 2 and "coda_" not in name:
+    if t.ndim == 2 and "coda_" not in name:  # CoDA's gate is small: fp16 costs little
         return "int6"
     return "fp16"
+
+
+def is_qat_matrix(name: str, t: Tensor) -> bool:
+    """QAT trains against the grid the export rounds to, which only the int6 matrices have."""
+    return export_kind(name, t) == "int6"
+
+
+def is_gptq_matrix(name: str, t: Tensor) -> bool:
+    """GPTQ rounds the int6 matrices (int5 too) from their inputs' Hessians: those get hooks."""
+    return export_kind(name, t) == "int6"
 
 
 def gptq_codes(w: Tensor, scale: Tensor, qmax: int, hessian: Tensor, block: int = 128) -> Tensor | None:
@@ -1281,6 +1296,12 @@ class TrainingDiverged(Exception):
     pass
 
 
+def is_muon_matrix(name: str, p: Tensor) -> bool:
+    """Muon orthogonalizes the weights of products; embeddings are lookups, and control tensors and
+    CoDA's gate are small, so AdamW trains those."""
+    return p.ndim == 2 and name not in EMBEDDINGS and not is_control(name) and "coda_" not in name
+
+
 def make_optimizers(model: GPT, args: Hyperparameters, orthogonalize) -> tuple[Muon, list[torch.optim.Optimizer]]:
     """Muon for the matrices, AdamW for embeddings and for the small control tensors (CoDA's angle and
     gate without weight decay: decay would pull the angle to 0, where noise equals signal)."""
@@ -1288,10 +1309,10 @@ def make_optimizers(model: GPT, args: Hyperparameters, orthogonalize) -> tuple[M
     for name, p in model.named_parameters():
         if name in EMBEDDINGS:
             embeds.append(p)
+        elif is_muon_matrix(name, p):
+            matrices.append(p)
         elif "coda_" in name:
             no_decay.append(p)
-        elif export_kind(name, p) == "int6":
-            matrices.append(p)
         else:
             controls.append(p)
     fused = dict(fused=True) if model.tok_emb.weight.is_cuda else {}
@@ -1352,7 +1373,7 @@ def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, w
     out when twice the slowest so far (at least piece_ms) would not fit. Returns the Hessians and
     this rank's tokens, slowest piece and ms of the sum over ranks."""
     linears = {f"{name}.weight": module for name, module in base_model.named_modules()
-               if isinstance(module, CastedLinear) and export_kind(f"{name}.weight", module.weight) == "int6"}
+               if isinstance(module, CastedLinear) and is_gptq_matrix(f"{name}.weight", module.weight)}
     # Every key from the start: ranks that fed no piece still take part in each sum.
     hessians = {name: torch.zeros(m.in_features, m.in_features, device=device) for name, m in linears.items()}
 
@@ -1672,7 +1693,7 @@ def export(args, base_model: GPT, log, rank: int, code_bytes: int, hessians: dic
         state = base_model.state_dict()
         if hessians is not None:  # GPTQ=1: every int6 matrix was calibrated (a hook that never fired was not)
             missing = [name for name, t in state.items()
-                       if export_kind(name, t) == "int6" and (name not in hessians or not hessians[name].any())]
+                       if is_gptq_matrix(name, t) and (name not in hessians or not hessians[name].any())]
             if missing:
                 raise RuntimeError(f"GPTQ calibration saw no inputs for {missing}")
         packed = quantize_state(state, 0.985 * (args.artifact_limit_bytes - code_bytes), hessians)
