@@ -1415,6 +1415,61 @@ def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, w
     return hessians, dict(tokens=tokens, piece_ms=slowest_ms, reduce_ms=1000.0 * (time.perf_counter() - t0))
 
 
+class AgreedClock:
+    """The training clock all ranks agree on (the largest), and the stop decision taken from it. Each
+    step's flags (elapsed ms, loss not finite) are all-reduced MAX and copied to pinned host memory in
+    stream order, then read one step late: the host waits for the end of the step before the one it
+    has just queued, so the GPU never idles. A NaN on any rank stops all of them."""
+
+    def __init__(self, cap_ms: float, budget_ms: float, world_size: int, log):
+        self.cap_ms, self.budget_ms, self.world_size, self.log = cap_ms, budget_ms, world_size, log
+        self.ms, self.step = 0.0, 0  # the agreed clock at the last step whose flags were read
+        self.unread: list[tuple] = []
+
+    def at(self, step: int) -> float:
+        """The agreed clock extrapolated to step, for the schedule: ranks' own clocks differ a little,
+        and different learning rates would leave each rank a different model."""
+        return self.ms / self.step * step if self.step else 0.0
+
+    def record(self, step: int, elapsed_ms: float, loss: Tensor) -> None:
+        """Queues this step's flags without waiting for them."""
+        flags = torch.stack((torch.full((), elapsed_ms, dtype=torch.float64, device=loss.device),
+                             (~torch.isfinite(loss)).double()))
+        if self.world_size > 1:  # with NCCL the stream, not the host, waits for the reduction
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        copied = None
+        if flags.is_cuda:  # the event marks when the copy has landed
+            flags = torch.empty(2, dtype=flags.dtype, pin_memory=True).copy_(flags, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        self.unread.append((flags, copied, step))
+
+    def poll(self) -> bool:
+        """Reads every step's flags but the newest; whether to stop. The flags are a step old, so
+        training stops once the agreed clock plus three average steps reaches the budget."""
+        if len(self.unread) < 2:
+            return False
+        while len(self.unread) > 1:
+            self._read(*self.unread.pop(0))
+        return self.cap_ms > 0 and self.ms + 3 * self.ms / self.step >= self.budget_ms
+
+    def finish(self) -> None:
+        """Reads the flags left: a NaN in the last step stops the run too."""
+        while self.unread:
+            self._read(*self.unread.pop(0))
+
+    def _read(self, flags: Tensor, copied, step: int) -> None:
+        if copied is not None:
+            copied.synchronize()
+        ms, diverged = flags.tolist()
+        if diverged:
+            msg = (f"training loss is not finite at step {step}: stopping "
+                   f"(try a lower MATRIX_LR/SCALAR_LR/TIED_EMBED_LR or GRAD_CLIP_NORM)")
+            self.log(f"error: {msg}", console=False)
+            raise TrainingDiverged(msg)
+        self.ms, self.step = ms, step
+
+
 def train(args, model, base_model, muon, optimizers, train_files, evaluate, log, rank, world_size, device):
     """The training loop under the wallclock cap. Returns (steps, training ms, GPTQ's Hessians or None)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -1436,20 +1491,6 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         log(f"warmup_steps:{args.warmup_steps} done in {time.perf_counter() - t0:.1f}s "
             f"(weights and optimizer state restored)")
 
-    def read_flags(pending: tuple) -> float:
-        """Waits for one step's all-reduced flags (elapsed ms, loss not finite); returns the elapsed ms
-        all ranks agree on: the largest."""
-        flags, copied, pending_step = pending
-        if copied is not None:
-            copied.synchronize()
-        agreed_ms, diverged = flags.tolist()
-        if diverged:
-            msg = (f"training loss is not finite at step {pending_step}: stopping "
-                   f"(try a lower MATRIX_LR/SCALAR_LR/TIED_EMBED_LR or GRAD_CLIP_NORM)")
-            log(f"error: {msg}", console=False)
-            raise TrainingDiverged(msg)
-        return agreed_ms
-
     def calibrate(time_left_ms=None, piece_ms: float = 0.0) -> tuple[dict[str, Tensor], dict]:
         """GPTQ's Hessians and collect_hessians' figures, with the ms it took in all."""
         t0 = time.perf_counter()
@@ -1460,8 +1501,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
     loader = DistributedTokenLoader(train_files, rank, world_size, device)
     average = WeightAverage(base_model, args)
     cap_ms = 1000.0 * args.max_wallclock_seconds
-    train_ms, step, stop_at, pending, qat_on = 0.0, 0, None, None, False
-    agreed_ms, agreed_step = 0.0, 0  # the clock all ranks agreed on, at the last step whose flags were read
+    train_ms, step, stop_at, qat_on = 0.0, 0, None, False
     # GPTQ's calibration reads training data, so it runs inside the cap: timed here on the initial weights
     # (the second of two runs; the first warms up), the loop stops short of the cap by a margin over that
     # time, and the calibration itself leaves out what might end past the cap. Ranks agree on the largest.
@@ -1475,6 +1515,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
             dist.all_reduce(measured, op=dist.ReduceOp.MAX)
         reserved_ms = GPTQ_MARGIN * measured[0].item()
     budget_ms = cap_ms - reserved_ms
+    clock = AgreedClock(cap_ms, budget_ms, world_size, log)
     finish_id_check()
     if world_size > 1:
         dist.barrier()  # start the clocks together
@@ -1492,9 +1533,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
             t0 = time.perf_counter()
         if last_step:
             break
-        # The schedule reads the agreed clock, extrapolated to this step: ranks' own clocks differ a little,
-        # and different learning rates would leave each rank a different model.
-        scale = lr_scale(args, step, agreed_ms / agreed_step * step if agreed_step else 0.0, budget_ms)
+        scale = lr_scale(args, step, clock.at(step), budget_ms)
         frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps else 1.0
         for group in muon.param_groups:
             group["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
@@ -1509,33 +1548,14 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         step += 1
         average.update(step, scale)
         elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        # The clock and the stop decision, agreed by all ranks (the largest clock; a NaN anywhere stops
-        # all). This step's flags are reduced and copied to pinned host memory in stream order, and read
-        # after the next step is queued: the host waits for this step's end, never the next one's, so the
-        # GPU never idles (a per-step sync cost 5.5 ms of 92; a read queued behind the next step, 4.8 ms
-        # of 85.5: both measured). The host reads one step late, so "near the cap" means within three
-        # average steps of it (two overshot a 180 s cap by 8 ms once).
-        flags = torch.stack((torch.full((), elapsed_ms, dtype=torch.float64, device=train_loss.device),
-                             (~torch.isfinite(train_loss)).double()))
-        if world_size > 1:  # with NCCL the stream, not the host, waits for the reduction
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        copied = None
-        if flags.is_cuda:  # into pinned memory, in stream order; the event marks when the copy has landed
-            flags = torch.empty(2, dtype=flags.dtype, pin_memory=True).copy_(flags, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
-        stop = False
-        if pending is not None:
-            agreed_ms, agreed_step = read_flags(pending), pending[2]
-            stop = cap_ms > 0 and agreed_ms + 3 * agreed_ms / agreed_step >= budget_ms
-        pending = (flags, copied, step)
+        clock.record(step, elapsed_ms, train_loss)
+        stop = clock.poll()
         if args.train_log_every > 0 and (step <= 10 or step % args.train_log_every == 0 or stop):
             log(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} "
                 f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
         if stop and stop_at is None:
             stop_at = step
-    if pending is not None:
-        read_flags(pending)
+    clock.finish()
     base_model.set_qat(False)  # evaluations and export see the plain weights, as LOAD_ARTIFACT will
     log(f"weights for export: {average.apply()}")
     if not args.gptq:
