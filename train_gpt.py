@@ -1,21 +1,11 @@
-"""
-train_gpt.py: the Parameter Golf record-track trainer, in one file.
-
-Trains a GPT whose artifact (int6/int8 weights, zstd level 22, plus the bytes of this file) fits in
-16,000,000 bytes, in 600 s on 8 GPUs, and scores it by exact tokenizer-agnostic bits per byte on the
-FineWeb validation split, after reading the artifact back from disk.
+"""Parameter Golf trainer: a GPT trained in 600 s on 8 GPUs, stored as int6/int8 + zstd within
+16,000,000 bytes with this file, scored from disk by exact bits per byte on FineWeb's validation.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py      # the record run
     torchrun --standalone --nproc_per_node=1 train_gpt.py      # one GPU (GRAD_ACCUM_STEPS=8)
     python train_gpt.py                                        # one process, GPU or CPU
 
-Every knob is an environment variable read once in Hyperparameters (defaults = the record run).
-Where the toggles act: XSA_LAST_N, CODA_LAST_N / CODA_ENABLED and VE_LAST_N in CausalSelfAttention
-(decided per layer in GPT.__init__), VE_DIM in ValueEmbedding, ROPE_DIMS in Rotary, BIGRAM_* in
-BigramHash, MLP_LEAKY_SLOPE in MLP, LN_SCALE in Block, LATE_QAT in CastedLinear (switched on by train),
-EMA_* / SWA_* in WeightAverage, EVAL_STRIDE in Evaluator, LOAD_ARTIFACT / ARTIFACT_* in run's export and
-final evaluation.
-TTT_* in test_time_train, the final evaluation's last step.
+Every toggle is an environment variable read and checked once in Hyperparameters (README: table).
 """
 
 from __future__ import annotations
@@ -51,12 +41,12 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-try:  # FlashAttention-3 (Hopper) for the tensors on FA3_DEVICE, decided here alone; otherwise SDPA
+try:  # FlashAttention-3 (Hopper) on FA3_DEVICE, decided here alone
     from flash_attn_interface import flash_attn_func as fa3_attention
     FA3_DEVICE = "cuda"
 except ImportError:
     fa3_attention = FA3_DEVICE = None
-try:  # XSA's fused kernels on CUDA (CUDA builds of torch bring Triton)
+try:  # XSA's fused kernels on CUDA
     import triton
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
@@ -67,9 +57,7 @@ try:
 except ImportError:
     zstandard = None
 
-# Inductor's mix-order reduction (torch >= 2.10) fused the column sums of several layers' resid_mix and
-# scale gradients into one RMSNorm-backward kernel that ran 4.8 ms, twice a step, on H100 (torch 2.11):
-# off, a step is 8.6% faster (logs/proxy_speed_mix_order.txt).
+# Inductor's mix-order reduction fuses gain gradients into one slow kernel.
 if hasattr(inductor_config.triton, "mix_order_reduction"):
     inductor_config.triton.mix_order_reduction = False
 
@@ -79,7 +67,7 @@ if hasattr(inductor_config.triton, "mix_order_reduction"):
 
 
 class ConfigError(Exception):
-    """Bad input: reported as one line with a non-zero exit, before anything is written."""
+    """Bad input: one line and a non-zero exit, before anything is written."""
 
 
 def _env(name: str, default, cast=int):
@@ -131,7 +119,7 @@ class Hyperparameters:
         self.ln_scale = _flag("LN_SCALE", False)
         self.late_qat = _env("LATE_QAT", 0.0, float)
         self.gptq = _flag("GPTQ", True)
-        # Batches and length of training.
+        # Training.
         self.train_seq_len = _env("TRAIN_SEQ_LEN", 2048)
         self.eval_seq_len = _env("EVAL_SEQ_LEN", 2048)
         self.train_batch_tokens = _env("TRAIN_BATCH_TOKENS", 786_432)
@@ -141,7 +129,7 @@ class Hyperparameters:
         self.warmup_steps = _env("WARMUP_STEPS", 20)
         self.warmdown_iters = _env("WARMDOWN_ITERS", 3500)
         # Weight averaging.
-        self.ema_enabled = _flag("EMA_ENABLED", False)  # off: on the proxy EMA cost 0.006 bpb (README)
+        self.ema_enabled = _flag("EMA_ENABLED", False)  # off: it cost quality on the proxy
         self.ema_decay = _env("EMA_DECAY", 0.997, float)
         self.swa_enabled = _flag("SWA_ENABLED", False)
         self.swa_every = _env("SWA_EVERY", 50)
@@ -156,14 +144,14 @@ class Hyperparameters:
         self.muon_momentum = _env("MUON_MOMENTUM", 0.99, float)
         self.muon_momentum_warmup_start = _env("MUON_MOMENTUM_WARMUP_START", 0.92, float)
         self.muon_momentum_warmup_steps = _env("MUON_MOMENTUM_WARMUP_STEPS", 1500)
-        # Evaluation, logging, export.
+        # Evaluation, export.
         self.eval_stride = _env("EVAL_STRIDE", 64)
         self.val_loss_every = _env("VAL_LOSS_EVERY", 0)
         self.train_log_every = _env("TRAIN_LOG_EVERY", 200)
         self.load_artifact = os.environ.get("LOAD_ARTIFACT") or None
         self.artifact_path = os.environ.get("ARTIFACT_PATH") or "final_model.int6.ptz"
         self.artifact_limit_bytes = _env("ARTIFACT_LIMIT_BYTES", 16_000_000)
-        # Legal score-first test-time training, run last (freeze 0: what both records ran).
+        # Legal score-first test-time training.
         self.ttt_enabled = _flag("TTT_ENABLED", True)
         self.ttt_chunk_tokens = _env("TTT_CHUNK_TOKENS", 32768)
         self.ttt_epochs = _env("TTT_EPOCHS", 3)
@@ -241,7 +229,7 @@ class Hyperparameters:
                 "rope_base", "logit_softcap", "bigram_vocab_size", "bigram_dim", "xsa_last_n", "coda_last_n",
                 "mlp_leaky_slope", "ln_scale")
         shape = {k: getattr(self, k) for k in keys}
-        if self.ve_last_n:  # absent when off: artifacts written before value embeddings existed still load
+        if self.ve_last_n:  # absent when off: older artifacts without value embeddings still load
             shape.update(ve_last_n=self.ve_last_n, ve_dim=self.ve_dim)
         return shape
 
@@ -249,28 +237,26 @@ class Hyperparameters:
 # -----------------------------
 # MUON OPTIMIZER
 # -----------------------------
-# torch.optim.Muon computes the same single-process update (tests/test_model.py checks it), one matrix at
-# a time: 45 ms a step for the record's matrices on one H100, against 6.8 ms here (logs/proxy_profile_step.txt).
-# This one shares matrices out to ranks by cost, each batching its own by shape: one all-gather.
+# Matrices shared out to ranks by cost, batched by shape, then one all-gather.
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
-    """bf16 for products on GPUs; fp32 on CPUs, which emulate bf16 products about 10x slower."""
+    """bf16 for products on GPUs; fp32 on CPUs, which emulate bf16 slowly."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-# torch 2.13 renamed all_gather_into_tensor (the GPU machines run 2.11).
+# Newer torch renamed all_gather_into_tensor.
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
-    """Approximately orthogonalize each matrix of G [..., rows, cols] (quintic Newton-Schulz)."""
+    """Orthogonalizes each matrix of G [..., rows, cols] (quintic Newton-Schulz)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(compute_dtype(G.device)).reshape(-1, *G.shape[-2:])
     transposed = X.size(-2) > X.size(-1)
     X = X.mT if transposed else X
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
-    for _ in range(steps):  # each sum is a product's epilogue: no separate elementwise passes
+    for _ in range(steps):  # each sum rides in a product's epilogue
         A = X @ X.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
         X = torch.baddbmm(X, B, X, beta=a)
@@ -279,9 +265,7 @@ def newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
 
 @functools.cache
 def share_by_cost(shapes: tuple[tuple[int, int], ...], world: int) -> tuple[tuple, tuple, int]:
-    """Muon's plan on `world` ranks: each rank's batches (indices of one shape), where each result
-    lies in the gathered buffer, and each rank's share of it. Greedy by Newton-Schulz multiply-adds
-    (2 m^2 n + m^3, m <= n), costliest first to the least loaded rank (by count, ranks sat idle)."""
+    """Muon's plan, greedy by cost: each rank's batches, each result's offset, a rank's share."""
     cost = [2 * min(s) ** 2 * max(s) + min(s) ** 3 for s in shapes]
     load, batches = [0] * world, [{} for _ in range(world)]
     for i in sorted(range(len(shapes)), key=lambda i: (-cost[i], i)):
@@ -290,7 +274,7 @@ def share_by_cost(shapes: tuple[tuple[int, int], ...], world: int) -> tuple[tupl
         load[r] += cost[i]
     order = [[i for batch in mine.values() for i in batch] for mine in batches]
     size = max(sum(math.prod(shapes[i]) for i in mine) for mine in order)
-    at = {i: r * size + sum(math.prod(shapes[k]) for k in mine[:j])  # after the rank's earlier ones
+    at = {i: r * size + sum(math.prod(shapes[k]) for k in mine[:j])
           for r, mine in enumerate(order) for j, i in enumerate(mine)}
     offsets = tuple(at[i] for i in range(len(shapes)))
     return tuple(tuple(map(tuple, mine.values())) for mine in batches), offsets, size
@@ -342,7 +326,7 @@ DOWNLOAD_HINT = ("download the data with `python3 data/cached_challenge_fineweb.
 
 def shard_num_tokens(path: str) -> int:
     """Checks a shard's header and exact size; returns its token count."""
-    if not os.path.isfile(path):  # reading a directory or a dangling link fails, a FIFO hangs
+    if not os.path.isfile(path):  # a FIFO would hang
         what = ("a directory" if os.path.isdir(path) else
                 "a dangling link" if os.path.islink(path) else "not a regular file")
         raise ConfigError(f"{path}: {what}, expected a shard file")
@@ -358,7 +342,7 @@ def shard_num_tokens(path: str) -> int:
 
 
 def load_shard(path: str, vocab_size: int = 0) -> np.ndarray:
-    """Memory-mapped (a reader reads only what it touches); with vocab_size, every id checked."""
+    """Memory-mapped: a reader reads only what it touches. With vocab_size, every id checked."""
     n = shard_num_tokens(path)  # mmap refuses an empty shard
     tokens = np.memmap(path, "<u2", "r", 4 * HEADER_INTS, (n,)) if n else np.zeros(0, "<u2")
     if vocab_size and (top := tokens.max(initial=0)) >= vocab_size:
@@ -370,7 +354,7 @@ def find_shards(data_path: str, split: str, min_tokens: int) -> list[str]:
     """The split's shards, every header checked, holding at least min_tokens in all."""
     if not os.path.isdir(data_path):
         raise ConfigError(f"DATA_PATH={data_path}: not a directory ({DOWNLOAD_HINT})")
-    names = fnmatch.filter(os.listdir(data_path), f"fineweb_{split}_*.bin")  # no glob: data[1]/ too
+    names = fnmatch.filter(os.listdir(data_path), f"fineweb_{split}_*.bin")  # glob misreads "[1]"
     files = [os.path.join(data_path, name) for name in sorted(names)]
     if not files:
         raise ConfigError(f"DATA_PATH={data_path} has no fineweb_{split}_*.bin shards: {DOWNLOAD_HINT}")
@@ -381,11 +365,11 @@ def find_shards(data_path: str, split: str, min_tokens: int) -> list[str]:
 
 
 class DistributedTokenLoader:
-    """Each micro-step takes one span of the shards' looping stream; a rank reads only its slice."""
+    """Each micro-step takes a span of the looping stream; a rank reads only its slice."""
 
     def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device):
         self.shards = [load_shard(f) for f in files]
-        self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # where each shard begins
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
         self.pos, self.rank, self.world_size, self.device = 0, rank, world_size, device
 
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
@@ -403,7 +387,7 @@ class DistributedTokenLoader:
 
 
 def read_before_clock(args: Hyperparameters, files: list[str]) -> list[str]:
-    """The train shards the warm-up and calibration read: checked before them, the rest beside."""
+    """The train shards the warm-up and calibration read, so checked before them."""
     steps = max(1, args.warmup_steps)  # calibration reads one step; a rank's span is its batch + 1
     n = steps * (args.train_batch_tokens + args.world_size * args.grad_accum_steps)
     starts = np.cumsum([0] + [shard_num_tokens(f) for f in files])
@@ -411,8 +395,7 @@ def read_before_clock(args: Hyperparameters, files: list[str]) -> list[str]:
 
 
 def check_train_ids(args, files: list[str], rank: int, world_size: int, device):
-    """Starts a thread checking this rank's share (every W-th) of the shards read_before_clock
-    leaves; the function returned waits for it, and all ranks stop at the first bad shard of any."""
+    """Checks this rank's share of the later shards in a thread; the function returned waits."""
     early = read_before_clock(args, files)
     mine = [i for i in range(rank, len(files), world_size) if files[i] not in early]
     bad = lambda i: load_shard(files[i]).max(initial=0) >= args.vocab_size  # noqa: E731
@@ -423,7 +406,7 @@ def check_train_ids(args, files: list[str], rank: int, world_size: int, device):
         if world_size > 1:
             dist.all_reduce(first, op=dist.ReduceOp.MIN)
         if first.item() < len(files):
-            load_shard(files[first.item()], args.vocab_size)  # raises, naming the shard and the id
+            load_shard(files[first.item()], args.vocab_size)  # raises, naming shard and id
 
     return wait
 
@@ -435,9 +418,8 @@ def load_validation_tokens(files: list[str], vocab_size: int) -> Tensor:
 # -----------------------------
 # BITS-PER-BYTE ACCOUNTING
 # -----------------------------
-# A token's bytes are those of its piece with "▁" removed; byte tokens count 1; control, unknown and
-# unused tokens count 0 and are boundaries; a piece starting with "▁" gains the space's byte unless
-# the previous token is a boundary (sentencepiece drops the leading space of a document).
+# A token's bytes: its piece's without "▁" (byte tokens 1; control, unknown, unused 0: boundaries),
+# plus a leading "▁"'s space unless after a boundary (sentencepiece drops a document's).
 
 
 def build_byte_luts(sp: spm.SentencePieceProcessor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -468,16 +450,14 @@ def token_bytes(prev: Tensor, target: Tensor, luts: tuple[Tensor, Tensor, Tensor
 
 
 def fake_int6(w: Tensor) -> Tensor:
-    """w rounded to the int6 per-row absmax grid of the export (in value, not in storage)."""
+    """w rounded to the export's int6 per-row absmax grid (in value, not in storage)."""
     scale = w.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 31
     return torch.clamp(torch.round(w.detach() / scale), -31, 31) * scale
 
 
 class CastedLinear(nn.Linear):
-    """Weights stay fp32 for the optimizer; the product runs in the activations' dtype (bf16).
-    With quantization-aware training enabled (GPT.__init__ decides), the forward uses the int6-rounded
-    weights when the `qat` buffer is 1, with straight-through gradients. A buffer, not a Python flag:
-    the compiled graph reads it at run time, so switching it on mid-run takes effect (tested)."""
+    """fp32 weights, products in the activations' dtype; int6-rounded, straight-through, while
+    the `qat` buffer (which compiled graphs read) is 1."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -487,9 +467,7 @@ class CastedLinear(nn.Linear):
         self.qat = torch.zeros((), device=self.weight.device)
 
     def forward(self, x: Tensor, out_scale: Tensor | None = None) -> Tensor:
-        """out_scale: a gain on the output channels (or one scalar), folded into the weight's rows so the
-        product applies it: its gradient then comes from the weight's gradient (a sum over the weight)
-        instead of a sum over every token of the activations, which cost 0.07 ms per gain on one H100."""
+        """out_scale: a gain folded into the weight's rows: its gradient sums over the weight."""
         w = self.weight
         if self.qat is not None:
             w = w + self.qat * (fake_int6(w) - w.detach())
@@ -501,7 +479,7 @@ class CastedLinear(nn.Linear):
 
 @torch.library.custom_op("train_gpt::cos_sin", mutates_args=())
 def cos_sin(theta: Tensor) -> Tensor:
-    """[cos θ, sin θ] in one op Inductor keeps whole: inlined, they were recomputed in every noise query element."""
+    """[cos θ, sin θ] as one op Inductor cannot inline into every noise query element."""
     return torch.stack((theta.cos(), theta.sin()))
 
 
@@ -511,13 +489,13 @@ cos_sin.register_autograd(lambda ctx, g: g[1] * ctx.saved_tensors[0][0] - g[0] *
 
 
 def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotates the half-split pairs (i, i + n/2) of the last dim of x by the angles behind cos/sin."""
+    """Rotates the half-split pairs (i, i + n/2) of x's last dim by the angles of cos/sin."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
 class Rotary(nn.Module):
-    """RoPE on the first rope_dims of each head; the remaining dims carry no position."""
+    """RoPE on the first rope_dims of each head; the other dims carry no position."""
 
     def __init__(self, head_dim: int, rope_dims: int, base: float, max_len: int):
         super().__init__()
@@ -535,14 +513,13 @@ class Rotary(nn.Module):
         return torch.cat((rotate_pairs(x[..., :r], cos, sin), x[..., r:]), dim=-1)
 
 
-# SDPA's order of preference: cuDNN first (on H100: 2.44 ms against 3.85 ms for flash per layer fwd+bwd
-# at one rank's record shape); whichever supports the inputs runs.
+# SDPA's order of preference, fastest first; the first that supports the inputs runs.
 SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                  SDPBackend.MATH]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal attention, q [B, T, H, D] against k, v [B, T, Hkv, D]; query head h reads KV head h // (H/Hkv)."""
+    """Causal attention, q [B, T, H, D] against k, v [B, T, Hkv, D] (GQA)."""
     if q.device.type == FA3_DEVICE:
         out = fa3_attention(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
@@ -552,21 +529,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def exclusive_reference(y: Tensor, v: Tensor) -> Tensor:
-    """XSA in fp32: y - (y.v_hat) v_hat for y [B, T, Hkv, G, D] (the G query heads of each KV head) and their
-    own values v [B, T, Hkv, D], v_hat = v / max(|v|, 1e-12). Where it runs inside a larger fused expression (CoDA's
-    combination), Inductor fuses it there; elsewhere on CUDA the Triton kernels below replace it."""
+    """XSA in fp32: y - (y.v_hat) v_hat; on CUDA outside CoDA, Triton kernels replace it."""
     y, v_hat = y.float(), F.normalize(v.float(), dim=-1).unsqueeze(-2)
     return y - (y * v_hat).sum(-1, keepdim=True) * v_hat
 
 
 if triton is not None:
-    # Inductor compiled XSA into one forward and two backward kernels (0.34 ms a layer on H100); these do the
-    # backward in one pass over (grad, y, v). Each program takes XSA_ROWS (token, KV head) rows, all G heads.
+    # The backward in one pass; a program takes XSA_ROWS (token, KV head) rows, all G heads.
     XSA_ROWS = 32
 
     @triton.jit
     def _xsa_rows(v_ptr, n_rows, D: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-        """This program's rows: their offsets in v, mask, unit values v_hat (fp32) and norms |v|."""
+        """This program's rows: offsets in v, mask, unit values v_hat (fp32) and norms |v|."""
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         offs = rows[:, None] * D + tl.arange(0, BLOCK_D)[None, :]
         mask = (rows[:, None] < n_rows) & (tl.arange(0, BLOCK_D)[None, :] < D)
@@ -596,7 +570,7 @@ if triton is not None:
             g_dot, y_dot = tl.sum(g * v_hat, axis=1)[:, None], tl.sum(y * v_hat, axis=1)[:, None]
             tl.store(gy_ptr + head, (g - g_dot * v_hat).to(gy_ptr.dtype.element_ty), mask=mask)
             g_v_hat -= g_dot * y + y_dot * g
-        # through v_hat = v / max(|v|, eps): the tangential part over |v|, or all of it over eps below eps
+        # through v_hat = v / max(|v|, eps): the tangential part over |v|, or all over eps below it
         radial = tl.where(norm >= 1e-12, tl.sum(g_v_hat * v_hat, axis=1), 0.0)[:, None]
         g_v = (g_v_hat - radial * v_hat) / tl.maximum(norm, 1e-12)[:, None]
         tl.store(gv_ptr + offs, g_v.to(gv_ptr.dtype.element_ty), mask=mask)
@@ -608,7 +582,7 @@ if triton is not None:
 
     @triton_op("train_gpt::xsa", mutates_args=())
     def xsa_kernel(y: Tensor, v: Tensor) -> Tensor:
-        """exclusive_reference(y, v) in y's dtype, for contiguous y and v."""
+        """exclusive_reference(y, v) in y's dtype (contiguous y and v)."""
         out = torch.empty_like(y)
         _xsa_launch(_xsa_forward, v, y, v, out)
         return out
@@ -624,7 +598,7 @@ if triton is not None:
 
 
 def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
-    """exclusive_reference(y, v): by the Triton kernels on CUDA, in y's dtype."""
+    """exclusive_reference(y, v), by the Triton kernels on CUDA."""
     if triton is not None and y.is_cuda:
         return xsa_kernel(y.contiguous(), v.contiguous())
     return exclusive_reference(y, v)
@@ -643,11 +617,11 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
         self.rotary = rotary
         self.xsa, self.coda = xsa, coda
-        # The layer's gain on the shared value embedding added to its values (None: the layer takes none).
+        # The gain on the shared value embedding (None: this layer takes none).
         self.ve_scale = nn.Parameter(torch.ones(())) if value_embed else None
         if coda:
-            # Noise queries: q turned by a learned angle in each RoPE plane (so it commutes with RoPE);
-            # at pi/2 noise scores are uncorrelated with signal scores. The gate starts near 0 (bias -6).
+            # Noise queries: q turned by a learned angle per RoPE plane (commutes with RoPE),
+            # uncorrelated at pi/2; the gate starts near 0.
             self.coda_theta = nn.Parameter(torch.full((num_heads, self.head_dim // 2), math.pi / 2))
             self.coda_gate = CastedLinear(dim, num_heads, bias=True)
             self.coda_gate.zero_init = True
@@ -669,23 +643,21 @@ class CausalSelfAttention(nn.Module):
         q = F.rms_norm(self.c_q(x).view(B, T, H, D), (D,))
         k = F.rms_norm(self.c_k(x).view(B, T, Hkv, D), (D,))
         v = self.c_v(x).view(B, T, Hkv, D)
-        if self.ve_scale is not None:  # XSA below then removes the component along this v, embedding included
+        if self.ve_scale is not None:  # before XSA, which then removes it along with v
             v = v + self.ve_scale.to(x.dtype) * ve.view(B, T, Hkv, D)
         q = self.rotary(q) * self.q_gain.to(x.dtype)[:, None]
         k = self.rotary(k)
-        if self.coda:  # one attention call: signal and noise queries stacked on the group axis of each KV head
+        if self.coda:  # one attention call: noise queries on each KV head's group axis
             q = torch.cat((q.view(B, T, Hkv, G, D), self.noise_queries(q).view(B, T, Hkv, G, D)), dim=3)
             q = q.view(B, T, 2 * H, D)
         y = attention(q, k, v).view(B, T, Hkv, -1, D)
-        # XSA and CoDA's combination run in fp32 (fused, so no extra memory traffic): in bf16 the XSA
-        # remainder (~2^-8 of y) would be scaled back up by CoDA's RMSNorm wherever y is nearly all v.
-        # CoDA combines signal and noise first: XSA's projection is linear and both share V, so it then
-        # runs once, on half the heads, with the same result as on each stream.
-        if self.coda:  # the whole combination (XSA included) fuses into one kernel each way
+        # fp32: CoDA's RMSNorm would scale a bf16 XSA remainder back up. XSA is linear and both
+        # streams share V: it runs once, after the combination.
+        if self.coda:
             signal, noise = y.float().split(G, dim=3)
             y = signal - torch.sigmoid(self.coda_gate(x).float()).view(B, T, Hkv, G, 1) * noise
             y = F.rms_norm(exclusive_reference(y, v) if self.xsa else y, (D,))
-        elif self.xsa:  # per KV group on the [B, T, Hkv, G, D] view: no copies of V
+        elif self.xsa:  # on the [B, T, Hkv, G, D] view: no copies of V
             y = exclusive_self_attention(y, v)
         return self.proj(y.to(x.dtype).reshape(B, T, C), out_scale)
 
@@ -711,7 +683,7 @@ class Block(nn.Module):
         super().__init__()
         self.attn = attn
         self.mlp = MLP(dim, mlp_mult, leaky_slope)
-        self.norm_scale = norm_scale  # scales the normalized inputs of attention and MLP
+        self.norm_scale = norm_scale  # on the normalized inputs of attention and MLP
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
@@ -719,13 +691,13 @@ class Block(nn.Module):
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        # attn_scale and mlp_scale ride in the branches' output products (CastedLinear's out_scale)
+        # the gains ride in the output products
         x = x + self.attn(F.rms_norm(x, (x.size(-1),)) * self.norm_scale, ve, self.attn_scale)
         return x + self.mlp(F.rms_norm(x, (x.size(-1),)) * self.norm_scale, self.mlp_scale)
 
 
 class SmearGate(nn.Module):
-    """Blends each position with the previous one through a learned per-channel gate."""
+    """Blends each position with the previous one by a learned per-channel gate."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -737,7 +709,7 @@ class SmearGate(nn.Module):
 
 
 class BigramHash(nn.Module):
-    """Embeds a hash of (previous token, token) into buckets; the last bucket stands for 'no previous'."""
+    """Embeds a hash of (previous token, token); the last bucket stands for 'no previous'."""
 
     def __init__(self, buckets: int, bigram_dim: int, model_dim: int):
         super().__init__()
@@ -755,8 +727,7 @@ class BigramHash(nn.Module):
 
 
 class ValueEmbedding(nn.Module):
-    """A second token embedding, projected to the KV width and added to the values of the deepest VE_LAST_N
-    layers (one table for all of them; each layer has its own gain). The projection starts at zero."""
+    """A second token embedding, added to the values of the deepest VE_LAST_N layers."""
 
     def __init__(self, vocab_size: int, ve_dim: int, kv_dim: int):
         super().__init__()
@@ -785,15 +756,15 @@ class GPT(nn.Module):
         head_dim = model_dim // num_heads
         self.value_embed = ValueEmbedding(vocab_size, ve_dim, num_kv_heads * head_dim) if ve_last_n else None
         rotary = Rotary(head_dim, rope_dims, rope_base, max_seq_len)
-        # The one place each layer's XSA, CoDA and value embedding are decided: the deepest N layers get them.
+        # Each layer's XSA, CoDA and value embedding, decided here alone: the deepest N.
         self.blocks = nn.ModuleList(
             Block(model_dim, mlp_mult, CausalSelfAttention(
                 model_dim, num_heads, num_kv_heads, rotary, qk_gain_init, xsa=i >= num_layers - xsa_last_n,
                 coda=i >= num_layers - coda_last_n, value_embed=i >= num_layers - ve_last_n),
                 mlp_leaky_slope, 1 / math.sqrt(i + 1) if ln_scale else 1.0)
             for i in range(num_layers))
-        self.num_skips = num_layers // 2  # U-Net: the first half's outputs feed the second half in reverse
-        # None with no skips (one layer): DDP fails on a parameter that never gets a gradient.
+        self.num_skips = num_layers // 2  # U-Net: the first half's outputs feed the second, reversed
+        # None with one layer: DDP fails on a parameter that never gets a gradient.
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, model_dim)) if self.num_skips else None
         self._init_weights(tied_embed_init_std)
         if qat:
@@ -853,11 +824,7 @@ def build_model(args: Hyperparameters, device: torch.device) -> GPT:
 
 
 def plan_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
-    """(start, first scored offset) of each window, so that every target is scored exactly once.
-
-    Windows are seq_len long (the whole stream if shorter). The first scores all its targets, the next
-    ones their last `stride`, and a final window ending at the stream's end scores only the remainder.
-    With stride == seq_len this is the plain non-overlapping evaluation."""
+    """(start, first scored offset) of each window, scoring every target exactly once."""
     if num_targets <= seq_len:
         return [(0, 0)]
     windows, end = [(0, 0)], seq_len
@@ -870,7 +837,7 @@ def plan_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int,
 
 
 class Evaluator:
-    """Scores the validation stream (targets = tokens[1:]) with windows split across ranks; float64 sums."""
+    """Scores the validation stream (targets = tokens[1:]), windows split across ranks."""
 
     def __init__(self, tokens: Tensor, seq_len: int, stride: int, luts, device: torch.device, rank: int,
                  world_size: int, batch_tokens: int = 131072):
@@ -893,7 +860,7 @@ class Evaluator:
 
     @torch.no_grad()
     def score(self, windows: Tensor, nll_fn, batch: int) -> Tensor:
-        """float64 sums (nll, targets, bytes) of these windows on this rank, `batch` at a time."""
+        """float64 sums (nll, targets, bytes) of these windows, `batch` at a time."""
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         for i in range(0, len(windows), batch):
             w = windows[i:i + batch]
@@ -910,7 +877,7 @@ class Evaluator:
         return sums
 
     def result(self, sums: Tensor) -> tuple[float, float, int, int]:
-        """(loss, bpb, targets, bytes) of sums over all ranks, which count every target once."""
+        """(loss, bpb, targets, bytes) of the sums over all ranks."""
         nll_sum, n_tokens, n_bytes = sums.tolist()
         if int(n_tokens) != self.num_targets:
             raise RuntimeError(f"evaluation scored {int(n_tokens)} targets, expected {self.num_targets}")
@@ -919,13 +886,11 @@ class Evaluator:
 
 
 def test_time_train(ev: Evaluator, stride: int, model: GPT, nll_fn, args, log) -> tuple:
-    """Legal score-first TTT: chunk by chunk, score the chunk's windows, then train on the targets
-    they scored (SGD, TTT_EPOCHS passes): every target is scored once, before it is trained on.
-    Returns evaluate's (loss, bpb, targets, bytes) and each chunk's float64 nll, targets, bytes."""
+    """Legal score-first TTT: each chunk is scored, then trained on. Evaluate's result, chunk sums."""
     rank, world, L, t0, score_s = ev.rank, ev.world_size, ev.seq_len, time.perf_counter(), 0.0
     sync = torch.cuda.synchronize if ev.device.type == "cuda" else (lambda: None)
     plan = torch.tensor(plan_windows(ev.num_targets, L, stride), dtype=torch.int64).view(-1, 2)
-    # A chunk holds the windows whose first scored target falls in it: its edges are windows' edges.
+    # A chunk holds the windows whose first scored target falls in it.
     counts = plan.sum(1).div(args.ttt_chunk_tokens, rounding_mode="floor").unique_consecutive(
         return_counts=True)[1].tolist()
     chunks = plan.split(counts)
@@ -958,7 +923,7 @@ def test_time_train(ev: Evaluator, stride: int, model: GPT, nll_fn, args, log) -
             for i in range(0, padded, micro):
                 rows = ev.tokens[starts[i:i + micro, None] + ev.offsets]
                 (nll_fn(rows[:, :-1], rows[:, 1:]) * weight[i:i + micro]).sum().backward()
-            if world > 1:  # the chunk's mean gradient on every rank: the same weights everywhere
+            if world > 1:  # the mean gradient everywhere: the same weights on every rank
                 flat = torch.cat([p.grad.flatten() for p in params])
                 dist.all_reduce(flat)
                 for p, g in zip(params, flat.split([p.numel() for p in params])):
@@ -982,11 +947,7 @@ def test_time_train(ev: Evaluator, stride: int, model: GPT, nll_fn, args, log) -
 # -----------------------------
 # EXPORT: INT6 / INT8 + ZSTD
 # -----------------------------
-# Muon matrices: int6 per row with a per-row clip picked by reconstruction error (dropping to int5,
-# largest saving first, only as far as needed to fit the size limit); embeddings: int8 per row;
-# control tensors (gains, gates, mixes, angles): fp32; anything else small: fp16. Codes are stored one
-# per int8 byte: zstd's entropy coder takes the unused high bits back (within 1% of the codes' order-0
-# entropy, measured).
+# One code per byte: zstd takes the unused bits back.
 
 ARTIFACT_MAGIC = b"PGINT6\x00\x01"
 CONTROL_PATTERNS = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "smear", "bigram.scale",
@@ -1006,28 +967,25 @@ def export_kind(name: str, t: Tensor) -> str:
         return "fp32"
     if name in EMBEDDINGS:
         return "int8"
-    if t.ndim == 2 and "coda_" not in name:  # CoDA's gate is small: fp16 costs little
+    if t.ndim == 2 and "coda_" not in name:  # CoDA's gate is small
         return "int6"
     return "fp16"
 
 
 def is_qat_matrix(name: str, t: Tensor) -> bool:
-    """QAT trains against the grid the export rounds to, which only the int6 matrices have."""
+    """QAT trains on the grid the export rounds to: the int6 matrices'."""
     return export_kind(name, t) == "int6"
 
 
 def is_gptq_matrix(name: str, t: Tensor) -> bool:
-    """GPTQ rounds the int6 matrices (int5 too) from their inputs' Hessians: those get hooks."""
+    """GPTQ rounds the int6 (or int5) matrices from their inputs' Hessians."""
     return export_kind(name, t) == "int6"
 
 
 def gptq_codes(w: Tensor, scale: Tensor, qmax: int, hessian: Tensor, block: int = 128) -> Tensor | None:
-    """GPTQ: w's columns are rounded one at a time, the inputs of most energy first, each to its row's grid
-    (scale), and each column's rounding error is moved onto the columns not yet rounded through the inverse
-    of hessian (the calibration inputs' X^T X, 1% damped), so the product's error on those inputs is least.
-    Rows are independent. Returns the codes, or None when the damped Hessian is not positive definite."""
+    """GPTQ: columns rounded in turn, each error moved onto the rest by the inverse Hessian."""
     h = hessian.float().clone()
-    dead = h.diagonal() == 0  # an input that was always 0: its column is plainly rounded
+    dead = h.diagonal() == 0  # an input always 0: its column is plainly rounded
     h[dead, dead] = 1.0
     h.diagonal().add_(0.01 * h.diagonal().mean())
     order = torch.argsort(h.diagonal(), descending=True)
@@ -1051,17 +1009,15 @@ def gptq_codes(w: Tensor, scale: Tensor, qmax: int, hessian: Tensor, block: int 
 
 
 def quantize_rows(w: Tensor, bits: int, quantiles=(1.0,), hessian: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row quantization to [-(2^(bits-1)-1), 2^(bits-1)-1]; for each row the clip among
-    the |w| quantiles with the least reconstruction error: squared, or with a calibration Hessian (GPTQ=1)
-    the error of the product on the calibration inputs, the codes then found by GPTQ for every clip.
-    Returns (int8 codes, fp16 scales), on the CPU."""
+    """int8 codes, fp16 scales (CPU), each row at its |w| quantile clip of least error (given a
+    Hessian: the product's, with GPTQ)."""
     w = w.float() if hessian is None else w.to(hessian.device, torch.float32)
     qmax = 2 ** (bits - 1) - 1
-    inner = [quantile for quantile in quantiles if quantile != 1.0]  # one sort for all of them
+    inner = [quantile for quantile in quantiles if quantile != 1.0]  # one sort for all
     inner_clips = iter(torch.quantile(w.abs(), torch.tensor(inner, dtype=w.dtype, device=w.device), dim=1)
                        if inner else [])
     clips = torch.stack([w.abs().amax(dim=1) if quantile == 1.0 else next(inner_clips) for quantile in quantiles])
-    scales = (clips / qmax).half().clamp_min(2 ** -24).float()  # [clips, rows], as stored: fp16, never 0
+    scales = (clips / qmax).half().clamp_min(2 ** -24).float()  # as stored: fp16, never 0
     codes = None
     if hessian is not None:  # every clip at once: GPTQ's rows are independent
         codes = gptq_codes(w.repeat(len(quantiles), 1), scales.flatten(), qmax, hessian)
@@ -1076,8 +1032,7 @@ def quantize_rows(w: Tensor, bits: int, quantiles=(1.0,), hessian: Tensor | None
 
 
 def packed_bytes(entry: tuple) -> float:
-    """Expected compressed size of one packed tensor: the order-0 entropy of its codes plus its scales,
-    or the raw bytes of a float tensor."""
+    """Expected compressed size: codes' order-0 entropy plus scales, or a float tensor's bytes."""
     kind, data, *scales = entry
     if not scales:
         return data.numel() * data.element_size()
@@ -1088,9 +1043,7 @@ def packed_bytes(entry: tuple) -> float:
 
 def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf,
                    hessians: dict[str, Tensor] | None = None) -> dict[str, tuple]:
-    """Packs a state dict for export. While the expected size is over budget_bytes, int6 matrices drop
-    to int5, the largest saving first (the MLP's matrices, three times larger, come first). With hessians
-    (GPTQ=1) the matrices that have one are quantized by GPTQ."""
+    """Packs a state dict; over budget_bytes, int6 matrices drop to int5, largest saving first."""
     state = {name: t.detach().cpu() for name, t in state.items()}
     hessians = hessians or {}
     packed = {}
@@ -1125,9 +1078,7 @@ NUMPY_DTYPES = {"int5": np.int8, "int6": np.int8, "int8": np.int8, "fp16": np.fl
 
 
 def serialize(packed: dict[str, tuple], shape: dict) -> bytes:
-    """A compressed JSON index, one zstd-22 frame per tensor's data, then one frame of all scales.
-    Separate frames let each distribution have its own entropy tables: one frame over everything came
-    out 2% larger, and scales sharing a block with codes up to 2.6%, measured. Frames compress in parallel."""
+    """JSON index, one zstd frame per tensor and one of all scales: each its own entropy tables."""
     names = sorted(packed)
     chunks = [packed[n][1].numpy().tobytes() for n in names]
     chunks.append(b"".join(packed[n][2].numpy().tobytes() for n in names if len(packed[n]) == 3))
@@ -1160,7 +1111,7 @@ def deserialize(payload: bytes) -> tuple[dict, dict[str, tuple]]:
 
 
 def write_atomic(path: str, data: bytes) -> None:
-    """Writes a temp file beside path, then renames it over path: readers see the old file or the new."""
+    """Writes a temp file beside path and renames it over path: readers see old or new."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -1168,13 +1119,13 @@ def write_atomic(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:  # a failed write or rename, or an interrupt, leaves no temp file behind
+    finally:  # no temp file left behind, whatever happened
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 def write_artifact(path: str, packed: dict[str, tuple], shape: dict) -> bytes:
-    """Writes magic, sha256 of the payload, payload; returns the sha256."""
+    """Writes magic, the payload's sha256, payload; returns the sha256."""
     payload = serialize(packed, shape)
     digest = hashlib.sha256(payload).digest()
     write_atomic(path, ARTIFACT_MAGIC + digest + payload)
@@ -1183,8 +1134,7 @@ def write_artifact(path: str, packed: dict[str, tuple], shape: dict) -> bytes:
 
 def read_artifact(path: str, shape: dict, variable: str = "LOAD_ARTIFACT",
                   digest: bytes | None = None) -> dict[str, Tensor]:
-    """Reads and checks an artifact (and, given one, that it is the one whose sha256 is digest);
-    anything wrong with it is a ConfigError naming the file."""
+    """Reads and checks an artifact (and that its sha256 is digest); ConfigError if wrong."""
     try:
         blob = Path(path).read_bytes()
     except OSError as e:
@@ -1200,7 +1150,7 @@ def read_artifact(path: str, shape: dict, variable: str = "LOAD_ARTIFACT",
         written_shape, packed = deserialize(blob[head:])
     except (zstandard.ZstdError, ValueError, KeyError, TypeError):
         raise ConfigError(f"{variable}={path}: unreadable payload") from None
-    for key in [*shape, *(k for k in written_shape if k not in shape)]:  # absent on one side: off there (0)
+    for key in [*shape, *(k for k in written_shape if k not in shape)]:  # absent: off (0)
         if shape.get(key, 0) != written_shape.get(key, 0):
             raise ConfigError(f"{variable}={path} was written with {key.upper()}={written_shape.get(key, 0)}, "
                               f"this run has {key.upper()}={shape.get(key, 0)}")
@@ -1213,8 +1163,7 @@ def read_artifact(path: str, shape: dict, variable: str = "LOAD_ARTIFACT",
 
 
 class WeightAverage:
-    """EMA of the weights (fp32 shadow, every step) and SWA (fp32 sum of checkpoints taken every
-    SWA_EVERY steps once the warmdown has begun). SWA, when enabled and sampled, wins over EMA."""
+    """fp32 EMA (every step) and SWA (every SWA_EVERY steps in the warmdown); SWA wins."""
 
     def __init__(self, model: nn.Module, args: Hyperparameters):
         self.params = list(model.parameters())
@@ -1235,7 +1184,7 @@ class WeightAverage:
 
     @torch.no_grad()
     def apply(self) -> str:
-        """Loads the chosen average into the model; returns what was loaded."""
+        """Loads the chosen average into the model; returns its name."""
         if self.swa is not None:
             chosen, what = [s / self.swa_count for s in self.swa], f"swa({self.swa_count} checkpoints)"
         elif self.ema is not None:
@@ -1274,8 +1223,7 @@ LOG_HEADER_END = "=" * 100
 
 
 def log_environment(log, cuda: bool) -> None:
-    """The log file (not the console) begins with this script's source and the software and GPUs it
-    ran on, for reviewers; a line of 100 '=' ends that header."""
+    """Heads the log file with this source, the software and the GPUs; 100 '=' end it."""
     log(f"{'=' * 43} train_gpt.py {'=' * 44}\n{Path(__file__).read_text(encoding='utf-8')}", console=False)
     log(f"python:{platform.python_version()} torch:{torch.__version__} cuda:{torch.version.cuda} "
         f"cudnn:{torch.backends.cudnn.version()} triton:{triton.__version__ if triton else None} "
@@ -1297,14 +1245,12 @@ class TrainingDiverged(Exception):
 
 
 def is_muon_matrix(name: str, p: Tensor) -> bool:
-    """Muon orthogonalizes the weights of products; embeddings are lookups, and control tensors and
-    CoDA's gate are small, so AdamW trains those."""
+    """Muon trains the products' weights; AdamW the lookups and the small tensors."""
     return p.ndim == 2 and name not in EMBEDDINGS and not is_control(name) and "coda_" not in name
 
 
 def make_optimizers(model: GPT, args: Hyperparameters, orthogonalize) -> tuple[Muon, list[torch.optim.Optimizer]]:
-    """Muon for the matrices, AdamW for embeddings and for the small control tensors (CoDA's angle and
-    gate without weight decay: decay would pull the angle to 0, where noise equals signal)."""
+    """Muon for the matrices, AdamW for the rest; CoDA never decays (angle 0: noise = signal)."""
     embeds, matrices, controls, no_decay = [], [], [], []
     for name, p in model.named_parameters():
         if name in EMBEDDINGS:
@@ -1330,9 +1276,7 @@ def make_optimizers(model: GPT, args: Hyperparameters, orthogonalize) -> tuple[M
 
 
 def lr_scale(args: Hyperparameters, step: int, elapsed_ms: float, budget_ms: float) -> float:
-    """1 until the warmdown, then linear to 0: over the last WARMDOWN_ITERS steps, or, under a wallclock
-    cap, over the time those steps are predicted to take at the average step time so far, ending when
-    the training budget_ms (the cap less GPTQ's calibration) is spent."""
+    """1, then linear to 0 over the last WARMDOWN_ITERS steps (under a cap: their predicted time)."""
     if args.warmdown_iters == 0:
         return 1.0
     if args.max_wallclock_seconds == 0:
@@ -1343,7 +1287,7 @@ def lr_scale(args: Hyperparameters, step: int, elapsed_ms: float, budget_ms: flo
 
 
 def train_step(args, model, base_model, optimizers, loader: DistributedTokenLoader) -> Tensor:
-    """One optimizer step over GRAD_ACCUM_STEPS micro-batches; returns the mean loss (on device)."""
+    """One optimizer step over GRAD_ACCUM_STEPS micro-batches; the mean loss, on device."""
     loss_sum = None
     for micro in range(args.grad_accum_steps):
         x, y = loader.next_batch(args.micro_batch_tokens, args.train_seq_len)
@@ -1360,21 +1304,17 @@ def train_step(args, model, base_model, optimizers, loader: DistributedTokenLoad
     return loss_sum / args.grad_accum_steps
 
 
-CALIBRATION_PIECES = 8  # per micro-batch: the deadline then drops at most an eighth of one at a time
-GPTQ_MARGIN = 1.25  # the loop stops this many measured calibrations short of the cap
+CALIBRATION_PIECES = 8  # per micro-batch: the deadline drops an eighth of one at a time
+GPTQ_MARGIN = 1.25  # the loop stops this many calibrations short of the cap
 
 
 @torch.no_grad()
 def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, world_size: int,
                      device: torch.device, time_left_ms=None, piece_ms: float = 0.0) -> tuple[dict, dict]:
-    """GPTQ's calibration: X^T X of the inputs of every int6 matrix's product (keyed by the weight's
-    name), over one optimizer step's worth of training tokens from the stream's start, summed over
-    ranks. The tokens go through in pieces; with time_left_ms (a clock: ms left), a piece is left
-    out when twice the slowest so far (at least piece_ms) would not fit. Returns the Hessians and
-    this rank's tokens, slowest piece and ms of the sum over ranks."""
+    """GPTQ's X^T X of each matrix's inputs over one step's tokens, within time_left_ms."""
     linears = {f"{name}.weight": module for name, module in base_model.named_modules()
                if isinstance(module, CastedLinear) and is_gptq_matrix(f"{name}.weight", module.weight)}
-    # Every key from the start: ranks that fed no piece still take part in each sum.
+    # Every key from the start: ranks that fed no piece still join each sum.
     hessians = {name: torch.zeros(m.in_features, m.in_features, device=device) for name, m in linears.items()}
 
     def accumulate(name: str):
@@ -1416,37 +1356,32 @@ def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, w
 
 
 class AgreedClock:
-    """The training clock all ranks agree on (the largest), and the stop decision taken from it. Each
-    step's flags (elapsed ms, loss not finite) are all-reduced MAX and copied to pinned host memory in
-    stream order, then read one step late: the host waits for the end of the step before the one it
-    has just queued, so the GPU never idles. A NaN on any rank stops all of them."""
+    """The clock all ranks agree on (MAX), read a step late so the GPU never waits, and the stop."""
 
     def __init__(self, cap_ms: float, budget_ms: float, world_size: int, log):
         self.cap_ms, self.budget_ms, self.world_size, self.log = cap_ms, budget_ms, world_size, log
-        self.ms, self.step = 0.0, 0  # the agreed clock at the last step whose flags were read
+        self.ms, self.step = 0.0, 0  # at the last step read
         self.unread: list[tuple] = []
 
     def at(self, step: int) -> float:
-        """The agreed clock extrapolated to step, for the schedule: ranks' own clocks differ a little,
-        and different learning rates would leave each rank a different model."""
+        """The agreed clock extrapolated to step: one schedule, so one model, on all ranks."""
         return self.ms / self.step * step if self.step else 0.0
 
     def record(self, step: int, elapsed_ms: float, loss: Tensor) -> None:
-        """Queues this step's flags without waiting for them."""
+        """Queues this step's flags without waiting."""
         flags = torch.stack((torch.full((), elapsed_ms, dtype=torch.float64, device=loss.device),
                              (~torch.isfinite(loss)).double()))
-        if self.world_size > 1:  # with NCCL the stream, not the host, waits for the reduction
+        if self.world_size > 1:  # with NCCL the stream, not the host, waits
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         copied = None
-        if flags.is_cuda:  # the event marks when the copy has landed
+        if flags.is_cuda:
             flags = torch.empty(2, dtype=flags.dtype, pin_memory=True).copy_(flags, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record()
         self.unread.append((flags, copied, step))
 
     def poll(self) -> bool:
-        """Reads every step's flags but the newest; whether to stop. The flags are a step old, so
-        training stops once the agreed clock plus three average steps reaches the budget."""
+        """Reads all but the newest flags; True once three more average steps reach the budget."""
         if len(self.unread) < 2:
             return False
         while len(self.unread) > 1:
@@ -1454,7 +1389,7 @@ class AgreedClock:
         return self.cap_ms > 0 and self.ms + 3 * self.ms / self.step >= self.budget_ms
 
     def finish(self) -> None:
-        """Reads the flags left: a NaN in the last step stops the run too."""
+        """Reads the flags left: a NaN in the last step stops too."""
         while self.unread:
             self._read(*self.unread.pop(0))
 
@@ -1471,12 +1406,12 @@ class AgreedClock:
 
 
 def train(args, model, base_model, muon, optimizers, train_files, evaluate, log, rank, world_size, device):
-    """The training loop under the wallclock cap. Returns (steps, training ms, GPTQ's Hessians or None)."""
+    """The loop under the cap: (steps, training ms, GPTQ's Hessians or None)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     run_step = lambda loader: train_step(args, model, base_model, optimizers, loader)  # noqa: E731
 
-    finish_id_check = check_train_ids(args, train_files, rank, world_size, device)  # beside warm-up
-    # Compile warm-up on real batches, then restore the initial weights, optimizer state and data order.
+    finish_id_check = check_train_ids(args, train_files, rank, world_size, device)
+    # Compile warm-up on real batches, then restore weights, optimizer state and data order.
     if args.warmup_steps > 0:
         t0 = time.perf_counter()
         initial_model = copy.deepcopy(base_model.state_dict())
@@ -1492,7 +1427,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
             f"(weights and optimizer state restored)")
 
     def calibrate(time_left_ms=None, piece_ms: float = 0.0) -> tuple[dict[str, Tensor], dict]:
-        """GPTQ's Hessians and collect_hessians' figures, with the ms it took in all."""
+        """collect_hessians' results, with the ms it took."""
         t0 = time.perf_counter()
         hessians, stats = collect_hessians(args, base_model, train_files, rank, world_size, device,
                                            time_left_ms, piece_ms)
@@ -1502,9 +1437,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
     average = WeightAverage(base_model, args)
     cap_ms = 1000.0 * args.max_wallclock_seconds
     train_ms, step, stop_at, qat_on = 0.0, 0, None, False
-    # GPTQ's calibration reads training data, so it runs inside the cap: timed here on the initial weights
-    # (the second of two runs; the first warms up), the loop stops short of the cap by a margin over that
-    # time, and the calibration itself leaves out what might end past the cap. Ranks agree on the largest.
+    # GPTQ's calibration reads training data, so it runs inside the cap: timed here, reserved.
     reserved_ms, measured = 0.0, torch.zeros(3, dtype=torch.float64, device=device)
     if args.gptq and cap_ms > 0:
         calibrate()
@@ -1556,7 +1489,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         if stop and stop_at is None:
             stop_at = step
     clock.finish()
-    base_model.set_qat(False)  # evaluations and export see the plain weights, as LOAD_ARTIFACT will
+    base_model.set_qat(False)  # evaluations and export see the plain weights
     log(f"weights for export: {average.apply()}")
     if not args.gptq:
         return step, train_ms, None
@@ -1570,15 +1503,14 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         dist.all_reduce(total_ms, op=dist.ReduceOp.MAX)
     log(f"gptq_calibration: {tokens.item()} tokens in {stats['ms']:.0f}ms (reserved {reserved_ms:.0f}ms), "
         f"training time with it {total_ms.item():.0f}ms" + (f" of {cap_ms:.0f}ms" if cap_ms > 0 else ""))
-    if tokens.item() == 0:  # no time was left for any piece: the export rounds instead
+    if tokens.item() == 0:  # no time left for any piece: the export rounds
         log("gptq_calibration: no time left inside the cap; exporting without GPTQ")
         return step, train_ms, None
     return step, train_ms, hessians
 
 
 def check_inputs(args: Hyperparameters):
-    """Everything that can be wrong with the input, found before anything is written. Returns the
-    tokenizer, the train shards, the validation tokens, and LOAD_ARTIFACT's weights (or None)."""
+    """Finds bad input before anything is written; returns what the run reads."""
     if zstandard is None:
         raise ConfigError("the zstandard package is missing: pip install zstandard")
     if not os.path.isfile(args.tokenizer_path):
@@ -1599,7 +1531,7 @@ def check_inputs(args: Hyperparameters):
         raise ConfigError(f"ARTIFACT_PATH={args.artifact_path}: its directory does not exist")
     if os.path.isdir(args.artifact_path):
         raise ConfigError(f"ARTIFACT_PATH={args.artifact_path}: is a directory, expected a file name")
-    if int(os.environ.get("RANK", 0)) == 0:  # rank 0 writes the log and the artifact: fail now, not after training
+    if int(os.environ.get("RANK", 0)) == 0:  # rank 0 writes log and artifact: fail now
         if os.path.lexists("logs") and not os.path.isdir("logs"):
             raise ConfigError(f"logs: {os.path.abspath('logs')} is not a directory (the run logs go there)")
         probe_writable("logs" if os.path.isdir("logs") else ".", "logs/ (the run's log)")
@@ -1623,16 +1555,14 @@ def probe_writable(directory: str, what: str) -> None:
 
 
 class ArtifactLock:
-    """An advisory lock on a hidden file beside the artifact, held for the whole run (shared to read,
-    exclusive to write): two runs on one ARTIFACT_PATH would overwrite, and score, each other's file.
-    The kernel drops it if the process dies; the last holder removes the file."""
+    """A lock beside the artifact for the run: two runs must not score each other's file."""
 
     def __init__(self, path: str, exclusive: bool, variable: str):
         self.path = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.lock")
         while True:
             try:
                 self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError:  # a folder this run cannot write in: it cannot write the artifact either
+            except OSError:  # an unwritable folder: the artifact will fail too
                 self.fd = None
                 return
             try:
@@ -1641,7 +1571,7 @@ class ArtifactLock:
                 os.close(self.fd)
                 raise ConfigError(f"{variable}={path}: another run is using this artifact now "
                                   f"(it holds {self.path})") from None
-            try:  # the file may have been removed by its last holder between the open and the lock
+            try:  # its last holder may have removed it since the open
                 if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
                     return
             except FileNotFoundError:
@@ -1664,7 +1594,7 @@ class ArtifactLock:
 
 
 def setup_distributed(world_size: int) -> tuple[int, torch.device]:
-    """torchrun's rank (one process without torchrun); NCCL on GPUs, gloo on CPU."""
+    """torchrun's rank (0 without torchrun); NCCL on GPUs, gloo on CPU."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -1678,11 +1608,9 @@ def setup_distributed(world_size: int) -> tuple[int, torch.device]:
 
 
 def make_evaluate(args, base_model: GPT, sp, tokens: Tensor, compile_fn, log, rank: int, device):
-    """evaluate(stride) -> (loss, bpb, targets, bytes) of the model as it is; stride None = plain;
-    ttt: by legal score-first TTT, which trains the model. Every evaluation scores the same targets:
-    their count is logged once, then checked."""
+    """evaluate(stride, ttt) -> (loss, bpb, targets, bytes), always of the same targets."""
     nll_fn = compile_fn(base_model.token_nll, dynamic=False)
-    luts, tokens = build_byte_luts(sp, device), tokens.to(device)  # one copy for every evaluator
+    luts, tokens = build_byte_luts(sp, device), tokens.to(device)  # one copy for all
     evaluators: dict[int, Evaluator] = {}
     counted: list[tuple[int, int]] = []
 
@@ -1707,11 +1635,10 @@ def make_evaluate(args, base_model: GPT, sp, tokens: Tensor, compile_fn, log, ra
 
 
 def export(args, base_model: GPT, log, rank: int, code_bytes: int, hessians: dict[str, Tensor] | None) -> bytes:
-    """Rank 0 quantizes and writes the artifact, 1.5% under the limit (zstd lands within 1% of the
-    entropy estimate, measured); the others wait for the file. Returns the payload's sha256."""
+    """Rank 0 writes the artifact, with a margin for zstd; the sha256 on every rank."""
     if rank == 0:
         state = base_model.state_dict()
-        if hessians is not None:  # GPTQ=1: every int6 matrix was calibrated (a hook that never fired was not)
+        if hessians is not None:  # a hook that never fired: refuse, not round silently
             missing = [name for name, t in state.items()
                        if is_gptq_matrix(name, t) and (name not in hessians or not hessians[name].any())]
             if missing:
@@ -1723,7 +1650,7 @@ def export(args, base_model: GPT, log, rank: int, code_bytes: int, hessians: dic
         digest = torch.tensor(list(write_artifact(args.artifact_path, packed, args.shape)), dtype=torch.uint8)
     else:
         digest = torch.zeros(32, dtype=torch.uint8)
-    if args.world_size > 1:  # every rank then checks that the file it scores is this one
+    if args.world_size > 1:  # every rank checks the file it scores is this one
         digest = digest.to(base_model.tok_emb.weight.device)
         dist.broadcast(digest, 0)
     return bytes(digest.tolist())
@@ -1731,8 +1658,7 @@ def export(args, base_model: GPT, log, rank: int, code_bytes: int, hessians: dic
 
 def final_evaluation(args, base_model: GPT, evaluate, artifact_path: str, weights, code_bytes: int, log,
                      digest: bytes | None = None) -> dict:
-    """Scores what is on disk (the file whose sha256 is digest): the artifact alone determines the
-    final numbers."""
+    """Scores the file on disk whose sha256 is digest: the artifact alone decides."""
     model_bytes = os.path.getsize(artifact_path)
     log(f"Serialized model int6+zstd: {model_bytes} bytes")
     log(f"Code size: {code_bytes} bytes")
@@ -1751,7 +1677,7 @@ def final_evaluation(args, base_model: GPT, evaluate, artifact_path: str, weight
         log(f"final_int6_sliding_window_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
         log(f"sliding_window_eval stride:{args.eval_stride} time:{time.perf_counter() - t0:.1f}s")
         result.update(score="final_int6_sliding_window_exact")
-    if args.ttt_enabled:  # last: it trains the model on the validation tokens it has scored
+    if args.ttt_enabled:  # last: it trains the model
         val_loss, val_bpb, _, _ = evaluate(args.eval_stride, ttt=True)
         log(f"legal_ttt_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
         result.update(score="legal_ttt_exact", ttt_val_loss=val_loss, ttt_val_bpb=val_bpb)
@@ -1759,7 +1685,7 @@ def final_evaluation(args, base_model: GPT, evaluate, artifact_path: str, weight
 
 
 def write_report(args, report: dict, log, rank: int) -> int:
-    """logs/{RUN_ID}.json (atomically); the exit status: 3 when the submission is over the limit."""
+    """Writes logs/{RUN_ID}.json; the exit status: 3 when over the limit."""
     if rank == 0:
         write_atomic(f"logs/{args.run_id}.json", (json.dumps(report, indent=2) + "\n").encode())
     excess = report["bytes_total"] - args.artifact_limit_bytes
@@ -1818,7 +1744,7 @@ def run(held: ExitStack) -> int:
 
 
 class Interrupted(Exception):
-    """SIGINT or SIGTERM: raised where the run is, so the way out removes temp files and locks."""
+    """SIGINT or SIGTERM, raised where the run is: the way out cleans up."""
 
     def __init__(self, signum: int):
         super().__init__(f"stopped by {signal.Signals(signum).name}; no artifact or report was half-written")
@@ -1838,13 +1764,13 @@ def main() -> None:
     try:
         with sdpa_kernel(SDPA_BACKENDS, set_priority=True), ExitStack() as held:
             code = run(held)
-    except (ConfigError, TrainingDiverged, Interrupted) as e:  # bad input: 2; a NaN loss: 4; a signal: 128+n
+    except (ConfigError, TrainingDiverged, Interrupted) as e:  # exit 2, 4, 128 + signal
         code = 2 if isinstance(e, ConfigError) else 4 if isinstance(e, TrainingDiverged) else e.exit_code
         if master:
             print(f"error: {e}", file=sys.stderr, flush=True)
     if dist.is_available() and dist.is_initialized():
-        if code in (0, 3, 4):  # exits all ranks reach together: none leaves (and has torchrun stop the others)
-            dist.barrier()  # before rank 0 has written its last line; a bad input may be one rank's alone
+        if code in (0, 3, 4):  # exits all ranks reach: none may leave before rank 0's last line
+            dist.barrier()  # (a bad input may be one rank's alone)
         dist.destroy_process_group()
     sys.exit(code)
 
