@@ -77,7 +77,8 @@ def _env(name: str, default, cast=int):
     try:
         value = cast(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r}: expected {'an integer' if cast is int else 'a number'}") from None
+        raise ConfigError(
+            f"{name}={raw!r}: expected {'an integer' if cast is int else 'a number'}") from None
     if cast is float and not math.isfinite(value):
         raise ConfigError(f"{name}={raw!r}: expected a finite number")
     return value
@@ -93,7 +94,8 @@ def _flag(name: str, default: bool) -> bool:
 class Hyperparameters:
     def __init__(self, world_size: int = 1):
         self.data_path = os.environ.get("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
-        self.tokenizer_path = os.environ.get("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
+        self.tokenizer_path = os.environ.get("TOKENIZER_PATH",
+                                             "./data/tokenizers/fineweb_1024_bpe.model")
         self.vocab_size = _env("VOCAB_SIZE", 1024)
         self.run_id = os.environ.get("RUN_ID") or str(uuid.uuid4())
         self.seed = _env("SEED", 1337)
@@ -167,47 +169,66 @@ class Hyperparameters:
             if not ok:
                 raise ConfigError(msg)
 
-        for name in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN",
-                     "EVAL_SEQ_LEN", "TRAIN_BATCH_TOKENS", "GRAD_ACCUM_STEPS", "SWA_EVERY"):
-            need(getattr(self, name.lower()) >= 1, f"{name}={getattr(self, name.lower())}: expected a positive integer")
-        for name in ("ITERATIONS", "WARMUP_STEPS", "WARMDOWN_ITERS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY",
-                     "BIGRAM_VOCAB_SIZE", "MUON_MOMENTUM_WARMUP_STEPS", "MAX_WALLCLOCK_SECONDS"):
-            need(getattr(self, name.lower()) >= 0, f"{name}={getattr(self, name.lower())}: expected >= 0")
+        for name in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS",
+                     "TRAIN_SEQ_LEN", "EVAL_SEQ_LEN", "TRAIN_BATCH_TOKENS", "GRAD_ACCUM_STEPS",
+                     "SWA_EVERY"):
+            need(getattr(self, name.lower()) >= 1,
+                 f"{name}={getattr(self, name.lower())}: expected a positive integer")
+        for name in ("ITERATIONS", "WARMUP_STEPS", "WARMDOWN_ITERS", "VAL_LOSS_EVERY",
+                     "TRAIN_LOG_EVERY", "BIGRAM_VOCAB_SIZE", "MUON_MOMENTUM_WARMUP_STEPS",
+                     "MAX_WALLCLOCK_SECONDS"):
+            need(getattr(self, name.lower()) >= 0,
+                 f"{name}={getattr(self, name.lower())}: expected >= 0")
         need(int(self.mlp_mult * self.model_dim) >= 1,
-             f"MLP_MULT={self.mlp_mult}: expected a hidden width MLP_MULT x MODEL_DIM of at least 1")
+             f"MLP_MULT={self.mlp_mult}: expected a hidden width MLP_MULT x MODEL_DIM of at "
+             f"least 1")
         need(0 <= self.seed < 2 ** 32, f"SEED={self.seed}: expected 0..{2 ** 32 - 1}")
-        need(re.fullmatch(r"[A-Za-z0-9._-]{1,200}", self.run_id) is not None and self.run_id not in (".", ".."),
-             f"RUN_ID={self.run_id!r}: expected up to 200 letters, digits, '.', '_' or '-' (it names files in logs/)")
-        need(self.model_dim % self.num_heads == 0, f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
+        need(re.fullmatch(r"[A-Za-z0-9._-]{1,200}", self.run_id) is not None
+             and self.run_id not in (".", ".."),
+             f"RUN_ID={self.run_id!r}: expected up to 200 letters, digits, '.', '_' or '-' "
+             f"(it names files in logs/)")
+        need(self.model_dim % self.num_heads == 0,
+             f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
         need(self.num_heads % self.num_kv_heads == 0,
              f"NUM_KV_HEADS={self.num_kv_heads} must divide NUM_HEADS={self.num_heads}")
         head_dim = self.model_dim // self.num_heads
-        need(head_dim % 2 == 0, f"MODEL_DIM/NUM_HEADS={head_dim}: the head size must be even (rotary pairs)")
+        need(head_dim % 2 == 0,
+             f"MODEL_DIM/NUM_HEADS={head_dim}: the head size must be even (rotary pairs)")
         need(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0,
-             f"ROPE_DIMS={self.rope_dims}: expected an even number in 0..{head_dim} (0 = the whole head)")
+             f"ROPE_DIMS={self.rope_dims}: expected an even number in 0..{head_dim} "
+             f"(0 = the whole head)")
         for name in ("XSA_LAST_N", "CODA_LAST_N", "VE_LAST_N"):
             n = getattr(self, name.lower())
             need(0 <= n <= self.num_layers, f"{name}={n}: expected 0..{self.num_layers}")
         need(self.ve_last_n == 0 or self.ve_dim >= 1, f"VE_DIM={self.ve_dim}: expected >= 1")
-        need(self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE=1: expected 0 (off) or at least 2 buckets")
-        need(self.bigram_vocab_size == 0 or self.bigram_dim >= 1, f"BIGRAM_DIM={self.bigram_dim}: expected >= 1")
+        need(self.bigram_vocab_size != 1,
+             "BIGRAM_VOCAB_SIZE=1: expected 0 (off) or at least 2 buckets")
+        need(self.bigram_vocab_size == 0 or self.bigram_dim >= 1,
+             f"BIGRAM_DIM={self.bigram_dim}: expected >= 1")
         for name in ("TIED_EMBED_INIT_STD", "LOGIT_SOFTCAP", "QK_GAIN_INIT"):
-            need(getattr(self, name.lower()) > 0, f"{name}={getattr(self, name.lower())}: expected > 0")
+            need(getattr(self, name.lower()) > 0,
+                 f"{name}={getattr(self, name.lower())}: expected > 0")
         need(self.rope_base > 1, f"ROPE_BASE={self.rope_base}: expected > 1")
-        for name in ("MATRIX_LR", "SCALAR_LR", "TIED_EMBED_LR", "MUON_WD", "ADAM_WD", "GRAD_CLIP_NORM"):
-            need(getattr(self, name.lower()) >= 0, f"{name}={getattr(self, name.lower())}: expected >= 0")
+        for name in ("MATRIX_LR", "SCALAR_LR", "TIED_EMBED_LR", "MUON_WD", "ADAM_WD",
+                     "GRAD_CLIP_NORM"):
+            need(getattr(self, name.lower()) >= 0,
+                 f"{name}={getattr(self, name.lower())}: expected >= 0")
         for name in ("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START"):
             need(0 <= getattr(self, name.lower()) < 1,
                  f"{name}={getattr(self, name.lower())}: expected a number in [0, 1)")
-        need(0.0 <= self.late_qat < 1.0, f"LATE_QAT={self.late_qat}: expected a number in [0, 1) (0 = off)")
-        need(0.0 < self.ema_decay < 1.0, f"EMA_DECAY={self.ema_decay}: expected a number in (0, 1)")
+        need(0.0 <= self.late_qat < 1.0,
+             f"LATE_QAT={self.late_qat}: expected a number in [0, 1) (0 = off)")
+        need(0.0 < self.ema_decay < 1.0,
+             f"EMA_DECAY={self.ema_decay}: expected a number in (0, 1)")
         need(0 <= self.eval_stride <= self.eval_seq_len,
              f"EVAL_STRIDE={self.eval_stride}: expected 0..EVAL_SEQ_LEN={self.eval_seq_len}")
         per_step = self.world_size * self.grad_accum_steps * self.train_seq_len
         need(self.train_batch_tokens % per_step == 0,
-             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be divisible by world size x GRAD_ACCUM_STEPS x "
-             f"TRAIN_SEQ_LEN = {self.world_size} x {self.grad_accum_steps} x {self.train_seq_len} = {per_step}")
-        need(self.artifact_limit_bytes >= 1, f"ARTIFACT_LIMIT_BYTES={self.artifact_limit_bytes}: expected >= 1")
+             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be divisible by world size x "
+             f"GRAD_ACCUM_STEPS x TRAIN_SEQ_LEN = {self.world_size} x {self.grad_accum_steps} x "
+             f"{self.train_seq_len} = {per_step}")
+        need(self.artifact_limit_bytes >= 1,
+             f"ARTIFACT_LIMIT_BYTES={self.artifact_limit_bytes}: expected >= 1")
         need(not self.ttt_enabled or self.ttt_chunk_tokens >= self.eval_seq_len,
              f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens}: below EVAL_SEQ_LEN={self.eval_seq_len}")
         need(self.ttt_epochs >= 1, f"TTT_EPOCHS={self.ttt_epochs}: expected a positive integer")
@@ -225,9 +246,9 @@ class Hyperparameters:
     @property
     def shape(self) -> dict:
         """What an artifact must agree on to be loaded into this model."""
-        keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
-                "rope_base", "logit_softcap", "bigram_vocab_size", "bigram_dim", "xsa_last_n", "coda_last_n",
-                "mlp_leaky_slope", "ln_scale")
+        keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
+                "rope_dims", "rope_base", "logit_softcap", "bigram_vocab_size", "bigram_dim",
+                "xsa_last_n", "coda_last_n", "mlp_leaky_slope", "ln_scale")
         shape = {k: getattr(self, k) for k in keys}
         if self.ve_last_n:  # absent when off: older artifacts without value embeddings still load
             shape.update(ve_last_n=self.ve_last_n, ve_dim=self.ve_dim)
@@ -281,9 +302,10 @@ def share_by_cost(shapes: tuple[tuple[int, int], ...], world: int) -> tuple[tupl
 
 
 class Muon(torch.optim.Optimizer):
-    def __init__(self, params, lr: float, momentum: float, weight_decay: float = 0.0, nesterov: bool = True,
-                 orthogonalize=newton_schulz):
-        super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float = 0.0,
+                 nesterov: bool = True, orthogonalize=newton_schulz):
+        super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                            nesterov=nesterov))
         self.orthogonalize = orthogonalize
 
     @torch.no_grad()
@@ -312,7 +334,9 @@ class Muon(torch.optim.Optimizer):
         bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
         torch._foreach_mul_(bufs, group["momentum"])
         torch._foreach_add_(bufs, grads)
-        return torch._foreach_add(grads, bufs, alpha=group["momentum"]) if group["nesterov"] else bufs
+        if not group["nesterov"]:
+            return bufs
+        return torch._foreach_add(grads, bufs, alpha=group["momentum"])
 
 
 # -----------------------------
@@ -320,7 +344,8 @@ class Muon(torch.optim.Optimizer):
 # -----------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
-DOWNLOAD_HINT = ("download the data with `python3 data/cached_challenge_fineweb.py --variant sp1024` "
+DOWNLOAD_HINT = ("download the data with "
+                 "`python3 data/cached_challenge_fineweb.py --variant sp1024` "
                  "from the parameter-golf repository")
 
 
@@ -332,12 +357,14 @@ def shard_num_tokens(path: str) -> int:
         raise ConfigError(f"{path}: {what}, expected a shard file")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header.size != HEADER_INTS or header[0] != SHARD_MAGIC:
-        raise ConfigError(f"{path}: not a challenge shard (expected magic {SHARD_MAGIC} in a 1024-byte header)")
+        raise ConfigError(f"{path}: not a challenge shard "
+                          f"(expected magic {SHARD_MAGIC} in a 1024-byte header)")
     if header[1] != SHARD_VERSION:
         raise ConfigError(f"{path}: shard version {header[1]}, expected {SHARD_VERSION}")
     expected = 4 * HEADER_INTS + 2 * int(header[2])
     if os.path.getsize(path) != expected:
-        raise ConfigError(f"{path}: {os.path.getsize(path)} bytes, expected {expected} for {header[2]} tokens")
+        raise ConfigError(f"{path}: {os.path.getsize(path)} bytes, "
+                          f"expected {expected} for {header[2]} tokens")
     return int(header[2])
 
 
@@ -357,10 +384,12 @@ def find_shards(data_path: str, split: str, min_tokens: int) -> list[str]:
     names = fnmatch.filter(os.listdir(data_path), f"fineweb_{split}_*.bin")  # glob misreads "[1]"
     files = [os.path.join(data_path, name) for name in sorted(names)]
     if not files:
-        raise ConfigError(f"DATA_PATH={data_path} has no fineweb_{split}_*.bin shards: {DOWNLOAD_HINT}")
+        raise ConfigError(
+            f"DATA_PATH={data_path} has no fineweb_{split}_*.bin shards: {DOWNLOAD_HINT}")
     total = sum(shard_num_tokens(f) for f in files)
     if total < min_tokens:
-        raise ConfigError(f"DATA_PATH={data_path}: the {split} shards hold {total} tokens; {min_tokens} needed")
+        raise ConfigError(f"DATA_PATH={data_path}: the {split} shards hold {total} tokens; "
+                          f"{min_tokens} needed")
     return files
 
 
@@ -412,7 +441,8 @@ def check_train_ids(args, files: list[str], rank: int, world_size: int, device):
 
 
 def load_validation_tokens(files: list[str], vocab_size: int) -> Tensor:
-    return torch.from_numpy(np.concatenate([load_shard(f, vocab_size) for f in files]).astype(np.int64))
+    tokens = np.concatenate([load_shard(f, vocab_size) for f in files])
+    return torch.from_numpy(tokens.astype(np.int64))
 
 
 # -----------------------------
@@ -422,7 +452,8 @@ def load_validation_tokens(files: list[str], vocab_size: int) -> Tensor:
 # plus a leading "▁"'s space unless after a boundary (sentencepiece drops a document's).
 
 
-def build_byte_luts(sp: spm.SentencePieceProcessor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def build_byte_luts(sp: spm.SentencePieceProcessor,
+                    device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     n = sp.vocab_size()
     base_bytes = np.zeros(n, dtype=np.int16)
     leading_space = np.zeros(n, dtype=np.bool_)
@@ -441,7 +472,8 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, device: torch.device) -> tup
 
 def token_bytes(prev: Tensor, target: Tensor, luts: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     base_bytes, leading_space, boundary = luts
-    return base_bytes[target].to(torch.int32) + (leading_space[target] & ~boundary[prev]).to(torch.int32)
+    space = leading_space[target] & ~boundary[prev]
+    return base_bytes[target].to(torch.int32) + space.to(torch.int32)
 
 
 # -----------------------------
@@ -484,8 +516,9 @@ def cos_sin(theta: Tensor) -> Tensor:
 
 
 cos_sin.register_fake(lambda theta: theta.new_empty((2, *theta.shape)))
-cos_sin.register_autograd(lambda ctx, g: g[1] * ctx.saved_tensors[0][0] - g[0] * ctx.saved_tensors[0][1],
-                          setup_context=lambda ctx, inputs, output: ctx.save_for_backward(output))
+cos_sin.register_autograd(
+    lambda ctx, g: g[1] * ctx.saved_tensors[0][0] - g[0] * ctx.saved_tensors[0][1],
+    setup_context=lambda ctx, inputs, output: ctx.save_for_backward(output))
 
 
 def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -500,7 +533,8 @@ class Rotary(nn.Module):
     def __init__(self, head_dim: int, rope_dims: int, base: float, max_len: int):
         super().__init__()
         self.rope_dims = rope_dims or head_dim
-        inv_freq = base ** (-torch.arange(0, self.rope_dims, 2, dtype=torch.float32) / self.rope_dims)
+        dims = torch.arange(0, self.rope_dims, 2, dtype=torch.float32)
+        inv_freq = base ** (-dims / self.rope_dims)
         angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
         self.register_buffer("cos", angles.cos()[:, None, :], persistent=False)
         self.register_buffer("sin", angles.sin()[:, None, :], persistent=False)
@@ -514,8 +548,8 @@ class Rotary(nn.Module):
 
 
 # SDPA's order of preference, fastest first; the first that supports the inputs runs.
-SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                 SDPBackend.MATH]
+SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                 SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -523,8 +557,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     if q.device.type == FA3_DEVICE:
         out = fa3_attention(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       enable_gqa=q.size(2) != k.size(2))
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
 
 
@@ -549,8 +583,8 @@ if triton is not None:
         return rows, offs, mask, v / tl.maximum(norm, 1e-12)[:, None], norm
 
     @triton.jit
-    def _xsa_forward(y_ptr, v_ptr, out_ptr, n_rows, G: tl.constexpr, D: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+    def _xsa_forward(y_ptr, v_ptr, out_ptr, n_rows, G: tl.constexpr, D: tl.constexpr,
+                     BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
         rows, offs, mask, v_hat, _ = _xsa_rows(v_ptr, n_rows, D, BLOCK_ROWS, BLOCK_D)
         for h in tl.static_range(G):  # head h of row r sits at (r * G + h) * D
             head = offs + (rows[:, None] * (G - 1) + h) * D
@@ -578,7 +612,8 @@ if triton is not None:
     def _xsa_launch(kernel, v: Tensor, *tensors: Tensor) -> None:
         rows, D = v.numel() // v.size(-1), v.size(-1)
         G = tensors[0].numel() // (rows * D)
-        wrap_triton(kernel)[(triton.cdiv(rows, XSA_ROWS),)](*tensors, rows, G, D, XSA_ROWS, triton.next_power_of_2(D))
+        grid = (triton.cdiv(rows, XSA_ROWS),)
+        wrap_triton(kernel)[grid](*tensors, rows, G, D, XSA_ROWS, triton.next_power_of_2(D))
 
     @triton_op("train_gpt::xsa", mutates_args=())
     def xsa_kernel(y: Tensor, v: Tensor) -> Tensor:
@@ -593,8 +628,9 @@ if triton is not None:
         _xsa_launch(_xsa_backward, v, grad, y, v, grad_y, grad_v)
         return grad_y, grad_v
 
-    xsa_kernel.register_autograd(lambda ctx, grad: xsa_backward_kernel(grad.contiguous(), *ctx.saved_tensors),
-                                 setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
+    xsa_kernel.register_autograd(
+        lambda ctx, grad: xsa_backward_kernel(grad.contiguous(), *ctx.saved_tensors),
+        setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 
 
 def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
@@ -605,8 +641,8 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rotary: Rotary, qk_gain_init: float,
-                 xsa: bool, coda: bool, value_embed: bool = False):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rotary: Rotary,
+                 qk_gain_init: float, xsa: bool, coda: bool, value_embed: bool = False):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
         self.c_q = CastedLinear(dim, dim, bias=False)
@@ -636,7 +672,8 @@ class CausalSelfAttention(nn.Module):
         return torch.cat((rotate_pairs(q[..., :rope], cos[:, :r], sin[:, :r]),
                           rotate_pairs(q[..., rope:], cos[:, r:], sin[:, r:])), dim=-1)
 
-    def forward(self, x: Tensor, ve: Tensor | None = None, out_scale: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None = None,
+                out_scale: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         G = H // Hkv
@@ -648,7 +685,8 @@ class CausalSelfAttention(nn.Module):
         q = self.rotary(q) * self.q_gain.to(x.dtype)[:, None]
         k = self.rotary(k)
         if self.coda:  # one attention call: noise queries on each KV head's group axis
-            q = torch.cat((q.view(B, T, Hkv, G, D), self.noise_queries(q).view(B, T, Hkv, G, D)), dim=3)
+            noise_q = self.noise_queries(q).view(B, T, Hkv, G, D)
+            q = torch.cat((q.view(B, T, Hkv, G, D), noise_q), dim=3)
             q = q.view(B, T, 2 * H, D)
         y = attention(q, k, v).view(B, T, Hkv, -1, D)
         # fp32: CoDA's RMSNorm would scale a bf16 XSA remainder back up. XSA is linear and both
@@ -678,8 +716,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, mlp_mult: float, attn: CausalSelfAttention, leaky_slope: float = 0.0,
-                 norm_scale: float = 1.0):
+    def __init__(self, dim: int, mlp_mult: float, attn: CausalSelfAttention,
+                 leaky_slope: float = 0.0, norm_scale: float = 1.0):
         super().__init__()
         self.attn = attn
         self.mlp = MLP(dim, mlp_mult, leaky_slope)
@@ -751,25 +789,31 @@ class GPT(nn.Module):
         super().__init__()
         self.logit_softcap, self.act_dtype = logit_softcap, act_dtype
         self.tok_emb = nn.Embedding(vocab_size, model_dim)
-        self.bigram = BigramHash(bigram_vocab_size, bigram_dim, model_dim) if bigram_vocab_size else None
+        self.bigram = (BigramHash(bigram_vocab_size, bigram_dim, model_dim)
+                       if bigram_vocab_size else None)
         self.smear = SmearGate(model_dim)
         head_dim = model_dim // num_heads
-        self.value_embed = ValueEmbedding(vocab_size, ve_dim, num_kv_heads * head_dim) if ve_last_n else None
+        self.value_embed = (ValueEmbedding(vocab_size, ve_dim, num_kv_heads * head_dim)
+                            if ve_last_n else None)
         rotary = Rotary(head_dim, rope_dims, rope_base, max_seq_len)
         # Each layer's XSA, CoDA and value embedding, decided here alone: the deepest N.
         self.blocks = nn.ModuleList(
             Block(model_dim, mlp_mult, CausalSelfAttention(
-                model_dim, num_heads, num_kv_heads, rotary, qk_gain_init, xsa=i >= num_layers - xsa_last_n,
-                coda=i >= num_layers - coda_last_n, value_embed=i >= num_layers - ve_last_n),
+                model_dim, num_heads, num_kv_heads, rotary, qk_gain_init,
+                xsa=i >= num_layers - xsa_last_n, coda=i >= num_layers - coda_last_n,
+                value_embed=i >= num_layers - ve_last_n),
                 mlp_leaky_slope, 1 / math.sqrt(i + 1) if ln_scale else 1.0)
             for i in range(num_layers))
-        self.num_skips = num_layers // 2  # U-Net: the first half's outputs feed the second, reversed
+        # U-Net: the first half's outputs feed the second, reversed.
+        self.num_skips = num_layers // 2
         # None with one layer: DDP fails on a parameter that never gets a gradient.
-        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, model_dim)) if self.num_skips else None
+        self.skip_weights = (nn.Parameter(torch.ones(self.num_skips, model_dim))
+                             if self.num_skips else None)
         self._init_weights(tied_embed_init_std)
         if qat:
             for name, module in self.named_modules():
-                if isinstance(module, CastedLinear) and is_qat_matrix(f"{name}.weight", module.weight):
+                if (isinstance(module, CastedLinear)
+                        and is_qat_matrix(f"{name}.weight", module.weight)):
                     module.enable_qat()
 
     def set_qat(self, on: bool) -> None:
@@ -805,7 +849,8 @@ class GPT(nn.Module):
         """Per-token negative log-likelihood (fp32), [B, T]."""
         logits = F.linear(self.hidden(ids), self.tok_emb.weight.to(self.act_dtype)).float()
         logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        return nll.view_as(targets)
 
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
         return self.token_nll(ids, targets).mean()
@@ -839,8 +884,8 @@ def plan_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int,
 class Evaluator:
     """Scores the validation stream (targets = tokens[1:]), windows split across ranks."""
 
-    def __init__(self, tokens: Tensor, seq_len: int, stride: int, luts, device: torch.device, rank: int,
-                 world_size: int, batch_tokens: int = 131072):
+    def __init__(self, tokens: Tensor, seq_len: int, stride: int, luts, device: torch.device,
+                 rank: int, world_size: int, batch_tokens: int = 131072):
         self.tokens = tokens.to(device)
         self.num_targets = tokens.numel() - 1
         self.seq_len = min(seq_len, self.num_targets)
@@ -880,13 +925,14 @@ class Evaluator:
         """(loss, bpb, targets, bytes) of the sums over all ranks."""
         nll_sum, n_tokens, n_bytes = sums.tolist()
         if int(n_tokens) != self.num_targets:
-            raise RuntimeError(f"evaluation scored {int(n_tokens)} targets, expected {self.num_targets}")
+            raise RuntimeError(
+                f"evaluation scored {int(n_tokens)} targets, expected {self.num_targets}")
         loss = nll_sum / n_tokens
         return loss, loss / math.log(2.0) * n_tokens / n_bytes, int(n_tokens), int(n_bytes)
 
 
 def test_time_train(ev: Evaluator, stride: int, model: GPT, nll_fn, args, log) -> tuple:
-    """Legal score-first TTT: each chunk is scored, then trained on. Evaluate's result, chunk sums."""
+    """Legal score-first TTT: each chunk is scored, then trained on. The result, chunk sums."""
     rank, world, L, t0, score_s = ev.rank, ev.world_size, ev.seq_len, time.perf_counter(), 0.0
     sync = torch.cuda.synchronize if ev.device.type == "cuda" else (lambda: None)
     plan = torch.tensor(plan_windows(ev.num_targets, L, stride), dtype=torch.int64).view(-1, 2)
@@ -950,8 +996,8 @@ def test_time_train(ev: Evaluator, stride: int, model: GPT, nll_fn, args, log) -
 # One code per byte: zstd takes the unused bits back.
 
 ARTIFACT_MAGIC = b"PGINT6\x00\x01"
-CONTROL_PATTERNS = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "smear", "bigram.scale",
-                    "coda_theta", "coda_gate.bias", "ve_scale")
+CONTROL_PATTERNS = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "smear",
+                    "bigram.scale", "coda_theta", "coda_gate.bias", "ve_scale")
 EMBEDDINGS = ("tok_emb.weight", "bigram.embed.weight", "value_embed.embed.weight")
 CLIP_QUANTILES = (1.0, 0.9999, 0.999, 0.995, 0.99)
 
@@ -982,7 +1028,8 @@ def is_gptq_matrix(name: str, t: Tensor) -> bool:
     return export_kind(name, t) == "int6"
 
 
-def gptq_codes(w: Tensor, scale: Tensor, qmax: int, hessian: Tensor, block: int = 128) -> Tensor | None:
+def gptq_codes(w: Tensor, scale: Tensor, qmax: int, hessian: Tensor,
+               block: int = 128) -> Tensor | None:
     """GPTQ: columns rounded in turn, each error moved onto the rest by the inverse Hessian."""
     h = hessian.float().clone()
     dead = h.diagonal() == 0  # an input always 0: its column is plainly rounded
@@ -1008,15 +1055,17 @@ def gptq_codes(w: Tensor, scale: Tensor, qmax: int, hessian: Tensor, block: int 
     return codes[torch.argsort(order)].t()
 
 
-def quantize_rows(w: Tensor, bits: int, quantiles=(1.0,), hessian: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def quantize_rows(w: Tensor, bits: int, quantiles=(1.0,),
+                  hessian: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """int8 codes, fp16 scales (CPU), each row at its |w| quantile clip of least error (given a
     Hessian: the product's, with GPTQ)."""
     w = w.float() if hessian is None else w.to(hessian.device, torch.float32)
     qmax = 2 ** (bits - 1) - 1
     inner = [quantile for quantile in quantiles if quantile != 1.0]  # one sort for all
-    inner_clips = iter(torch.quantile(w.abs(), torch.tensor(inner, dtype=w.dtype, device=w.device), dim=1)
-                       if inner else [])
-    clips = torch.stack([w.abs().amax(dim=1) if quantile == 1.0 else next(inner_clips) for quantile in quantiles])
+    inner_clips = iter(torch.quantile(w.abs(), torch.tensor(inner, dtype=w.dtype, device=w.device),
+                                      dim=1) if inner else [])
+    clips = torch.stack([w.abs().amax(dim=1) if quantile == 1.0 else next(inner_clips)
+                         for quantile in quantiles])
     scales = (clips / qmax).half().clamp_min(2 ** -24).float()  # as stored: fp16, never 0
     codes = None
     if hessian is not None:  # every clip at once: GPTQ's rows are independent
@@ -1038,7 +1087,8 @@ def packed_bytes(entry: tuple) -> float:
         return data.numel() * data.element_size()
     counts = torch.bincount(data.flatten().long() + 128, minlength=256).double()
     p = counts[counts > 0] / data.numel()
-    return float(-(p * p.log2()).sum()) * data.numel() / 8 + scales[0].numel() * scales[0].element_size()
+    entropy_bits = float(-(p * p.log2()).sum()) * data.numel()
+    return entropy_bits / 8 + scales[0].numel() * scales[0].element_size()
 
 
 def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf,
@@ -1054,7 +1104,8 @@ def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf,
         elif kind == "int8":
             packed[name] = (kind, *quantize_rows(t, 8))
         else:
-            packed[name] = (kind, t.to(torch.float32 if kind == "fp32" else torch.float16).contiguous())
+            dtype = torch.float32 if kind == "fp32" else torch.float16
+            packed[name] = (kind, t.to(dtype).contiguous())
     expected = sum(packed_bytes(v) for v in packed.values())
     if expected > budget_bytes:
         options = []
@@ -1074,7 +1125,8 @@ def dequantize_state(packed: dict[str, tuple]) -> dict[str, Tensor]:
             for name, v in packed.items()}
 
 
-NUMPY_DTYPES = {"int5": np.int8, "int6": np.int8, "int8": np.int8, "fp16": np.float16, "fp32": np.float32}
+NUMPY_DTYPES = {"int5": np.int8, "int6": np.int8, "int8": np.int8, "fp16": np.float16,
+                "fp32": np.float32}
 
 
 def serialize(packed: dict[str, tuple], shape: dict) -> bytes:
@@ -1084,7 +1136,8 @@ def serialize(packed: dict[str, tuple], shape: dict) -> bytes:
     chunks.append(b"".join(packed[n][2].numpy().tobytes() for n in names if len(packed[n]) == 3))
     with ThreadPoolExecutor() as pool:
         frames = list(pool.map(lambda c: zstandard.ZstdCompressor(level=22).compress(c), chunks))
-    index = {"shape": shape, "tensors": [[n, packed[n][0], list(packed[n][1].shape)] for n in names],
+    index = {"shape": shape,
+             "tensors": [[n, packed[n][0], list(packed[n][1].shape)] for n in names],
              "frames": [len(f) for f in frames]}
     header = zstandard.ZstdCompressor(level=22).compress(json.dumps(index).encode())
     return len(header).to_bytes(4, "little") + header + b"".join(frames)
@@ -1152,7 +1205,8 @@ def read_artifact(path: str, shape: dict, variable: str = "LOAD_ARTIFACT",
         raise ConfigError(f"{variable}={path}: unreadable payload") from None
     for key in [*shape, *(k for k in written_shape if k not in shape)]:  # absent: off (0)
         if shape.get(key, 0) != written_shape.get(key, 0):
-            raise ConfigError(f"{variable}={path} was written with {key.upper()}={written_shape.get(key, 0)}, "
+            raise ConfigError(f"{variable}={path} was written with "
+                              f"{key.upper()}={written_shape.get(key, 0)}, "
                               f"this run has {key.upper()}={shape.get(key, 0)}")
     return dequantize_state(packed)
 
@@ -1174,7 +1228,8 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, step: int, lr_scale: float) -> None:
         if self.ema is not None:
-            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1.0 - self.args.ema_decay)
+            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params],
+                                 1.0 - self.args.ema_decay)
         if self.args.swa_enabled and lr_scale < 1.0 and step % self.args.swa_every == 0:
             if self.swa is None:
                 self.swa = [p.detach().float().clone() for p in self.params]
@@ -1186,7 +1241,8 @@ class WeightAverage:
     def apply(self) -> str:
         """Loads the chosen average into the model; returns its name."""
         if self.swa is not None:
-            chosen, what = [s / self.swa_count for s in self.swa], f"swa({self.swa_count} checkpoints)"
+            chosen = [s / self.swa_count for s in self.swa]
+            what = f"swa({self.swa_count} checkpoints)"
         elif self.ema is not None:
             chosen, what = self.ema, f"ema(decay {self.args.ema_decay})"
         else:
@@ -1224,14 +1280,15 @@ LOG_HEADER_END = "=" * 100
 
 def log_environment(log, cuda: bool) -> None:
     """Heads the log file with this source, the software and the GPUs; 100 '=' end it."""
-    log(f"{'=' * 43} train_gpt.py {'=' * 44}\n{Path(__file__).read_text(encoding='utf-8')}", console=False)
+    log(f"{'=' * 43} train_gpt.py {'=' * 44}\n{Path(__file__).read_text(encoding='utf-8')}",
+        console=False)
     log(f"python:{platform.python_version()} torch:{torch.__version__} cuda:{torch.version.cuda} "
         f"cudnn:{torch.backends.cudnn.version()} triton:{triton.__version__ if triton else None} "
         f"numpy:{np.__version__} sentencepiece:{spm.__version__} "
         f"zstandard:{zstandard.__version__ if zstandard else None}", console=False)
     if cuda:
-        log("gpus: " + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())),
-            console=False)
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        log("gpus: " + ", ".join(names), console=False)
         try:
             smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=60).stdout
         except (OSError, subprocess.SubprocessError):
@@ -1249,7 +1306,8 @@ def is_muon_matrix(name: str, p: Tensor) -> bool:
     return p.ndim == 2 and name not in EMBEDDINGS and not is_control(name) and "coda_" not in name
 
 
-def make_optimizers(model: GPT, args: Hyperparameters, orthogonalize) -> tuple[Muon, list[torch.optim.Optimizer]]:
+def make_optimizers(model: GPT, args: Hyperparameters,
+                    orthogonalize) -> tuple[Muon, list[torch.optim.Optimizer]]:
     """Muon for the matrices, AdamW for the rest; CoDA never decays (angle 0: noise = signal)."""
     embeds, matrices, controls, no_decay = [], [], [], []
     for name, p in model.named_parameters():
@@ -1265,10 +1323,13 @@ def make_optimizers(model: GPT, args: Hyperparameters, orthogonalize) -> tuple[M
     adam = dict(betas=(0.9, 0.95), eps=1e-8, **fused)
     muon = Muon(matrices, lr=args.matrix_lr, momentum=args.muon_momentum, weight_decay=args.muon_wd,
                 orthogonalize=orthogonalize)
-    opts = [muon, torch.optim.AdamW([{"params": embeds, "lr": args.tied_embed_lr}], weight_decay=args.adam_wd, **adam),
-            torch.optim.AdamW([{"params": controls, "lr": args.scalar_lr, "weight_decay": args.adam_wd}]
-                              + ([{"params": no_decay, "lr": args.scalar_lr, "weight_decay": 0.0}] if no_decay else []),
-                              **adam)]
+    scalar_groups = [{"params": controls, "lr": args.scalar_lr, "weight_decay": args.adam_wd}]
+    if no_decay:
+        scalar_groups.append({"params": no_decay, "lr": args.scalar_lr, "weight_decay": 0.0})
+    opts = [muon,
+            torch.optim.AdamW([{"params": embeds, "lr": args.tied_embed_lr}],
+                              weight_decay=args.adam_wd, **adam),
+            torch.optim.AdamW(scalar_groups, **adam)]
     for opt in opts:
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
@@ -1276,7 +1337,7 @@ def make_optimizers(model: GPT, args: Hyperparameters, orthogonalize) -> tuple[M
 
 
 def lr_scale(args: Hyperparameters, step: int, elapsed_ms: float, budget_ms: float) -> float:
-    """1, then linear to 0 over the last WARMDOWN_ITERS steps (under a cap: their predicted time)."""
+    """1, then linear to 0 over the last WARMDOWN_ITERS steps (under a cap: over their time)."""
     if args.warmdown_iters == 0:
         return 1.0
     if args.max_wallclock_seconds == 0:
@@ -1310,12 +1371,15 @@ GPTQ_MARGIN = 1.25  # the loop stops this many calibrations short of the cap
 
 @torch.no_grad()
 def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, world_size: int,
-                     device: torch.device, time_left_ms=None, piece_ms: float = 0.0) -> tuple[dict, dict]:
+                     device: torch.device, time_left_ms=None,
+                     piece_ms: float = 0.0) -> tuple[dict, dict]:
     """GPTQ's X^T X of each matrix's inputs over one step's tokens, within time_left_ms."""
     linears = {f"{name}.weight": module for name, module in base_model.named_modules()
-               if isinstance(module, CastedLinear) and is_gptq_matrix(f"{name}.weight", module.weight)}
+               if isinstance(module, CastedLinear)
+               and is_gptq_matrix(f"{name}.weight", module.weight)}
     # Every key from the start: ranks that fed no piece still join each sum.
-    hessians = {name: torch.zeros(m.in_features, m.in_features, device=device) for name, m in linears.items()}
+    hessians = {name: torch.zeros(m.in_features, m.in_features, device=device)
+                for name, m in linears.items()}
 
     def accumulate(name: str):
         def hook(module, inputs):
@@ -1352,7 +1416,8 @@ def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, w
         for name in sorted(hessians):
             dist.all_reduce(hessians[name])
     sync()
-    return hessians, dict(tokens=tokens, piece_ms=slowest_ms, reduce_ms=1000.0 * (time.perf_counter() - t0))
+    reduce_ms = 1000.0 * (time.perf_counter() - t0)
+    return hessians, dict(tokens=tokens, piece_ms=slowest_ms, reduce_ms=reduce_ms)
 
 
 class AgreedClock:
@@ -1375,7 +1440,8 @@ class AgreedClock:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         copied = None
         if flags.is_cuda:
-            flags = torch.empty(2, dtype=flags.dtype, pin_memory=True).copy_(flags, non_blocking=True)
+            pinned = torch.empty(2, dtype=flags.dtype, pin_memory=True)
+            flags = pinned.copy_(flags, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record()
         self.unread.append((flags, copied, step))
@@ -1405,7 +1471,8 @@ class AgreedClock:
         self.ms, self.step = ms, step
 
 
-def train(args, model, base_model, muon, optimizers, train_files, evaluate, log, rank, world_size, device):
+def train(args, model, base_model, muon, optimizers, train_files, evaluate, log, rank, world_size,
+          device):
     """The loop under the cap: (steps, training ms, GPTQ's Hessians or None)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     run_step = lambda loader: train_step(args, model, base_model, optimizers, loader)  # noqa: E731
@@ -1442,8 +1509,8 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
     if args.gptq and cap_ms > 0:
         calibrate()
         stats = calibrate()[1]
-        measured = torch.tensor([stats["ms"], stats["piece_ms"], stats["reduce_ms"]], dtype=torch.float64,
-                                device=device)
+        measured = torch.tensor([stats["ms"], stats["piece_ms"], stats["reduce_ms"]],
+                                dtype=torch.float64, device=device)
         if world_size > 1:
             dist.all_reduce(measured, op=dist.ReduceOp.MAX)
         reserved_ms = GPTQ_MARGIN * measured[0].item()
@@ -1467,9 +1534,11 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         if last_step:
             break
         scale = lr_scale(args, step, clock.at(step), budget_ms)
-        frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps else 1.0
+        warmup = args.muon_momentum_warmup_steps
+        frac = min(step / warmup, 1.0) if warmup else 1.0
         for group in muon.param_groups:
-            group["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
+            group["momentum"] = ((1 - frac) * args.muon_momentum_warmup_start
+                                 + frac * args.muon_momentum)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * scale
@@ -1494,15 +1563,19 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
     if not args.gptq:
         return step, train_ms, None
     started, (_, piece_ms, reduce_ms) = time.perf_counter(), measured.tolist()
-    time_left_ms = lambda: cap_ms - train_ms - 1000.0 * (time.perf_counter() - started) - 2 * reduce_ms  # noqa: E731
+
+    def time_left_ms() -> float:
+        return cap_ms - train_ms - 1000.0 * (time.perf_counter() - started) - 2 * reduce_ms
+
     hessians, stats = calibrate(time_left_ms if cap_ms > 0 else None, piece_ms)
     tokens = torch.tensor([stats["tokens"]], device=device)
     total_ms = torch.tensor([train_ms + stats["ms"]], dtype=torch.float64, device=device)
     if world_size > 1:  # all ranks' tokens; the slowest rank's clock
         dist.all_reduce(tokens)
         dist.all_reduce(total_ms, op=dist.ReduceOp.MAX)
-    log(f"gptq_calibration: {tokens.item()} tokens in {stats['ms']:.0f}ms (reserved {reserved_ms:.0f}ms), "
-        f"training time with it {total_ms.item():.0f}ms" + (f" of {cap_ms:.0f}ms" if cap_ms > 0 else ""))
+    log(f"gptq_calibration: {tokens.item()} tokens in {stats['ms']:.0f}ms "
+        f"(reserved {reserved_ms:.0f}ms), training time with it {total_ms.item():.0f}ms"
+        + (f" of {cap_ms:.0f}ms" if cap_ms > 0 else ""))
     if tokens.item() == 0:  # no time left for any piece: the export rounds
         log("gptq_calibration: no time left inside the cap; exporting without GPTQ")
         return step, train_ms, None
@@ -1518,10 +1591,11 @@ def check_inputs(args: Hyperparameters):
     try:
         sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
     except (OSError, RuntimeError):
-        raise ConfigError(f"TOKENIZER_PATH={args.tokenizer_path}: not a sentencepiece model") from None
+        raise ConfigError(
+            f"TOKENIZER_PATH={args.tokenizer_path}: not a sentencepiece model") from None
     if sp.vocab_size() != args.vocab_size:
-        raise ConfigError(f"VOCAB_SIZE={args.vocab_size} differs from the tokenizer's {sp.vocab_size()} "
-                          f"({args.tokenizer_path})")
+        raise ConfigError(f"VOCAB_SIZE={args.vocab_size} differs from the tokenizer's "
+                          f"{sp.vocab_size()} ({args.tokenizer_path})")
     train_files = [] if args.load_artifact else find_shards(args.data_path, "train", 1)
     for path in read_before_clock(args, train_files):  # the others: check_train_ids
         load_shard(path, args.vocab_size)
@@ -1530,17 +1604,20 @@ def check_inputs(args: Hyperparameters):
     if not os.path.isdir(artifact_dir):
         raise ConfigError(f"ARTIFACT_PATH={args.artifact_path}: its directory does not exist")
     if os.path.isdir(args.artifact_path):
-        raise ConfigError(f"ARTIFACT_PATH={args.artifact_path}: is a directory, expected a file name")
+        raise ConfigError(
+            f"ARTIFACT_PATH={args.artifact_path}: is a directory, expected a file name")
     if int(os.environ.get("RANK", 0)) == 0:  # rank 0 writes log and artifact: fail now
         if os.path.lexists("logs") and not os.path.isdir("logs"):
-            raise ConfigError(f"logs: {os.path.abspath('logs')} is not a directory (the run logs go there)")
+            raise ConfigError(f"logs: {os.path.abspath('logs')} is not a directory "
+                              f"(the run logs go there)")
         probe_writable("logs" if os.path.isdir("logs") else ".", "logs/ (the run's log)")
         if not args.load_artifact:
             probe_writable(artifact_dir, f"ARTIFACT_PATH={args.artifact_path}")
             free = shutil.disk_usage(artifact_dir).free
             if free < args.artifact_limit_bytes:
-                raise ConfigError(f"ARTIFACT_PATH={args.artifact_path}: {free} bytes free on its disk, the artifact "
-                                  f"needs up to ARTIFACT_LIMIT_BYTES={args.artifact_limit_bytes}")
+                raise ConfigError(f"ARTIFACT_PATH={args.artifact_path}: {free} bytes free on its "
+                                  f"disk, the artifact needs up to "
+                                  f"ARTIFACT_LIMIT_BYTES={args.artifact_limit_bytes}")
     loaded = read_artifact(args.load_artifact, args.shape) if args.load_artifact else None
     return sp, train_files, val_tokens, loaded
 
@@ -1551,7 +1628,8 @@ def probe_writable(directory: str, what: str) -> None:
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise ConfigError(f"{what}: cannot write in {os.path.abspath(directory)} ({e.strerror})") from None
+        raise ConfigError(
+            f"{what}: cannot write in {os.path.abspath(directory)} ({e.strerror})") from None
 
 
 class ArtifactLock:
@@ -1566,7 +1644,8 @@ class ArtifactLock:
                 self.fd = None
                 return
             try:
-                fcntl.flock(self.fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+                fcntl.flock(self.fd, mode | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(self.fd)
                 raise ConfigError(f"{variable}={path}: another run is using this artifact now "
@@ -1617,7 +1696,8 @@ def make_evaluate(args, base_model: GPT, sp, tokens: Tensor, compile_fn, log, ra
     def evaluate(stride: int | None = None, ttt: bool = False) -> tuple[float, float, int, int]:
         stride = stride or args.eval_seq_len
         if stride not in evaluators:
-            evaluators[stride] = Evaluator(tokens, args.eval_seq_len, stride, luts, device, rank, args.world_size)
+            evaluators[stride] = Evaluator(tokens, args.eval_seq_len, stride, luts, device, rank,
+                                           args.world_size)
         base_model.eval()
         if ttt:
             result = test_time_train(evaluators[stride], stride, base_model, nll_fn, args, log)[0]
@@ -1628,26 +1708,30 @@ def make_evaluate(args, base_model: GPT, sp, tokens: Tensor, compile_fn, log, ra
             counted.append(result[2:])
             log(f"val_tokens:{result[2]} val_bytes:{result[3]}")
         elif result[2:] != counted[0]:
-            raise RuntimeError(f"evaluation counted {result[2:]} targets/bytes, earlier {counted[0]}")
+            raise RuntimeError(
+                f"evaluation counted {result[2:]} targets/bytes, earlier {counted[0]}")
         return result
 
     return evaluate
 
 
-def export(args, base_model: GPT, log, rank: int, code_bytes: int, hessians: dict[str, Tensor] | None) -> bytes:
+def export(args, base_model: GPT, log, rank: int, code_bytes: int,
+           hessians: dict[str, Tensor] | None) -> bytes:
     """Rank 0 writes the artifact, with a margin for zstd; the sha256 on every rank."""
     if rank == 0:
         state = base_model.state_dict()
         if hessians is not None:  # a hook that never fired: refuse, not round silently
             missing = [name for name, t in state.items()
-                       if is_gptq_matrix(name, t) and (name not in hessians or not hessians[name].any())]
+                       if is_gptq_matrix(name, t)
+                       and (name not in hessians or not hessians[name].any())]
             if missing:
                 raise RuntimeError(f"GPTQ calibration saw no inputs for {missing}")
         packed = quantize_state(state, 0.985 * (args.artifact_limit_bytes - code_bytes), hessians)
         kinds = [v[0] for v in packed.values()]
         log(f"export: int6 matrices:{kinds.count('int6')} int5 matrices:{kinds.count('int5')} "
             f"int8 embeddings:{kinds.count('int8')}")
-        digest = torch.tensor(list(write_artifact(args.artifact_path, packed, args.shape)), dtype=torch.uint8)
+        written = write_artifact(args.artifact_path, packed, args.shape)
+        digest = torch.tensor(list(written), dtype=torch.uint8)
     else:
         digest = torch.zeros(32, dtype=torch.uint8)
     if args.world_size > 1:  # every rank checks the file it scores is this one
@@ -1656,8 +1740,8 @@ def export(args, base_model: GPT, log, rank: int, code_bytes: int, hessians: dic
     return bytes(digest.tolist())
 
 
-def final_evaluation(args, base_model: GPT, evaluate, artifact_path: str, weights, code_bytes: int, log,
-                     digest: bytes | None = None) -> dict:
+def final_evaluation(args, base_model: GPT, evaluate, artifact_path: str, weights,
+                     code_bytes: int, log, digest: bytes | None = None) -> dict:
     """Scores the file on disk whose sha256 is digest: the artifact alone decides."""
     model_bytes = os.path.getsize(artifact_path)
     log(f"Serialized model int6+zstd: {model_bytes} bytes")
@@ -1690,8 +1774,9 @@ def write_report(args, report: dict, log, rank: int) -> int:
         write_atomic(f"logs/{args.run_id}.json", (json.dumps(report, indent=2) + "\n").encode())
     excess = report["bytes_total"] - args.artifact_limit_bytes
     if excess > 0:
-        log(f"error: total submission size {report['bytes_total']} bytes exceeds ARTIFACT_LIMIT_BYTES="
-            f"{args.artifact_limit_bytes} by {excess} bytes (artifact kept at {report['artifact']})")
+        log(f"error: total submission size {report['bytes_total']} bytes exceeds "
+            f"ARTIFACT_LIMIT_BYTES={args.artifact_limit_bytes} by {excess} bytes "
+            f"(artifact kept at {report['artifact']})")
         return 3
     return 0
 
@@ -1702,7 +1787,8 @@ def run(held: ExitStack) -> int:
     args = Hyperparameters(world_size)
     sp, train_files, val_tokens, weights = check_inputs(args)
     if int(os.environ.get("RANK", 0)) == 0:
-        held.enter_context(ArtifactLock(args.load_artifact, False, "LOAD_ARTIFACT") if args.load_artifact
+        held.enter_context(ArtifactLock(args.load_artifact, False, "LOAD_ARTIFACT")
+                           if args.load_artifact
                            else ArtifactLock(args.artifact_path, True, "ARTIFACT_PATH"))
     rank, device = setup_distributed(world_size)
     torch.manual_seed(args.seed)
@@ -1710,9 +1796,11 @@ def run(held: ExitStack) -> int:
     log = RunLog(args.run_id, rank == 0)
     cuda = device.type == "cuda"
     log_environment(log, cuda)
-    log(f"run_id:{args.run_id} world_size:{world_size} grad_accum_steps:{args.grad_accum_steps} device:{device.type} "
-        f"attention:{'fa3' if device.type == FA3_DEVICE else 'sdpa'} torch:{torch.__version__}")
-    log("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items() if k != "world_size"), console=False)
+    log(f"run_id:{args.run_id} world_size:{world_size} grad_accum_steps:{args.grad_accum_steps} "
+        f"device:{device.type} attention:{'fa3' if device.type == FA3_DEVICE else 'sdpa'} "
+        f"torch:{torch.__version__}")
+    config = " ".join(f"{k}={v}" for k, v in vars(args).items() if k != "world_size")
+    log("config: " + config, console=False)
     base_model = build_model(args, device)
     log(f"model_params:{sum(p.numel() for p in base_model.parameters())} "
         f"xsa_layers:{[i for i, b in enumerate(base_model.blocks) if b.attn.xsa]} "
@@ -1728,18 +1816,20 @@ def run(held: ExitStack) -> int:
         model = compile_fn(base_model, dynamic=False)
         if world_size > 1:
             model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
-        muon, optimizers = make_optimizers(base_model, args, compile_fn(newton_schulz, dynamic=False))
-        steps, train_ms, hessians = train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
-                                          rank, world_size, device)
+        muon, optimizers = make_optimizers(base_model, args,
+                                           compile_fn(newton_schulz, dynamic=False))
+        steps, train_ms, hessians = train(args, model, base_model, muon, optimizers, train_files,
+                                          evaluate, log, rank, world_size, device)
         if cuda:
             log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
         pre_loss, pre_bpb, _, _ = evaluate()
         log(f"pre_quant_average val_loss:{pre_loss:.8f} val_bpb:{pre_bpb:.8f}")
-        report.update(step=steps, step_avg_ms=round(train_ms / max(steps, 1), 2), pre_quant_val_bpb=pre_bpb)
+        report.update(step=steps, step_avg_ms=round(train_ms / max(steps, 1), 2),
+                      pre_quant_val_bpb=pre_bpb)
         digest = export(args, base_model, log, rank, code_bytes, hessians)
-    report.update(final_evaluation(args, base_model, evaluate, report["artifact"], weights, code_bytes, log,
-                                   digest))
+    report.update(final_evaluation(args, base_model, evaluate, report["artifact"], weights,
+                                   code_bytes, log, digest))
     return write_report(args, report, log, rank)
 
 
@@ -1747,7 +1837,8 @@ class Interrupted(Exception):
     """SIGINT or SIGTERM, raised where the run is: the way out cleans up."""
 
     def __init__(self, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name}; no artifact or report was half-written")
+        super().__init__(f"stopped by {signal.Signals(signum).name}; "
+                         f"no artifact or report was half-written")
         self.exit_code = 128 + signum
 
 
@@ -1765,7 +1856,8 @@ def main() -> None:
         with sdpa_kernel(SDPA_BACKENDS, set_priority=True), ExitStack() as held:
             code = run(held)
     except (ConfigError, TrainingDiverged, Interrupted) as e:  # exit 2, 4, 128 + signal
-        code = 2 if isinstance(e, ConfigError) else 4 if isinstance(e, TrainingDiverged) else e.exit_code
+        code = (2 if isinstance(e, ConfigError) else 4 if isinstance(e, TrainingDiverged)
+                else e.exit_code)
         if master:
             print(f"error: {e}", file=sys.stderr, flush=True)
     if dist.is_available() and dist.is_initialized():
