@@ -448,7 +448,7 @@ def load_validation_tokens(files: list[str], vocab_size: int) -> Tensor:
 # -----------------------------
 # BITS-PER-BYTE ACCOUNTING
 # -----------------------------
-# A token's bytes: its piece's without "▁" (byte tokens 1; control, unknown, unused 0: boundaries),
+# A token's bytes: its piece without "▁" (byte tokens 1; control, unknown, unused 0: boundaries),
 # plus a leading "▁"'s space unless after a boundary (sentencepiece drops a document's).
 
 
@@ -1421,7 +1421,8 @@ def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, w
 
 
 class AgreedClock:
-    """The clock all ranks agree on (MAX), read a step late so the GPU never waits, and the stop."""
+    """The clock all ranks agree on (MAX) and the stop, read a step late so the GPU never waits;
+    a NaN on any rank stops all."""
 
     def __init__(self, cap_ms: float, budget_ms: float, world_size: int, log):
         self.cap_ms, self.budget_ms, self.world_size, self.log = cap_ms, budget_ms, world_size, log

@@ -1,5 +1,6 @@
-"""What each parameter of a GPT is, read from the module that holds it rather than from its name, so
-that train_gpt.py's name-based rules (optimizer, storage, QAT, GPTQ) are checked against the model."""
+"""What each parameter of a GPT is, read from the module that holds it rather than from its
+name, so that train_gpt.py's name-based rules (optimizer, storage, QAT, GPTQ) are checked against
+the model."""
 import torch
 
 import train_gpt as tg

@@ -553,7 +553,8 @@ def test_collect_hessians_sums_each_int6_products_inputs(tmp_path):
     assert stats["tokens"] == 64
     for hook in capture:
         hook.remove()
-    assert set(hessians) == parts.of_role(model, "matrix") and "blocks.1.attn.coda_gate.weight" not in hessians
+    assert set(hessians) == parts.of_role(model, "matrix")
+    assert "blocks.1.attn.coda_gate.weight" not in hessians
     for name, h in hessians.items():
         x = torch.cat([i.flatten(0, -2) for i in seen[name.removesuffix(".weight")]])
         assert x.size(0) == 64 and torch.allclose(h, x.t() @ x, rtol=1e-5, atol=1e-5), name

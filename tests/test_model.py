@@ -1,7 +1,8 @@
 """Model and Muon checks on CPU: shapes and gradients, XSA, CoDA, RoPE, the FlashAttention-3 branch
 (through a stand-in), Newton-Schulz, Muon against torch.optim.Muon and across three gloo ranks, its
-plan by cost, the optimizer grouping. float32 throughout, plus bf16 (the GPU dtype) where rounding
-is the point, and float64 where two paths must agree exactly."""
+plan by cost, what trains, stores, rounds and calibrates each parameter, the agreed clock. float32
+throughout, plus bf16 (the GPU dtype) where rounding is the point, and float64 where two paths must
+agree exactly."""
 import math
 import os
 import socket
@@ -792,9 +793,9 @@ def full_model(monkeypatch, **extra):
 
 def test_each_parameter_is_trained_once_and_decays_at_its_groups_rate(monkeypatch):
     """One optimizer step with zero gradients leaves only weight decay: every product's matrix
-    (bigram's and the value embedding's too) shrinks at Muon's rate, the embeddings at Adam's with
-    TIED_EMBED_LR, the control tensors at Adam's with SCALAR_LR, and CoDA's angle and gate not at all
-    (decay would pull the angle to 0, where noise equals signal)."""
+    (bigram's and the value embedding's too) shrinks at Muon's rate, the embeddings at Adam's
+    with TIED_EMBED_LR, the control tensors at Adam's with SCALAR_LR, and CoDA's angle and gate
+    not at all (decay would pull the angle to 0, where noise equals signal)."""
     lr = dict(TIED_EMBED_LR=0.123, SCALAR_LR=0.045, MATRIX_LR=0.067, MUON_WD=0.011, ADAM_WD=0.022)
     args, model = full_model(monkeypatch, **lr)
     muon, opts = tg.make_optimizers(model, args, tg.newton_schulz)
@@ -875,8 +876,8 @@ def test_agreed_clock_reads_one_step_late_and_stops_three_steps_short():
 
 @pytest.mark.parametrize("last", [False, True])
 def test_agreed_clock_stops_at_a_loss_that_is_not_finite(last):
-    """A NaN is found when its step's flags are read: a step late, or by finish() after the last step;
-    the error names the step and goes to the log."""
+    """A NaN is found when its step's flags are read: a step late, or by finish() after the
+    last step; the error names the step and goes to the log."""
     logged = []
     clock = tg.AgreedClock(cap_ms=0.0, budget_ms=0.0, world_size=1,
                            log=lambda msg, console=True: logged.append(msg))

@@ -57,8 +57,8 @@ def test_value_embedding_goes_to_the_deepest_layers_and_starts_as_a_no_op():
     ids, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
     assert torch.equal(plain.hidden(ids), ve.hidden(ids))
     assert torch.count_nonzero(tiny_gpt(ve_last_n=1).value_embed.proj.weight) > 0  # tiny_gpt's re-init
-    fresh = tg.GPT(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2,
-                   max_seq_len=16, ve_last_n=1)
+    fresh = tg.GPT(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2,
+                   mlp_mult=2, max_seq_len=16, ve_last_n=1)
     assert torch.count_nonzero(fresh.value_embed.proj.weight) == 0
     ve.value_embed.proj.weight.data.normal_(std=0.2)
     assert (ve.hidden(ids) - plain.hidden(ids)).abs().max() > 1e-4  # the table starts small (std 0.01)
@@ -77,7 +77,7 @@ def test_value_embedding_in_the_artifact_shape_only_when_on(monkeypatch):
     assert shape["ve_last_n"] == 2 and shape["ve_dim"] == 64
 
 
-def test_value_embedding_export_kinds():  # optimizers: test_model.test_each_parameter_is_trained_once_*
+def test_value_embedding_export_kinds():  # optimizers: test_model's test_each_parameter_*
     model = tiny_gpt(ve_last_n=2)
     kinds = {n: tg.export_kind(n, p) for n, p in model.named_parameters() if "value_embed" in n or "ve_scale" in n}
     assert kinds == {"value_embed.embed.weight": "int8", "value_embed.proj.weight": "int6",
