@@ -1,21 +1,11 @@
-"""
-train_gpt.py: the Parameter Golf record-track trainer, in one file.
-
-Trains a GPT whose artifact (int6/int8 weights, zstd level 22, plus the bytes of this file) fits in
-16,000,000 bytes, in 600 s on 8 GPUs, and scores it by exact tokenizer-agnostic bits per byte on the
-FineWeb validation split, after reading the artifact back from disk.
+"""Parameter Golf trainer: a GPT trained in 600 s on 8 GPUs, stored as int6/int8 + zstd within
+16,000,000 bytes with this file, scored from disk by exact bits per byte on FineWeb's validation.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py      # the record run
     torchrun --standalone --nproc_per_node=1 train_gpt.py      # one GPU (GRAD_ACCUM_STEPS=8)
     python train_gpt.py                                        # one process, GPU or CPU
 
-Every knob is an environment variable read once in Hyperparameters (defaults = the record run).
-Where the toggles act: XSA_LAST_N, CODA_LAST_N / CODA_ENABLED and VE_LAST_N in CausalSelfAttention
-(decided per layer in GPT.__init__), VE_DIM in ValueEmbedding, ROPE_DIMS in Rotary, BIGRAM_* in
-BigramHash, MLP_LEAKY_SLOPE in MLP, LN_SCALE in Block, LATE_QAT in CastedLinear (switched on by train),
-EMA_* / SWA_* in WeightAverage, EVAL_STRIDE in Evaluator, LOAD_ARTIFACT / ARTIFACT_* in run's export and
-final evaluation.
-TTT_* in test_time_train, the final evaluation's last step.
+Every toggle is an environment variable read and checked once in Hyperparameters (README: table).
 """
 
 from __future__ import annotations
@@ -51,12 +41,12 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-try:  # FlashAttention-3 (Hopper) for the tensors on FA3_DEVICE, decided here alone; otherwise SDPA
+try:  # FlashAttention-3 (Hopper) on FA3_DEVICE, decided here alone
     from flash_attn_interface import flash_attn_func as fa3_attention
     FA3_DEVICE = "cuda"
 except ImportError:
     fa3_attention = FA3_DEVICE = None
-try:  # XSA's fused kernels on CUDA (CUDA builds of torch bring Triton)
+try:  # XSA's fused kernels on CUDA
     import triton
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
@@ -67,9 +57,7 @@ try:
 except ImportError:
     zstandard = None
 
-# Inductor's mix-order reduction (torch >= 2.10) fused the column sums of several layers' resid_mix and
-# scale gradients into one RMSNorm-backward kernel that ran 4.8 ms, twice a step, on H100 (torch 2.11):
-# off, a step is 8.6% faster (logs/proxy_speed_mix_order.txt).
+# Inductor's mix-order reduction fuses gain gradients into one slow kernel.
 if hasattr(inductor_config.triton, "mix_order_reduction"):
     inductor_config.triton.mix_order_reduction = False
 
@@ -79,7 +67,7 @@ if hasattr(inductor_config.triton, "mix_order_reduction"):
 
 
 class ConfigError(Exception):
-    """Bad input: reported as one line with a non-zero exit, before anything is written."""
+    """Bad input: one line and a non-zero exit, before anything is written."""
 
 
 def _env(name: str, default, cast=int):
@@ -89,7 +77,8 @@ def _env(name: str, default, cast=int):
     try:
         value = cast(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r}: expected {'an integer' if cast is int else 'a number'}") from None
+        raise ConfigError(
+            f"{name}={raw!r}: expected {'an integer' if cast is int else 'a number'}") from None
     if cast is float and not math.isfinite(value):
         raise ConfigError(f"{name}={raw!r}: expected a finite number")
     return value
@@ -105,7 +94,8 @@ def _flag(name: str, default: bool) -> bool:
 class Hyperparameters:
     def __init__(self, world_size: int = 1):
         self.data_path = os.environ.get("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
-        self.tokenizer_path = os.environ.get("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
+        self.tokenizer_path = os.environ.get("TOKENIZER_PATH",
+                                             "./data/tokenizers/fineweb_1024_bpe.model")
         self.vocab_size = _env("VOCAB_SIZE", 1024)
         self.run_id = os.environ.get("RUN_ID") or str(uuid.uuid4())
         self.seed = _env("SEED", 1337)
@@ -131,7 +121,7 @@ class Hyperparameters:
         self.ln_scale = _flag("LN_SCALE", False)
         self.late_qat = _env("LATE_QAT", 0.0, float)
         self.gptq = _flag("GPTQ", True)
-        # Batches and length of training.
+        # Training.
         self.train_seq_len = _env("TRAIN_SEQ_LEN", 2048)
         self.eval_seq_len = _env("EVAL_SEQ_LEN", 2048)
         self.train_batch_tokens = _env("TRAIN_BATCH_TOKENS", 786_432)
@@ -141,7 +131,7 @@ class Hyperparameters:
         self.warmup_steps = _env("WARMUP_STEPS", 20)
         self.warmdown_iters = _env("WARMDOWN_ITERS", 3500)
         # Weight averaging.
-        self.ema_enabled = _flag("EMA_ENABLED", False)  # off: on the proxy EMA cost 0.006 bpb (README)
+        self.ema_enabled = _flag("EMA_ENABLED", False)  # off: it cost quality on the proxy
         self.ema_decay = _env("EMA_DECAY", 0.997, float)
         self.swa_enabled = _flag("SWA_ENABLED", False)
         self.swa_every = _env("SWA_EVERY", 50)
@@ -156,14 +146,14 @@ class Hyperparameters:
         self.muon_momentum = _env("MUON_MOMENTUM", 0.99, float)
         self.muon_momentum_warmup_start = _env("MUON_MOMENTUM_WARMUP_START", 0.92, float)
         self.muon_momentum_warmup_steps = _env("MUON_MOMENTUM_WARMUP_STEPS", 1500)
-        # Evaluation, logging, export.
+        # Evaluation, export.
         self.eval_stride = _env("EVAL_STRIDE", 64)
         self.val_loss_every = _env("VAL_LOSS_EVERY", 0)
         self.train_log_every = _env("TRAIN_LOG_EVERY", 200)
         self.load_artifact = os.environ.get("LOAD_ARTIFACT") or None
         self.artifact_path = os.environ.get("ARTIFACT_PATH") or "final_model.int6.ptz"
         self.artifact_limit_bytes = _env("ARTIFACT_LIMIT_BYTES", 16_000_000)
-        # Legal score-first test-time training, run last (freeze 0: what both records ran).
+        # Legal score-first test-time training.
         self.ttt_enabled = _flag("TTT_ENABLED", True)
         self.ttt_chunk_tokens = _env("TTT_CHUNK_TOKENS", 32768)
         self.ttt_epochs = _env("TTT_EPOCHS", 3)
@@ -179,47 +169,66 @@ class Hyperparameters:
             if not ok:
                 raise ConfigError(msg)
 
-        for name in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN",
-                     "EVAL_SEQ_LEN", "TRAIN_BATCH_TOKENS", "GRAD_ACCUM_STEPS", "SWA_EVERY"):
-            need(getattr(self, name.lower()) >= 1, f"{name}={getattr(self, name.lower())}: expected a positive integer")
-        for name in ("ITERATIONS", "WARMUP_STEPS", "WARMDOWN_ITERS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY",
-                     "BIGRAM_VOCAB_SIZE", "MUON_MOMENTUM_WARMUP_STEPS", "MAX_WALLCLOCK_SECONDS"):
-            need(getattr(self, name.lower()) >= 0, f"{name}={getattr(self, name.lower())}: expected >= 0")
+        for name in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS",
+                     "TRAIN_SEQ_LEN", "EVAL_SEQ_LEN", "TRAIN_BATCH_TOKENS", "GRAD_ACCUM_STEPS",
+                     "SWA_EVERY"):
+            need(getattr(self, name.lower()) >= 1,
+                 f"{name}={getattr(self, name.lower())}: expected a positive integer")
+        for name in ("ITERATIONS", "WARMUP_STEPS", "WARMDOWN_ITERS", "VAL_LOSS_EVERY",
+                     "TRAIN_LOG_EVERY", "BIGRAM_VOCAB_SIZE", "MUON_MOMENTUM_WARMUP_STEPS",
+                     "MAX_WALLCLOCK_SECONDS"):
+            need(getattr(self, name.lower()) >= 0,
+                 f"{name}={getattr(self, name.lower())}: expected >= 0")
         need(int(self.mlp_mult * self.model_dim) >= 1,
-             f"MLP_MULT={self.mlp_mult}: expected a hidden width MLP_MULT x MODEL_DIM of at least 1")
+             f"MLP_MULT={self.mlp_mult}: expected a hidden width MLP_MULT x MODEL_DIM of at "
+             f"least 1")
         need(0 <= self.seed < 2 ** 32, f"SEED={self.seed}: expected 0..{2 ** 32 - 1}")
-        need(re.fullmatch(r"[A-Za-z0-9._-]{1,200}", self.run_id) is not None and self.run_id not in (".", ".."),
-             f"RUN_ID={self.run_id!r}: expected up to 200 letters, digits, '.', '_' or '-' (it names files in logs/)")
-        need(self.model_dim % self.num_heads == 0, f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
+        need(re.fullmatch(r"[A-Za-z0-9._-]{1,200}", self.run_id) is not None
+             and self.run_id not in (".", ".."),
+             f"RUN_ID={self.run_id!r}: expected up to 200 letters, digits, '.', '_' or '-' "
+             f"(it names files in logs/)")
+        need(self.model_dim % self.num_heads == 0,
+             f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
         need(self.num_heads % self.num_kv_heads == 0,
              f"NUM_KV_HEADS={self.num_kv_heads} must divide NUM_HEADS={self.num_heads}")
         head_dim = self.model_dim // self.num_heads
-        need(head_dim % 2 == 0, f"MODEL_DIM/NUM_HEADS={head_dim}: the head size must be even (rotary pairs)")
+        need(head_dim % 2 == 0,
+             f"MODEL_DIM/NUM_HEADS={head_dim}: the head size must be even (rotary pairs)")
         need(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0,
-             f"ROPE_DIMS={self.rope_dims}: expected an even number in 0..{head_dim} (0 = the whole head)")
+             f"ROPE_DIMS={self.rope_dims}: expected an even number in 0..{head_dim} "
+             f"(0 = the whole head)")
         for name in ("XSA_LAST_N", "CODA_LAST_N", "VE_LAST_N"):
             n = getattr(self, name.lower())
             need(0 <= n <= self.num_layers, f"{name}={n}: expected 0..{self.num_layers}")
         need(self.ve_last_n == 0 or self.ve_dim >= 1, f"VE_DIM={self.ve_dim}: expected >= 1")
-        need(self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE=1: expected 0 (off) or at least 2 buckets")
-        need(self.bigram_vocab_size == 0 or self.bigram_dim >= 1, f"BIGRAM_DIM={self.bigram_dim}: expected >= 1")
+        need(self.bigram_vocab_size != 1,
+             "BIGRAM_VOCAB_SIZE=1: expected 0 (off) or at least 2 buckets")
+        need(self.bigram_vocab_size == 0 or self.bigram_dim >= 1,
+             f"BIGRAM_DIM={self.bigram_dim}: expected >= 1")
         for name in ("TIED_EMBED_INIT_STD", "LOGIT_SOFTCAP", "QK_GAIN_INIT"):
-            need(getattr(self, name.lower()) > 0, f"{name}={getattr(self, name.lower())}: expected > 0")
+            need(getattr(self, name.lower()) > 0,
+                 f"{name}={getattr(self, name.lower())}: expected > 0")
         need(self.rope_base > 1, f"ROPE_BASE={self.rope_base}: expected > 1")
-        for name in ("MATRIX_LR", "SCALAR_LR", "TIED_EMBED_LR", "MUON_WD", "ADAM_WD", "GRAD_CLIP_NORM"):
-            need(getattr(self, name.lower()) >= 0, f"{name}={getattr(self, name.lower())}: expected >= 0")
+        for name in ("MATRIX_LR", "SCALAR_LR", "TIED_EMBED_LR", "MUON_WD", "ADAM_WD",
+                     "GRAD_CLIP_NORM"):
+            need(getattr(self, name.lower()) >= 0,
+                 f"{name}={getattr(self, name.lower())}: expected >= 0")
         for name in ("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START"):
             need(0 <= getattr(self, name.lower()) < 1,
                  f"{name}={getattr(self, name.lower())}: expected a number in [0, 1)")
-        need(0.0 <= self.late_qat < 1.0, f"LATE_QAT={self.late_qat}: expected a number in [0, 1) (0 = off)")
-        need(0.0 < self.ema_decay < 1.0, f"EMA_DECAY={self.ema_decay}: expected a number in (0, 1)")
+        need(0.0 <= self.late_qat < 1.0,
+             f"LATE_QAT={self.late_qat}: expected a number in [0, 1) (0 = off)")
+        need(0.0 < self.ema_decay < 1.0,
+             f"EMA_DECAY={self.ema_decay}: expected a number in (0, 1)")
         need(0 <= self.eval_stride <= self.eval_seq_len,
              f"EVAL_STRIDE={self.eval_stride}: expected 0..EVAL_SEQ_LEN={self.eval_seq_len}")
         per_step = self.world_size * self.grad_accum_steps * self.train_seq_len
         need(self.train_batch_tokens % per_step == 0,
-             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be divisible by world size x GRAD_ACCUM_STEPS x "
-             f"TRAIN_SEQ_LEN = {self.world_size} x {self.grad_accum_steps} x {self.train_seq_len} = {per_step}")
-        need(self.artifact_limit_bytes >= 1, f"ARTIFACT_LIMIT_BYTES={self.artifact_limit_bytes}: expected >= 1")
+             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be divisible by world size x "
+             f"GRAD_ACCUM_STEPS x TRAIN_SEQ_LEN = {self.world_size} x {self.grad_accum_steps} x "
+             f"{self.train_seq_len} = {per_step}")
+        need(self.artifact_limit_bytes >= 1,
+             f"ARTIFACT_LIMIT_BYTES={self.artifact_limit_bytes}: expected >= 1")
         need(not self.ttt_enabled or self.ttt_chunk_tokens >= self.eval_seq_len,
              f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens}: below EVAL_SEQ_LEN={self.eval_seq_len}")
         need(self.ttt_epochs >= 1, f"TTT_EPOCHS={self.ttt_epochs}: expected a positive integer")
@@ -237,11 +246,11 @@ class Hyperparameters:
     @property
     def shape(self) -> dict:
         """What an artifact must agree on to be loaded into this model."""
-        keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
-                "rope_base", "logit_softcap", "bigram_vocab_size", "bigram_dim", "xsa_last_n", "coda_last_n",
-                "mlp_leaky_slope", "ln_scale")
+        keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
+                "rope_dims", "rope_base", "logit_softcap", "bigram_vocab_size", "bigram_dim",
+                "xsa_last_n", "coda_last_n", "mlp_leaky_slope", "ln_scale")
         shape = {k: getattr(self, k) for k in keys}
-        if self.ve_last_n:  # absent when off: artifacts written before value embeddings existed still load
+        if self.ve_last_n:  # absent when off: older artifacts without value embeddings still load
             shape.update(ve_last_n=self.ve_last_n, ve_dim=self.ve_dim)
         return shape
 
@@ -249,28 +258,26 @@ class Hyperparameters:
 # -----------------------------
 # MUON OPTIMIZER
 # -----------------------------
-# torch.optim.Muon computes the same single-process update (tests/test_model.py checks it), one matrix at
-# a time: 45 ms a step for the record's matrices on one H100, against 6.8 ms here (logs/proxy_profile_step.txt).
-# This one shares matrices out to ranks by cost, each batching its own by shape: one all-gather.
+# Matrices shared out to ranks by cost, batched by shape, then one all-gather.
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
-    """bf16 for products on GPUs; fp32 on CPUs, which emulate bf16 products about 10x slower."""
+    """bf16 for products on GPUs; fp32 on CPUs, which emulate bf16 slowly."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-# torch 2.13 renamed all_gather_into_tensor (the GPU machines run 2.11).
+# Newer torch renamed all_gather_into_tensor.
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
-    """Approximately orthogonalize each matrix of G [..., rows, cols] (quintic Newton-Schulz)."""
+    """Orthogonalizes each matrix of G [..., rows, cols] (quintic Newton-Schulz)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(compute_dtype(G.device)).reshape(-1, *G.shape[-2:])
     transposed = X.size(-2) > X.size(-1)
     X = X.mT if transposed else X
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
-    for _ in range(steps):  # each sum is a product's epilogue: no separate elementwise passes
+    for _ in range(steps):  # each sum rides in a product's epilogue
         A = X @ X.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
         X = torch.baddbmm(X, B, X, beta=a)
@@ -279,9 +286,7 @@ def newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
 
 @functools.cache
 def share_by_cost(shapes: tuple[tuple[int, int], ...], world: int) -> tuple[tuple, tuple, int]:
-    """Muon's plan on `world` ranks: each rank's batches (indices of one shape), where each result
-    lies in the gathered buffer, and each rank's share of it. Greedy by Newton-Schulz multiply-adds
-    (2 m^2 n + m^3, m <= n), costliest first to the least loaded rank (by count, ranks sat idle)."""
+    """Muon's plan, greedy by cost: each rank's batches, each result's offset, a rank's share."""
     cost = [2 * min(s) ** 2 * max(s) + min(s) ** 3 for s in shapes]
     load, batches = [0] * world, [{} for _ in range(world)]
     for i in sorted(range(len(shapes)), key=lambda i: (-cost[i], i)):
@@ -290,16 +295,17 @@ def share_by_cost(shapes: tuple[tuple[int, int], ...], world: int) -> tuple[tupl
         load[r] += cost[i]
     order = [[i for batch in mine.values() for i in batch] for mine in batches]
     size = max(sum(math.prod(shapes[i]) for i in mine) for mine in order)
-    at = {i: r * size + sum(math.prod(shapes[k]) for k in mine[:j])  # after the rank's earlier ones
+    at = {i: r * size + sum(math.prod(shapes[k]) for k in mine[:j])
           for r, mine in enumerate(order) for j, i in enumerate(mine)}
     offsets = tuple(at[i] for i in range(len(shapes)))
     return tuple(tuple(map(tuple, mine.values())) for mine in batches), offsets, size
 
 
 class Muon(torch.optim.Optimizer):
-    def __init__(self, params, lr: float, momentum: float, weight_decay: float = 0.0, nesterov: bool = True,
-                 orthogonalize=newton_schulz):
-        super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float = 0.0,
+                 nesterov: bool = True, orthogonalize=newton_schulz):
+        super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                            nesterov=nesterov))
         self.orthogonalize = orthogonalize
 
     @torch.no_grad()
@@ -328,7 +334,9 @@ class Muon(torch.optim.Optimizer):
         bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
         torch._foreach_mul_(bufs, group["momentum"])
         torch._foreach_add_(bufs, grads)
-        return torch._foreach_add(grads, bufs, alpha=group["momentum"]) if group["nesterov"] else bufs
+        if not group["nesterov"]:
+            return bufs
+        return torch._foreach_add(grads, bufs, alpha=group["momentum"])
 
 
 # -----------------------------
@@ -336,29 +344,32 @@ class Muon(torch.optim.Optimizer):
 # -----------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
-DOWNLOAD_HINT = ("download the data with `python3 data/cached_challenge_fineweb.py --variant sp1024` "
+DOWNLOAD_HINT = ("download the data with "
+                 "`python3 data/cached_challenge_fineweb.py --variant sp1024` "
                  "from the parameter-golf repository")
 
 
 def shard_num_tokens(path: str) -> int:
     """Checks a shard's header and exact size; returns its token count."""
-    if not os.path.isfile(path):  # reading a directory or a dangling link fails, a FIFO hangs
+    if not os.path.isfile(path):  # a FIFO would hang
         what = ("a directory" if os.path.isdir(path) else
                 "a dangling link" if os.path.islink(path) else "not a regular file")
         raise ConfigError(f"{path}: {what}, expected a shard file")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header.size != HEADER_INTS or header[0] != SHARD_MAGIC:
-        raise ConfigError(f"{path}: not a challenge shard (expected magic {SHARD_MAGIC} in a 1024-byte header)")
+        raise ConfigError(f"{path}: not a challenge shard "
+                          f"(expected magic {SHARD_MAGIC} in a 1024-byte header)")
     if header[1] != SHARD_VERSION:
         raise ConfigError(f"{path}: shard version {header[1]}, expected {SHARD_VERSION}")
     expected = 4 * HEADER_INTS + 2 * int(header[2])
     if os.path.getsize(path) != expected:
-        raise ConfigError(f"{path}: {os.path.getsize(path)} bytes, expected {expected} for {header[2]} tokens")
+        raise ConfigError(f"{path}: {os.path.getsize(path)} bytes, "
+                          f"expected {expected} for {header[2]} tokens")
     return int(header[2])
 
 
 def load_shard(path: str, vocab_size: int = 0) -> np.ndarray:
-    """Memory-mapped (a reader reads only what it touches); with vocab_size, every id checked."""
+    """Memory-mapped: a reader reads only what it touches. With vocab_size, every id checked."""
     n = shard_num_tokens(path)  # mmap refuses an empty shard
     tokens = np.memmap(path, "<u2", "r", 4 * HEADER_INTS, (n,)) if n else np.zeros(0, "<u2")
     if vocab_size and (top := tokens.max(initial=0)) >= vocab_size:
@@ -370,22 +381,24 @@ def find_shards(data_path: str, split: str, min_tokens: int) -> list[str]:
     """The split's shards, every header checked, holding at least min_tokens in all."""
     if not os.path.isdir(data_path):
         raise ConfigError(f"DATA_PATH={data_path}: not a directory ({DOWNLOAD_HINT})")
-    names = fnmatch.filter(os.listdir(data_path), f"fineweb_{split}_*.bin")  # no glob: data[1]/ too
+    names = fnmatch.filter(os.listdir(data_path), f"fineweb_{split}_*.bin")  # glob misreads "[1]"
     files = [os.path.join(data_path, name) for name in sorted(names)]
     if not files:
-        raise ConfigError(f"DATA_PATH={data_path} has no fineweb_{split}_*.bin shards: {DOWNLOAD_HINT}")
+        raise ConfigError(
+            f"DATA_PATH={data_path} has no fineweb_{split}_*.bin shards: {DOWNLOAD_HINT}")
     total = sum(shard_num_tokens(f) for f in files)
     if total < min_tokens:
-        raise ConfigError(f"DATA_PATH={data_path}: the {split} shards hold {total} tokens; {min_tokens} needed")
+        raise ConfigError(f"DATA_PATH={data_path}: the {split} shards hold {total} tokens; "
+                          f"{min_tokens} needed")
     return files
 
 
 class DistributedTokenLoader:
-    """Each micro-step takes one span of the shards' looping stream; a rank reads only its slice."""
+    """Each micro-step takes a span of the looping stream; a rank reads only its slice."""
 
     def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device):
         self.shards = [load_shard(f) for f in files]
-        self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # where each shard begins
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
         self.pos, self.rank, self.world_size, self.device = 0, rank, world_size, device
 
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
@@ -403,7 +416,7 @@ class DistributedTokenLoader:
 
 
 def read_before_clock(args: Hyperparameters, files: list[str]) -> list[str]:
-    """The train shards the warm-up and calibration read: checked before them, the rest beside."""
+    """The train shards the warm-up and calibration read, so checked before them."""
     steps = max(1, args.warmup_steps)  # calibration reads one step; a rank's span is its batch + 1
     n = steps * (args.train_batch_tokens + args.world_size * args.grad_accum_steps)
     starts = np.cumsum([0] + [shard_num_tokens(f) for f in files])
@@ -411,8 +424,7 @@ def read_before_clock(args: Hyperparameters, files: list[str]) -> list[str]:
 
 
 def check_train_ids(args, files: list[str], rank: int, world_size: int, device):
-    """Starts a thread checking this rank's share (every W-th) of the shards read_before_clock
-    leaves; the function returned waits for it, and all ranks stop at the first bad shard of any."""
+    """Checks this rank's share of the later shards in a thread; the function returned waits."""
     early = read_before_clock(args, files)
     mine = [i for i in range(rank, len(files), world_size) if files[i] not in early]
     bad = lambda i: load_shard(files[i]).max(initial=0) >= args.vocab_size  # noqa: E731
@@ -423,24 +435,25 @@ def check_train_ids(args, files: list[str], rank: int, world_size: int, device):
         if world_size > 1:
             dist.all_reduce(first, op=dist.ReduceOp.MIN)
         if first.item() < len(files):
-            load_shard(files[first.item()], args.vocab_size)  # raises, naming the shard and the id
+            load_shard(files[first.item()], args.vocab_size)  # raises, naming shard and id
 
     return wait
 
 
 def load_validation_tokens(files: list[str], vocab_size: int) -> Tensor:
-    return torch.from_numpy(np.concatenate([load_shard(f, vocab_size) for f in files]).astype(np.int64))
+    tokens = np.concatenate([load_shard(f, vocab_size) for f in files])
+    return torch.from_numpy(tokens.astype(np.int64))
 
 
 # -----------------------------
 # BITS-PER-BYTE ACCOUNTING
 # -----------------------------
-# A token's bytes are those of its piece with "▁" removed; byte tokens count 1; control, unknown and
-# unused tokens count 0 and are boundaries; a piece starting with "▁" gains the space's byte unless
-# the previous token is a boundary (sentencepiece drops the leading space of a document).
+# A token's bytes: its piece without "▁" (byte tokens 1; control, unknown, unused 0: boundaries),
+# plus a leading "▁"'s space unless after a boundary (sentencepiece drops a document's).
 
 
-def build_byte_luts(sp: spm.SentencePieceProcessor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def build_byte_luts(sp: spm.SentencePieceProcessor,
+                    device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     n = sp.vocab_size()
     base_bytes = np.zeros(n, dtype=np.int16)
     leading_space = np.zeros(n, dtype=np.bool_)
@@ -459,7 +472,8 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, device: torch.device) -> tup
 
 def token_bytes(prev: Tensor, target: Tensor, luts: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     base_bytes, leading_space, boundary = luts
-    return base_bytes[target].to(torch.int32) + (leading_space[target] & ~boundary[prev]).to(torch.int32)
+    space = leading_space[target] & ~boundary[prev]
+    return base_bytes[target].to(torch.int32) + space.to(torch.int32)
 
 
 # -----------------------------
@@ -468,16 +482,14 @@ def token_bytes(prev: Tensor, target: Tensor, luts: tuple[Tensor, Tensor, Tensor
 
 
 def fake_int6(w: Tensor) -> Tensor:
-    """w rounded to the int6 per-row absmax grid of the export (in value, not in storage)."""
+    """w rounded to the export's int6 per-row absmax grid (in value, not in storage)."""
     scale = w.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 31
     return torch.clamp(torch.round(w.detach() / scale), -31, 31) * scale
 
 
 class CastedLinear(nn.Linear):
-    """Weights stay fp32 for the optimizer; the product runs in the activations' dtype (bf16).
-    With quantization-aware training enabled (GPT.__init__ decides), the forward uses the int6-rounded
-    weights when the `qat` buffer is 1, with straight-through gradients. A buffer, not a Python flag:
-    the compiled graph reads it at run time, so switching it on mid-run takes effect (tested)."""
+    """fp32 weights, products in the activations' dtype; int6-rounded, straight-through, while
+    the `qat` buffer (which compiled graphs read) is 1."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -487,9 +499,7 @@ class CastedLinear(nn.Linear):
         self.qat = torch.zeros((), device=self.weight.device)
 
     def forward(self, x: Tensor, out_scale: Tensor | None = None) -> Tensor:
-        """out_scale: a gain on the output channels (or one scalar), folded into the weight's rows so the
-        product applies it: its gradient then comes from the weight's gradient (a sum over the weight)
-        instead of a sum over every token of the activations, which cost 0.07 ms per gain on one H100."""
+        """out_scale: a gain folded into the weight's rows: its gradient sums over the weight."""
         w = self.weight
         if self.qat is not None:
             w = w + self.qat * (fake_int6(w) - w.detach())
@@ -501,28 +511,30 @@ class CastedLinear(nn.Linear):
 
 @torch.library.custom_op("train_gpt::cos_sin", mutates_args=())
 def cos_sin(theta: Tensor) -> Tensor:
-    """[cos θ, sin θ] in one op Inductor keeps whole: inlined, they were recomputed in every noise query element."""
+    """[cos θ, sin θ] as one op Inductor cannot inline into every noise query element."""
     return torch.stack((theta.cos(), theta.sin()))
 
 
 cos_sin.register_fake(lambda theta: theta.new_empty((2, *theta.shape)))
-cos_sin.register_autograd(lambda ctx, g: g[1] * ctx.saved_tensors[0][0] - g[0] * ctx.saved_tensors[0][1],
-                          setup_context=lambda ctx, inputs, output: ctx.save_for_backward(output))
+cos_sin.register_autograd(
+    lambda ctx, g: g[1] * ctx.saved_tensors[0][0] - g[0] * ctx.saved_tensors[0][1],
+    setup_context=lambda ctx, inputs, output: ctx.save_for_backward(output))
 
 
 def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotates the half-split pairs (i, i + n/2) of the last dim of x by the angles behind cos/sin."""
+    """Rotates the half-split pairs (i, i + n/2) of x's last dim by the angles of cos/sin."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
 class Rotary(nn.Module):
-    """RoPE on the first rope_dims of each head; the remaining dims carry no position."""
+    """RoPE on the first rope_dims of each head; the other dims carry no position."""
 
     def __init__(self, head_dim: int, rope_dims: int, base: float, max_len: int):
         super().__init__()
         self.rope_dims = rope_dims or head_dim
-        inv_freq = base ** (-torch.arange(0, self.rope_dims, 2, dtype=torch.float32) / self.rope_dims)
+        dims = torch.arange(0, self.rope_dims, 2, dtype=torch.float32)
+        inv_freq = base ** (-dims / self.rope_dims)
         angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
         self.register_buffer("cos", angles.cos()[:, None, :], persistent=False)
         self.register_buffer("sin", angles.sin()[:, None, :], persistent=False)
@@ -535,38 +547,34 @@ class Rotary(nn.Module):
         return torch.cat((rotate_pairs(x[..., :r], cos, sin), x[..., r:]), dim=-1)
 
 
-# SDPA's order of preference: cuDNN first (on H100: 2.44 ms against 3.85 ms for flash per layer fwd+bwd
-# at one rank's record shape); whichever supports the inputs runs.
-SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                 SDPBackend.MATH]
+# SDPA's order of preference, fastest first; the first that supports the inputs runs.
+SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                 SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal attention, q [B, T, H, D] against k, v [B, T, Hkv, D]; query head h reads KV head h // (H/Hkv)."""
+    """Causal attention, q [B, T, H, D] against k, v [B, T, Hkv, D] (GQA)."""
     if q.device.type == FA3_DEVICE:
         out = fa3_attention(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       enable_gqa=q.size(2) != k.size(2))
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
 
 
 def exclusive_reference(y: Tensor, v: Tensor) -> Tensor:
-    """XSA in fp32: y - (y.v_hat) v_hat for y [B, T, Hkv, G, D] (the G query heads of each KV head) and their
-    own values v [B, T, Hkv, D], v_hat = v / max(|v|, 1e-12). Where it runs inside a larger fused expression (CoDA's
-    combination), Inductor fuses it there; elsewhere on CUDA the Triton kernels below replace it."""
+    """XSA in fp32: y - (y.v_hat) v_hat; on CUDA outside CoDA, Triton kernels replace it."""
     y, v_hat = y.float(), F.normalize(v.float(), dim=-1).unsqueeze(-2)
     return y - (y * v_hat).sum(-1, keepdim=True) * v_hat
 
 
 if triton is not None:
-    # Inductor compiled XSA into one forward and two backward kernels (0.34 ms a layer on H100); these do the
-    # backward in one pass over (grad, y, v). Each program takes XSA_ROWS (token, KV head) rows, all G heads.
+    # The backward in one pass; a program takes XSA_ROWS (token, KV head) rows, all G heads.
     XSA_ROWS = 32
 
     @triton.jit
     def _xsa_rows(v_ptr, n_rows, D: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-        """This program's rows: their offsets in v, mask, unit values v_hat (fp32) and norms |v|."""
+        """This program's rows: offsets in v, mask, unit values v_hat (fp32) and norms |v|."""
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         offs = rows[:, None] * D + tl.arange(0, BLOCK_D)[None, :]
         mask = (rows[:, None] < n_rows) & (tl.arange(0, BLOCK_D)[None, :] < D)
@@ -575,8 +583,8 @@ if triton is not None:
         return rows, offs, mask, v / tl.maximum(norm, 1e-12)[:, None], norm
 
     @triton.jit
-    def _xsa_forward(y_ptr, v_ptr, out_ptr, n_rows, G: tl.constexpr, D: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+    def _xsa_forward(y_ptr, v_ptr, out_ptr, n_rows, G: tl.constexpr, D: tl.constexpr,
+                     BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
         rows, offs, mask, v_hat, _ = _xsa_rows(v_ptr, n_rows, D, BLOCK_ROWS, BLOCK_D)
         for h in tl.static_range(G):  # head h of row r sits at (r * G + h) * D
             head = offs + (rows[:, None] * (G - 1) + h) * D
@@ -596,7 +604,7 @@ if triton is not None:
             g_dot, y_dot = tl.sum(g * v_hat, axis=1)[:, None], tl.sum(y * v_hat, axis=1)[:, None]
             tl.store(gy_ptr + head, (g - g_dot * v_hat).to(gy_ptr.dtype.element_ty), mask=mask)
             g_v_hat -= g_dot * y + y_dot * g
-        # through v_hat = v / max(|v|, eps): the tangential part over |v|, or all of it over eps below eps
+        # through v_hat = v / max(|v|, eps): the tangential part over |v|, or all over eps below it
         radial = tl.where(norm >= 1e-12, tl.sum(g_v_hat * v_hat, axis=1), 0.0)[:, None]
         g_v = (g_v_hat - radial * v_hat) / tl.maximum(norm, 1e-12)[:, None]
         tl.store(gv_ptr + offs, g_v.to(gv_ptr.dtype.element_ty), mask=mask)
@@ -604,11 +612,12 @@ if triton is not None:
     def _xsa_launch(kernel, v: Tensor, *tensors: Tensor) -> None:
         rows, D = v.numel() // v.size(-1), v.size(-1)
         G = tensors[0].numel() // (rows * D)
-        wrap_triton(kernel)[(triton.cdiv(rows, XSA_ROWS),)](*tensors, rows, G, D, XSA_ROWS, triton.next_power_of_2(D))
+        grid = (triton.cdiv(rows, XSA_ROWS),)
+        wrap_triton(kernel)[grid](*tensors, rows, G, D, XSA_ROWS, triton.next_power_of_2(D))
 
     @triton_op("train_gpt::xsa", mutates_args=())
     def xsa_kernel(y: Tensor, v: Tensor) -> Tensor:
-        """exclusive_reference(y, v) in y's dtype, for contiguous y and v."""
+        """exclusive_reference(y, v) in y's dtype (contiguous y and v)."""
         out = torch.empty_like(y)
         _xsa_launch(_xsa_forward, v, y, v, out)
         return out
@@ -619,20 +628,21 @@ if triton is not None:
         _xsa_launch(_xsa_backward, v, grad, y, v, grad_y, grad_v)
         return grad_y, grad_v
 
-    xsa_kernel.register_autograd(lambda ctx, grad: xsa_backward_kernel(grad.contiguous(), *ctx.saved_tensors),
-                                 setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
+    xsa_kernel.register_autograd(
+        lambda ctx, grad: xsa_backward_kernel(grad.contiguous(), *ctx.saved_tensors),
+        setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 
 
 def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
-    """exclusive_reference(y, v): by the Triton kernels on CUDA, in y's dtype."""
+    """exclusive_reference(y, v), by the Triton kernels on CUDA."""
     if triton is not None and y.is_cuda:
         return xsa_kernel(y.contiguous(), v.contiguous())
     return exclusive_reference(y, v)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rotary: Rotary, qk_gain_init: float,
-                 xsa: bool, coda: bool, value_embed: bool = False):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rotary: Rotary,
+                 qk_gain_init: float, xsa: bool, coda: bool, value_embed: bool = False):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
         self.c_q = CastedLinear(dim, dim, bias=False)
@@ -643,11 +653,11 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
         self.rotary = rotary
         self.xsa, self.coda = xsa, coda
-        # The layer's gain on the shared value embedding added to its values (None: the layer takes none).
+        # The gain on the shared value embedding (None: this layer takes none).
         self.ve_scale = nn.Parameter(torch.ones(())) if value_embed else None
         if coda:
-            # Noise queries: q turned by a learned angle in each RoPE plane (so it commutes with RoPE);
-            # at pi/2 noise scores are uncorrelated with signal scores. The gate starts near 0 (bias -6).
+            # Noise queries: q turned by a learned angle per RoPE plane (commutes with RoPE),
+            # uncorrelated at pi/2; the gate starts near 0.
             self.coda_theta = nn.Parameter(torch.full((num_heads, self.head_dim // 2), math.pi / 2))
             self.coda_gate = CastedLinear(dim, num_heads, bias=True)
             self.coda_gate.zero_init = True
@@ -662,30 +672,30 @@ class CausalSelfAttention(nn.Module):
         return torch.cat((rotate_pairs(q[..., :rope], cos[:, :r], sin[:, :r]),
                           rotate_pairs(q[..., rope:], cos[:, r:], sin[:, r:])), dim=-1)
 
-    def forward(self, x: Tensor, ve: Tensor | None = None, out_scale: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None = None,
+                out_scale: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         G = H // Hkv
         q = F.rms_norm(self.c_q(x).view(B, T, H, D), (D,))
         k = F.rms_norm(self.c_k(x).view(B, T, Hkv, D), (D,))
         v = self.c_v(x).view(B, T, Hkv, D)
-        if self.ve_scale is not None:  # XSA below then removes the component along this v, embedding included
+        if self.ve_scale is not None:  # before XSA, which then removes it along with v
             v = v + self.ve_scale.to(x.dtype) * ve.view(B, T, Hkv, D)
         q = self.rotary(q) * self.q_gain.to(x.dtype)[:, None]
         k = self.rotary(k)
-        if self.coda:  # one attention call: signal and noise queries stacked on the group axis of each KV head
-            q = torch.cat((q.view(B, T, Hkv, G, D), self.noise_queries(q).view(B, T, Hkv, G, D)), dim=3)
+        if self.coda:  # one attention call: noise queries on each KV head's group axis
+            noise_q = self.noise_queries(q).view(B, T, Hkv, G, D)
+            q = torch.cat((q.view(B, T, Hkv, G, D), noise_q), dim=3)
             q = q.view(B, T, 2 * H, D)
         y = attention(q, k, v).view(B, T, Hkv, -1, D)
-        # XSA and CoDA's combination run in fp32 (fused, so no extra memory traffic): in bf16 the XSA
-        # remainder (~2^-8 of y) would be scaled back up by CoDA's RMSNorm wherever y is nearly all v.
-        # CoDA combines signal and noise first: XSA's projection is linear and both share V, so it then
-        # runs once, on half the heads, with the same result as on each stream.
-        if self.coda:  # the whole combination (XSA included) fuses into one kernel each way
+        # fp32: CoDA's RMSNorm would scale a bf16 XSA remainder back up. XSA is linear and both
+        # streams share V: it runs once, after the combination.
+        if self.coda:
             signal, noise = y.float().split(G, dim=3)
             y = signal - torch.sigmoid(self.coda_gate(x).float()).view(B, T, Hkv, G, 1) * noise
             y = F.rms_norm(exclusive_reference(y, v) if self.xsa else y, (D,))
-        elif self.xsa:  # per KV group on the [B, T, Hkv, G, D] view: no copies of V
+        elif self.xsa:  # on the [B, T, Hkv, G, D] view: no copies of V
             y = exclusive_self_attention(y, v)
         return self.proj(y.to(x.dtype).reshape(B, T, C), out_scale)
 
@@ -706,12 +716,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, mlp_mult: float, attn: CausalSelfAttention, leaky_slope: float = 0.0,
-                 norm_scale: float = 1.0):
+    def __init__(self, dim: int, mlp_mult: float, attn: CausalSelfAttention,
+                 leaky_slope: float = 0.0, norm_scale: float = 1.0):
         super().__init__()
         self.attn = attn
         self.mlp = MLP(dim, mlp_mult, leaky_slope)
-        self.norm_scale = norm_scale  # scales the normalized inputs of attention and MLP
+        self.norm_scale = norm_scale  # on the normalized inputs of attention and MLP
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
@@ -719,13 +729,13 @@ class Block(nn.Module):
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        # attn_scale and mlp_scale ride in the branches' output products (CastedLinear's out_scale)
+        # the gains ride in the output products
         x = x + self.attn(F.rms_norm(x, (x.size(-1),)) * self.norm_scale, ve, self.attn_scale)
         return x + self.mlp(F.rms_norm(x, (x.size(-1),)) * self.norm_scale, self.mlp_scale)
 
 
 class SmearGate(nn.Module):
-    """Blends each position with the previous one through a learned per-channel gate."""
+    """Blends each position with the previous one by a learned per-channel gate."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -737,7 +747,7 @@ class SmearGate(nn.Module):
 
 
 class BigramHash(nn.Module):
-    """Embeds a hash of (previous token, token) into buckets; the last bucket stands for 'no previous'."""
+    """Embeds a hash of (previous token, token); the last bucket stands for 'no previous'."""
 
     def __init__(self, buckets: int, bigram_dim: int, model_dim: int):
         super().__init__()
@@ -755,8 +765,7 @@ class BigramHash(nn.Module):
 
 
 class ValueEmbedding(nn.Module):
-    """A second token embedding, projected to the KV width and added to the values of the deepest VE_LAST_N
-    layers (one table for all of them; each layer has its own gain). The projection starts at zero."""
+    """A second token embedding, added to the values of the deepest VE_LAST_N layers."""
 
     def __init__(self, vocab_size: int, ve_dim: int, kv_dim: int):
         super().__init__()
@@ -770,34 +779,41 @@ class ValueEmbedding(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab_size: int, num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int,
-                 mlp_mult: float, max_seq_len: int, rope_dims: int = 0, rope_base: float = 10000.0,
-                 bigram_vocab_size: int = 0, bigram_dim: int = 128, xsa_last_n: int = 0, coda_last_n: int = 0,
-                 logit_softcap: float = 30.0, qk_gain_init: float = 1.5, tied_embed_init_std: float = 0.005,
-                 act_dtype: torch.dtype = torch.bfloat16, mlp_leaky_slope: float = 0.5, ln_scale: bool = False,
-                 qat: bool = False, ve_last_n: int = 0, ve_dim: int = 128):
+    def __init__(self, *, vocab_size: int, num_layers: int, model_dim: int, num_heads: int,
+                 num_kv_heads: int, mlp_mult: float, max_seq_len: int, rope_dims: int = 0,
+                 rope_base: float = 10000.0, bigram_vocab_size: int = 0, bigram_dim: int = 128,
+                 xsa_last_n: int = 0, coda_last_n: int = 0, logit_softcap: float = 30.0,
+                 qk_gain_init: float = 1.5, tied_embed_init_std: float = 0.005,
+                 act_dtype: torch.dtype = torch.bfloat16, mlp_leaky_slope: float = 0.5,
+                 ln_scale: bool = False, qat: bool = False, ve_last_n: int = 0, ve_dim: int = 128):
         super().__init__()
         self.logit_softcap, self.act_dtype = logit_softcap, act_dtype
         self.tok_emb = nn.Embedding(vocab_size, model_dim)
-        self.bigram = BigramHash(bigram_vocab_size, bigram_dim, model_dim) if bigram_vocab_size else None
+        self.bigram = (BigramHash(bigram_vocab_size, bigram_dim, model_dim)
+                       if bigram_vocab_size else None)
         self.smear = SmearGate(model_dim)
         head_dim = model_dim // num_heads
-        self.value_embed = ValueEmbedding(vocab_size, ve_dim, num_kv_heads * head_dim) if ve_last_n else None
+        self.value_embed = (ValueEmbedding(vocab_size, ve_dim, num_kv_heads * head_dim)
+                            if ve_last_n else None)
         rotary = Rotary(head_dim, rope_dims, rope_base, max_seq_len)
-        # The one place each layer's XSA, CoDA and value embedding are decided: the deepest N layers get them.
+        # Each layer's XSA, CoDA and value embedding, decided here alone: the deepest N.
         self.blocks = nn.ModuleList(
             Block(model_dim, mlp_mult, CausalSelfAttention(
-                model_dim, num_heads, num_kv_heads, rotary, qk_gain_init, xsa=i >= num_layers - xsa_last_n,
-                coda=i >= num_layers - coda_last_n, value_embed=i >= num_layers - ve_last_n),
+                model_dim, num_heads, num_kv_heads, rotary, qk_gain_init,
+                xsa=i >= num_layers - xsa_last_n, coda=i >= num_layers - coda_last_n,
+                value_embed=i >= num_layers - ve_last_n),
                 mlp_leaky_slope, 1 / math.sqrt(i + 1) if ln_scale else 1.0)
             for i in range(num_layers))
-        self.num_skips = num_layers // 2  # U-Net: the first half's outputs feed the second half in reverse
-        # None with no skips (one layer): DDP fails on a parameter that never gets a gradient.
-        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, model_dim)) if self.num_skips else None
+        # U-Net: the first half's outputs feed the second, reversed.
+        self.num_skips = num_layers // 2
+        # None with one layer: DDP fails on a parameter that never gets a gradient.
+        self.skip_weights = (nn.Parameter(torch.ones(self.num_skips, model_dim))
+                             if self.num_skips else None)
         self._init_weights(tied_embed_init_std)
-        if qat:  # the matrices exported as int6
+        if qat:
             for name, module in self.named_modules():
-                if isinstance(module, CastedLinear) and export_kind(f"{name}.weight", module.weight) == "int6":
+                if (isinstance(module, CastedLinear)
+                        and is_qat_matrix(f"{name}.weight", module.weight)):
                     module.enable_qat()
 
     def set_qat(self, on: bool) -> None:
@@ -833,18 +849,18 @@ class GPT(nn.Module):
         """Per-token negative log-likelihood (fp32), [B, T]."""
         logits = F.linear(self.hidden(ids), self.tok_emb.weight.to(self.act_dtype)).float()
         logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        return nll.view_as(targets)
 
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
         return self.token_nll(ids, targets).mean()
 
 
 def build_model(args: Hyperparameters, device: torch.device) -> GPT:
-    return GPT(args.vocab_size, args.num_layers, args.model_dim, args.num_heads, args.num_kv_heads, args.mlp_mult,
-               max(args.train_seq_len, args.eval_seq_len), args.rope_dims, args.rope_base, args.bigram_vocab_size,
-               args.bigram_dim, args.xsa_last_n, args.coda_last_n, args.logit_softcap, args.qk_gain_init,
-               args.tied_embed_init_std, compute_dtype(device), args.mlp_leaky_slope, args.ln_scale,
-               args.late_qat > 0, args.ve_last_n, args.ve_dim).to(device)
+    """The model of args.shape (what its artifact records), every argument by keyword."""
+    return GPT(**args.shape, max_seq_len=max(args.train_seq_len, args.eval_seq_len),
+               qk_gain_init=args.qk_gain_init, tied_embed_init_std=args.tied_embed_init_std,
+               act_dtype=compute_dtype(device), qat=args.late_qat > 0).to(device)
 
 
 # -----------------------------
@@ -853,11 +869,7 @@ def build_model(args: Hyperparameters, device: torch.device) -> GPT:
 
 
 def plan_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
-    """(start, first scored offset) of each window, so that every target is scored exactly once.
-
-    Windows are seq_len long (the whole stream if shorter). The first scores all its targets, the next
-    ones their last `stride`, and a final window ending at the stream's end scores only the remainder.
-    With stride == seq_len this is the plain non-overlapping evaluation."""
+    """(start, first scored offset) of each window, scoring every target exactly once."""
     if num_targets <= seq_len:
         return [(0, 0)]
     windows, end = [(0, 0)], seq_len
@@ -870,10 +882,10 @@ def plan_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int,
 
 
 class Evaluator:
-    """Scores the validation stream (targets = tokens[1:]) with windows split across ranks; float64 sums."""
+    """Scores the validation stream (targets = tokens[1:]), windows split across ranks."""
 
-    def __init__(self, tokens: Tensor, seq_len: int, stride: int, luts, device: torch.device, rank: int,
-                 world_size: int, batch_tokens: int = 131072):
+    def __init__(self, tokens: Tensor, seq_len: int, stride: int, luts, device: torch.device,
+                 rank: int, world_size: int, batch_tokens: int = 131072):
         self.tokens = tokens.to(device)
         self.num_targets = tokens.numel() - 1
         self.seq_len = min(seq_len, self.num_targets)
@@ -893,7 +905,7 @@ class Evaluator:
 
     @torch.no_grad()
     def score(self, windows: Tensor, nll_fn, batch: int) -> Tensor:
-        """float64 sums (nll, targets, bytes) of these windows on this rank, `batch` at a time."""
+        """float64 sums (nll, targets, bytes) of these windows, `batch` at a time."""
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         for i in range(0, len(windows), batch):
             w = windows[i:i + batch]
@@ -910,22 +922,21 @@ class Evaluator:
         return sums
 
     def result(self, sums: Tensor) -> tuple[float, float, int, int]:
-        """(loss, bpb, targets, bytes) of sums over all ranks, which count every target once."""
+        """(loss, bpb, targets, bytes) of the sums over all ranks."""
         nll_sum, n_tokens, n_bytes = sums.tolist()
         if int(n_tokens) != self.num_targets:
-            raise RuntimeError(f"evaluation scored {int(n_tokens)} targets, expected {self.num_targets}")
+            raise RuntimeError(
+                f"evaluation scored {int(n_tokens)} targets, expected {self.num_targets}")
         loss = nll_sum / n_tokens
         return loss, loss / math.log(2.0) * n_tokens / n_bytes, int(n_tokens), int(n_bytes)
 
 
 def test_time_train(ev: Evaluator, stride: int, model: GPT, nll_fn, args, log) -> tuple:
-    """Legal score-first TTT: chunk by chunk, score the chunk's windows, then train on the targets
-    they scored (SGD, TTT_EPOCHS passes): every target is scored once, before it is trained on.
-    Returns evaluate's (loss, bpb, targets, bytes) and each chunk's float64 nll, targets, bytes."""
+    """Legal score-first TTT: each chunk is scored, then trained on. The result, chunk sums."""
     rank, world, L, t0, score_s = ev.rank, ev.world_size, ev.seq_len, time.perf_counter(), 0.0
     sync = torch.cuda.synchronize if ev.device.type == "cuda" else (lambda: None)
     plan = torch.tensor(plan_windows(ev.num_targets, L, stride), dtype=torch.int64).view(-1, 2)
-    # A chunk holds the windows whose first scored target falls in it: its edges are windows' edges.
+    # A chunk holds the windows whose first scored target falls in it.
     counts = plan.sum(1).div(args.ttt_chunk_tokens, rounding_mode="floor").unique_consecutive(
         return_counts=True)[1].tolist()
     chunks = plan.split(counts)
@@ -958,7 +969,7 @@ def test_time_train(ev: Evaluator, stride: int, model: GPT, nll_fn, args, log) -
             for i in range(0, padded, micro):
                 rows = ev.tokens[starts[i:i + micro, None] + ev.offsets]
                 (nll_fn(rows[:, :-1], rows[:, 1:]) * weight[i:i + micro]).sum().backward()
-            if world > 1:  # the chunk's mean gradient on every rank: the same weights everywhere
+            if world > 1:  # the mean gradient everywhere: the same weights on every rank
                 flat = torch.cat([p.grad.flatten() for p in params])
                 dist.all_reduce(flat)
                 for p, g in zip(params, flat.split([p.numel() for p in params])):
@@ -982,37 +993,46 @@ def test_time_train(ev: Evaluator, stride: int, model: GPT, nll_fn, args, log) -
 # -----------------------------
 # EXPORT: INT6 / INT8 + ZSTD
 # -----------------------------
-# Muon matrices: int6 per row with a per-row clip picked by reconstruction error (dropping to int5,
-# largest saving first, only as far as needed to fit the size limit); embeddings: int8 per row;
-# control tensors (gains, gates, mixes, angles): fp32; anything else small: fp16. Codes are stored one
-# per int8 byte: zstd's entropy coder takes the unused high bits back (within 1% of the codes' order-0
-# entropy, measured).
+# One code per byte: zstd takes the unused bits back.
 
 ARTIFACT_MAGIC = b"PGINT6\x00\x01"
-CONTROL_PATTERNS = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "smear", "bigram.scale",
-                    "coda_theta", "coda_gate.bias", "ve_scale")
+CONTROL_PATTERNS = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "smear",
+                    "bigram.scale", "coda_theta", "coda_gate.bias", "ve_scale")
 EMBEDDINGS = ("tok_emb.weight", "bigram.embed.weight", "value_embed.embed.weight")
 CLIP_QUANTILES = (1.0, 0.9999, 0.999, 0.995, 0.99)
 
 
+def is_control(name: str) -> bool:
+    """Gains, gates, mixes and angles: small, and sensitive to rounding."""
+    return any(p in name for p in CONTROL_PATTERNS)
+
+
 def export_kind(name: str, t: Tensor) -> str:
-    """How a tensor is stored; "int6" also marks the matrices that Muon trains."""
-    if any(p in name for p in CONTROL_PATTERNS):
+    """How a tensor is stored in the artifact (int6 matrices may drop to int5 to fit)."""
+    if is_control(name):
         return "fp32"
     if name in EMBEDDINGS:
         return "int8"
-    if t.ndim == 2 and "coda_" not in name:
+    if t.ndim == 2 and "coda_" not in name:  # CoDA's gate is small
         return "int6"
     return "fp16"
 
 
-def gptq_codes(w: Tensor, scale: Tensor, qmax: int, hessian: Tensor, block: int = 128) -> Tensor | None:
-    """GPTQ: w's columns are rounded one at a time, the inputs of most energy first, each to its row's grid
-    (scale), and each column's rounding error is moved onto the columns not yet rounded through the inverse
-    of hessian (the calibration inputs' X^T X, 1% damped), so the product's error on those inputs is least.
-    Rows are independent. Returns the codes, or None when the damped Hessian is not positive definite."""
+def is_qat_matrix(name: str, t: Tensor) -> bool:
+    """QAT trains on the grid the export rounds to: the int6 matrices'."""
+    return export_kind(name, t) == "int6"
+
+
+def is_gptq_matrix(name: str, t: Tensor) -> bool:
+    """GPTQ rounds the int6 (or int5) matrices from their inputs' Hessians."""
+    return export_kind(name, t) == "int6"
+
+
+def gptq_codes(w: Tensor, scale: Tensor, qmax: int, hessian: Tensor,
+               block: int = 128) -> Tensor | None:
+    """GPTQ: columns rounded in turn, each error moved onto the rest by the inverse Hessian."""
     h = hessian.float().clone()
-    dead = h.diagonal() == 0  # an input that was always 0: its column is plainly rounded
+    dead = h.diagonal() == 0  # an input always 0: its column is plainly rounded
     h[dead, dead] = 1.0
     h.diagonal().add_(0.01 * h.diagonal().mean())
     order = torch.argsort(h.diagonal(), descending=True)
@@ -1035,18 +1055,18 @@ def gptq_codes(w: Tensor, scale: Tensor, qmax: int, hessian: Tensor, block: int 
     return codes[torch.argsort(order)].t()
 
 
-def quantize_rows(w: Tensor, bits: int, quantiles=(1.0,), hessian: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row quantization to [-(2^(bits-1)-1), 2^(bits-1)-1]; for each row the clip among
-    the |w| quantiles with the least reconstruction error: squared, or with a calibration Hessian (GPTQ=1)
-    the error of the product on the calibration inputs, the codes then found by GPTQ for every clip.
-    Returns (int8 codes, fp16 scales), on the CPU."""
+def quantize_rows(w: Tensor, bits: int, quantiles=(1.0,),
+                  hessian: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """int8 codes, fp16 scales (CPU), each row at its |w| quantile clip of least error (given a
+    Hessian: the product's, with GPTQ)."""
     w = w.float() if hessian is None else w.to(hessian.device, torch.float32)
     qmax = 2 ** (bits - 1) - 1
-    inner = [quantile for quantile in quantiles if quantile != 1.0]  # one sort for all of them
-    inner_clips = iter(torch.quantile(w.abs(), torch.tensor(inner, dtype=w.dtype, device=w.device), dim=1)
-                       if inner else [])
-    clips = torch.stack([w.abs().amax(dim=1) if quantile == 1.0 else next(inner_clips) for quantile in quantiles])
-    scales = (clips / qmax).half().clamp_min(2 ** -24).float()  # [clips, rows], as stored: fp16, never 0
+    inner = [quantile for quantile in quantiles if quantile != 1.0]  # one sort for all
+    inner_clips = iter(torch.quantile(w.abs(), torch.tensor(inner, dtype=w.dtype, device=w.device),
+                                      dim=1) if inner else [])
+    clips = torch.stack([w.abs().amax(dim=1) if quantile == 1.0 else next(inner_clips)
+                         for quantile in quantiles])
+    scales = (clips / qmax).half().clamp_min(2 ** -24).float()  # as stored: fp16, never 0
     codes = None
     if hessian is not None:  # every clip at once: GPTQ's rows are independent
         codes = gptq_codes(w.repeat(len(quantiles), 1), scales.flatten(), qmax, hessian)
@@ -1061,21 +1081,19 @@ def quantize_rows(w: Tensor, bits: int, quantiles=(1.0,), hessian: Tensor | None
 
 
 def packed_bytes(entry: tuple) -> float:
-    """Expected compressed size of one packed tensor: the order-0 entropy of its codes plus its scales,
-    or the raw bytes of a float tensor."""
+    """Expected compressed size: codes' order-0 entropy plus scales, or a float tensor's bytes."""
     kind, data, *scales = entry
     if not scales:
         return data.numel() * data.element_size()
     counts = torch.bincount(data.flatten().long() + 128, minlength=256).double()
     p = counts[counts > 0] / data.numel()
-    return float(-(p * p.log2()).sum()) * data.numel() / 8 + scales[0].numel() * scales[0].element_size()
+    entropy_bits = float(-(p * p.log2()).sum()) * data.numel()
+    return entropy_bits / 8 + scales[0].numel() * scales[0].element_size()
 
 
 def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf,
                    hessians: dict[str, Tensor] | None = None) -> dict[str, tuple]:
-    """Packs a state dict for export. While the expected size is over budget_bytes, int6 matrices drop
-    to int5, the largest saving first (the MLP's matrices, three times larger, come first). With hessians
-    (GPTQ=1) the matrices that have one are quantized by GPTQ."""
+    """Packs a state dict; over budget_bytes, int6 matrices drop to int5, largest saving first."""
     state = {name: t.detach().cpu() for name, t in state.items()}
     hessians = hessians or {}
     packed = {}
@@ -1086,7 +1104,8 @@ def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf,
         elif kind == "int8":
             packed[name] = (kind, *quantize_rows(t, 8))
         else:
-            packed[name] = (kind, t.to(torch.float32 if kind == "fp32" else torch.float16).contiguous())
+            dtype = torch.float32 if kind == "fp32" else torch.float16
+            packed[name] = (kind, t.to(dtype).contiguous())
     expected = sum(packed_bytes(v) for v in packed.values())
     if expected > budget_bytes:
         options = []
@@ -1106,19 +1125,19 @@ def dequantize_state(packed: dict[str, tuple]) -> dict[str, Tensor]:
             for name, v in packed.items()}
 
 
-NUMPY_DTYPES = {"int5": np.int8, "int6": np.int8, "int8": np.int8, "fp16": np.float16, "fp32": np.float32}
+NUMPY_DTYPES = {"int5": np.int8, "int6": np.int8, "int8": np.int8, "fp16": np.float16,
+                "fp32": np.float32}
 
 
 def serialize(packed: dict[str, tuple], shape: dict) -> bytes:
-    """A compressed JSON index, one zstd-22 frame per tensor's data, then one frame of all scales.
-    Separate frames let each distribution have its own entropy tables: one frame over everything came
-    out 2% larger, and scales sharing a block with codes up to 2.6%, measured. Frames compress in parallel."""
+    """JSON index, one zstd frame per tensor and one of all scales: each its own entropy tables."""
     names = sorted(packed)
     chunks = [packed[n][1].numpy().tobytes() for n in names]
     chunks.append(b"".join(packed[n][2].numpy().tobytes() for n in names if len(packed[n]) == 3))
     with ThreadPoolExecutor() as pool:
         frames = list(pool.map(lambda c: zstandard.ZstdCompressor(level=22).compress(c), chunks))
-    index = {"shape": shape, "tensors": [[n, packed[n][0], list(packed[n][1].shape)] for n in names],
+    index = {"shape": shape,
+             "tensors": [[n, packed[n][0], list(packed[n][1].shape)] for n in names],
              "frames": [len(f) for f in frames]}
     header = zstandard.ZstdCompressor(level=22).compress(json.dumps(index).encode())
     return len(header).to_bytes(4, "little") + header + b"".join(frames)
@@ -1145,7 +1164,7 @@ def deserialize(payload: bytes) -> tuple[dict, dict[str, tuple]]:
 
 
 def write_atomic(path: str, data: bytes) -> None:
-    """Writes a temp file beside path, then renames it over path: readers see the old file or the new."""
+    """Writes a temp file beside path and renames it over path: readers see old or new."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -1153,13 +1172,13 @@ def write_atomic(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:  # a failed write or rename, or an interrupt, leaves no temp file behind
+    finally:  # no temp file left behind, whatever happened
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 def write_artifact(path: str, packed: dict[str, tuple], shape: dict) -> bytes:
-    """Writes magic, sha256 of the payload, payload; returns the sha256."""
+    """Writes magic, the payload's sha256, payload; returns the sha256."""
     payload = serialize(packed, shape)
     digest = hashlib.sha256(payload).digest()
     write_atomic(path, ARTIFACT_MAGIC + digest + payload)
@@ -1168,8 +1187,7 @@ def write_artifact(path: str, packed: dict[str, tuple], shape: dict) -> bytes:
 
 def read_artifact(path: str, shape: dict, variable: str = "LOAD_ARTIFACT",
                   digest: bytes | None = None) -> dict[str, Tensor]:
-    """Reads and checks an artifact (and, given one, that it is the one whose sha256 is digest);
-    anything wrong with it is a ConfigError naming the file."""
+    """Reads and checks an artifact (and that its sha256 is digest); ConfigError if wrong."""
     try:
         blob = Path(path).read_bytes()
     except OSError as e:
@@ -1185,9 +1203,10 @@ def read_artifact(path: str, shape: dict, variable: str = "LOAD_ARTIFACT",
         written_shape, packed = deserialize(blob[head:])
     except (zstandard.ZstdError, ValueError, KeyError, TypeError):
         raise ConfigError(f"{variable}={path}: unreadable payload") from None
-    for key in [*shape, *(k for k in written_shape if k not in shape)]:  # absent on one side: off there (0)
+    for key in [*shape, *(k for k in written_shape if k not in shape)]:  # absent: off (0)
         if shape.get(key, 0) != written_shape.get(key, 0):
-            raise ConfigError(f"{variable}={path} was written with {key.upper()}={written_shape.get(key, 0)}, "
+            raise ConfigError(f"{variable}={path} was written with "
+                              f"{key.upper()}={written_shape.get(key, 0)}, "
                               f"this run has {key.upper()}={shape.get(key, 0)}")
     return dequantize_state(packed)
 
@@ -1198,8 +1217,7 @@ def read_artifact(path: str, shape: dict, variable: str = "LOAD_ARTIFACT",
 
 
 class WeightAverage:
-    """EMA of the weights (fp32 shadow, every step) and SWA (fp32 sum of checkpoints taken every
-    SWA_EVERY steps once the warmdown has begun). SWA, when enabled and sampled, wins over EMA."""
+    """fp32 EMA (every step) and SWA (every SWA_EVERY steps in the warmdown); SWA wins."""
 
     def __init__(self, model: nn.Module, args: Hyperparameters):
         self.params = list(model.parameters())
@@ -1210,7 +1228,8 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, step: int, lr_scale: float) -> None:
         if self.ema is not None:
-            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1.0 - self.args.ema_decay)
+            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params],
+                                 1.0 - self.args.ema_decay)
         if self.args.swa_enabled and lr_scale < 1.0 and step % self.args.swa_every == 0:
             if self.swa is None:
                 self.swa = [p.detach().float().clone() for p in self.params]
@@ -1220,9 +1239,10 @@ class WeightAverage:
 
     @torch.no_grad()
     def apply(self) -> str:
-        """Loads the chosen average into the model; returns what was loaded."""
+        """Loads the chosen average into the model; returns its name."""
         if self.swa is not None:
-            chosen, what = [s / self.swa_count for s in self.swa], f"swa({self.swa_count} checkpoints)"
+            chosen = [s / self.swa_count for s in self.swa]
+            what = f"swa({self.swa_count} checkpoints)"
         elif self.ema is not None:
             chosen, what = self.ema, f"ema(decay {self.args.ema_decay})"
         else:
@@ -1259,16 +1279,16 @@ LOG_HEADER_END = "=" * 100
 
 
 def log_environment(log, cuda: bool) -> None:
-    """The log file (not the console) begins with this script's source and the software and GPUs it
-    ran on, for reviewers; a line of 100 '=' ends that header."""
-    log(f"{'=' * 43} train_gpt.py {'=' * 44}\n{Path(__file__).read_text(encoding='utf-8')}", console=False)
+    """Heads the log file with this source, the software and the GPUs; 100 '=' end it."""
+    log(f"{'=' * 43} train_gpt.py {'=' * 44}\n{Path(__file__).read_text(encoding='utf-8')}",
+        console=False)
     log(f"python:{platform.python_version()} torch:{torch.__version__} cuda:{torch.version.cuda} "
         f"cudnn:{torch.backends.cudnn.version()} triton:{triton.__version__ if triton else None} "
         f"numpy:{np.__version__} sentencepiece:{spm.__version__} "
         f"zstandard:{zstandard.__version__ if zstandard else None}", console=False)
     if cuda:
-        log("gpus: " + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())),
-            console=False)
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        log("gpus: " + ", ".join(names), console=False)
         try:
             smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=60).stdout
         except (OSError, subprocess.SubprocessError):
@@ -1281,27 +1301,35 @@ class TrainingDiverged(Exception):
     pass
 
 
-def make_optimizers(model: GPT, args: Hyperparameters, orthogonalize) -> tuple[Muon, list[torch.optim.Optimizer]]:
-    """Muon for the matrices, AdamW for embeddings and for the small control tensors (CoDA's angle and
-    gate without weight decay: decay would pull the angle to 0, where noise equals signal)."""
+def is_muon_matrix(name: str, p: Tensor) -> bool:
+    """Muon trains the products' weights; AdamW the lookups and the small tensors."""
+    return p.ndim == 2 and name not in EMBEDDINGS and not is_control(name) and "coda_" not in name
+
+
+def make_optimizers(model: GPT, args: Hyperparameters,
+                    orthogonalize) -> tuple[Muon, list[torch.optim.Optimizer]]:
+    """Muon for the matrices, AdamW for the rest; CoDA never decays (angle 0: noise = signal)."""
     embeds, matrices, controls, no_decay = [], [], [], []
     for name, p in model.named_parameters():
         if name in EMBEDDINGS:
             embeds.append(p)
+        elif is_muon_matrix(name, p):
+            matrices.append(p)
         elif "coda_" in name:
             no_decay.append(p)
-        elif export_kind(name, p) == "int6":
-            matrices.append(p)
         else:
             controls.append(p)
     fused = dict(fused=True) if model.tok_emb.weight.is_cuda else {}
     adam = dict(betas=(0.9, 0.95), eps=1e-8, **fused)
     muon = Muon(matrices, lr=args.matrix_lr, momentum=args.muon_momentum, weight_decay=args.muon_wd,
                 orthogonalize=orthogonalize)
-    opts = [muon, torch.optim.AdamW([{"params": embeds, "lr": args.tied_embed_lr}], weight_decay=args.adam_wd, **adam),
-            torch.optim.AdamW([{"params": controls, "lr": args.scalar_lr, "weight_decay": args.adam_wd}]
-                              + ([{"params": no_decay, "lr": args.scalar_lr, "weight_decay": 0.0}] if no_decay else []),
-                              **adam)]
+    scalar_groups = [{"params": controls, "lr": args.scalar_lr, "weight_decay": args.adam_wd}]
+    if no_decay:
+        scalar_groups.append({"params": no_decay, "lr": args.scalar_lr, "weight_decay": 0.0})
+    opts = [muon,
+            torch.optim.AdamW([{"params": embeds, "lr": args.tied_embed_lr}],
+                              weight_decay=args.adam_wd, **adam),
+            torch.optim.AdamW(scalar_groups, **adam)]
     for opt in opts:
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
@@ -1309,9 +1337,7 @@ def make_optimizers(model: GPT, args: Hyperparameters, orthogonalize) -> tuple[M
 
 
 def lr_scale(args: Hyperparameters, step: int, elapsed_ms: float, budget_ms: float) -> float:
-    """1 until the warmdown, then linear to 0: over the last WARMDOWN_ITERS steps, or, under a wallclock
-    cap, over the time those steps are predicted to take at the average step time so far, ending when
-    the training budget_ms (the cap less GPTQ's calibration) is spent."""
+    """1, then linear to 0 over the last WARMDOWN_ITERS steps (under a cap: over their time)."""
     if args.warmdown_iters == 0:
         return 1.0
     if args.max_wallclock_seconds == 0:
@@ -1322,7 +1348,7 @@ def lr_scale(args: Hyperparameters, step: int, elapsed_ms: float, budget_ms: flo
 
 
 def train_step(args, model, base_model, optimizers, loader: DistributedTokenLoader) -> Tensor:
-    """One optimizer step over GRAD_ACCUM_STEPS micro-batches; returns the mean loss (on device)."""
+    """One optimizer step over GRAD_ACCUM_STEPS micro-batches; the mean loss, on device."""
     loss_sum = None
     for micro in range(args.grad_accum_steps):
         x, y = loader.next_batch(args.micro_batch_tokens, args.train_seq_len)
@@ -1339,22 +1365,21 @@ def train_step(args, model, base_model, optimizers, loader: DistributedTokenLoad
     return loss_sum / args.grad_accum_steps
 
 
-CALIBRATION_PIECES = 8  # per micro-batch: the deadline then drops at most an eighth of one at a time
-GPTQ_MARGIN = 1.25  # the loop stops this many measured calibrations short of the cap
+CALIBRATION_PIECES = 8  # per micro-batch: the deadline drops an eighth of one at a time
+GPTQ_MARGIN = 1.25  # the loop stops this many calibrations short of the cap
 
 
 @torch.no_grad()
 def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, world_size: int,
-                     device: torch.device, time_left_ms=None, piece_ms: float = 0.0) -> tuple[dict, dict]:
-    """GPTQ's calibration: X^T X of the inputs of every int6 matrix's product (keyed by the weight's
-    name), over one optimizer step's worth of training tokens from the stream's start, summed over
-    ranks. The tokens go through in pieces; with time_left_ms (a clock: ms left), a piece is left
-    out when twice the slowest so far (at least piece_ms) would not fit. Returns the Hessians and
-    this rank's tokens, slowest piece and ms of the sum over ranks."""
+                     device: torch.device, time_left_ms=None,
+                     piece_ms: float = 0.0) -> tuple[dict, dict]:
+    """GPTQ's X^T X of each matrix's inputs over one step's tokens, within time_left_ms."""
     linears = {f"{name}.weight": module for name, module in base_model.named_modules()
-               if isinstance(module, CastedLinear) and export_kind(f"{name}.weight", module.weight) == "int6"}
-    # Every key from the start: ranks that fed no piece still take part in each sum.
-    hessians = {name: torch.zeros(m.in_features, m.in_features, device=device) for name, m in linears.items()}
+               if isinstance(module, CastedLinear)
+               and is_gptq_matrix(f"{name}.weight", module.weight)}
+    # Every key from the start: ranks that fed no piece still join each sum.
+    hessians = {name: torch.zeros(m.in_features, m.in_features, device=device)
+                for name, m in linears.items()}
 
     def accumulate(name: str):
         def hook(module, inputs):
@@ -1391,16 +1416,70 @@ def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, w
         for name in sorted(hessians):
             dist.all_reduce(hessians[name])
     sync()
-    return hessians, dict(tokens=tokens, piece_ms=slowest_ms, reduce_ms=1000.0 * (time.perf_counter() - t0))
+    reduce_ms = 1000.0 * (time.perf_counter() - t0)
+    return hessians, dict(tokens=tokens, piece_ms=slowest_ms, reduce_ms=reduce_ms)
 
 
-def train(args, model, base_model, muon, optimizers, train_files, evaluate, log, rank, world_size, device):
-    """The training loop under the wallclock cap. Returns (steps, training ms, GPTQ's Hessians or None)."""
+class AgreedClock:
+    """The clock all ranks agree on (MAX) and the stop, read a step late so the GPU never waits;
+    a NaN on any rank stops all."""
+
+    def __init__(self, cap_ms: float, budget_ms: float, world_size: int, log):
+        self.cap_ms, self.budget_ms, self.world_size, self.log = cap_ms, budget_ms, world_size, log
+        self.ms, self.step = 0.0, 0  # at the last step read
+        self.unread: list[tuple] = []
+
+    def at(self, step: int) -> float:
+        """The agreed clock extrapolated to step: one schedule, so one model, on all ranks."""
+        return self.ms / self.step * step if self.step else 0.0
+
+    def record(self, step: int, elapsed_ms: float, loss: Tensor) -> None:
+        """Queues this step's flags without waiting."""
+        flags = torch.stack((torch.full((), elapsed_ms, dtype=torch.float64, device=loss.device),
+                             (~torch.isfinite(loss)).double()))
+        if self.world_size > 1:  # with NCCL the stream, not the host, waits
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        copied = None
+        if flags.is_cuda:
+            pinned = torch.empty(2, dtype=flags.dtype, pin_memory=True)
+            flags = pinned.copy_(flags, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        self.unread.append((flags, copied, step))
+
+    def poll(self) -> bool:
+        """Reads all but the newest flags; True once three more average steps reach the budget."""
+        if len(self.unread) < 2:
+            return False
+        while len(self.unread) > 1:
+            self._read(*self.unread.pop(0))
+        return self.cap_ms > 0 and self.ms + 3 * self.ms / self.step >= self.budget_ms
+
+    def finish(self) -> None:
+        """Reads the flags left: a NaN in the last step stops too."""
+        while self.unread:
+            self._read(*self.unread.pop(0))
+
+    def _read(self, flags: Tensor, copied, step: int) -> None:
+        if copied is not None:
+            copied.synchronize()
+        ms, diverged = flags.tolist()
+        if diverged:
+            msg = (f"training loss is not finite at step {step}: stopping "
+                   f"(try a lower MATRIX_LR/SCALAR_LR/TIED_EMBED_LR or GRAD_CLIP_NORM)")
+            self.log(f"error: {msg}", console=False)
+            raise TrainingDiverged(msg)
+        self.ms, self.step = ms, step
+
+
+def train(args, model, base_model, muon, optimizers, train_files, evaluate, log, rank, world_size,
+          device):
+    """The loop under the cap: (steps, training ms, GPTQ's Hessians or None)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     run_step = lambda loader: train_step(args, model, base_model, optimizers, loader)  # noqa: E731
 
-    finish_id_check = check_train_ids(args, train_files, rank, world_size, device)  # beside warm-up
-    # Compile warm-up on real batches, then restore the initial weights, optimizer state and data order.
+    finish_id_check = check_train_ids(args, train_files, rank, world_size, device)
+    # Compile warm-up on real batches, then restore weights, optimizer state and data order.
     if args.warmup_steps > 0:
         t0 = time.perf_counter()
         initial_model = copy.deepcopy(base_model.state_dict())
@@ -1415,22 +1494,8 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         log(f"warmup_steps:{args.warmup_steps} done in {time.perf_counter() - t0:.1f}s "
             f"(weights and optimizer state restored)")
 
-    def read_flags(pending: tuple) -> float:
-        """Waits for one step's all-reduced flags (elapsed ms, loss not finite); returns the elapsed ms
-        all ranks agree on: the largest."""
-        flags, copied, pending_step = pending
-        if copied is not None:
-            copied.synchronize()
-        agreed_ms, diverged = flags.tolist()
-        if diverged:
-            msg = (f"training loss is not finite at step {pending_step}: stopping "
-                   f"(try a lower MATRIX_LR/SCALAR_LR/TIED_EMBED_LR or GRAD_CLIP_NORM)")
-            log(f"error: {msg}", console=False)
-            raise TrainingDiverged(msg)
-        return agreed_ms
-
     def calibrate(time_left_ms=None, piece_ms: float = 0.0) -> tuple[dict[str, Tensor], dict]:
-        """GPTQ's Hessians and collect_hessians' figures, with the ms it took in all."""
+        """collect_hessians' results, with the ms it took."""
         t0 = time.perf_counter()
         hessians, stats = collect_hessians(args, base_model, train_files, rank, world_size, device,
                                            time_left_ms, piece_ms)
@@ -1439,21 +1504,19 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
     loader = DistributedTokenLoader(train_files, rank, world_size, device)
     average = WeightAverage(base_model, args)
     cap_ms = 1000.0 * args.max_wallclock_seconds
-    train_ms, step, stop_at, pending, qat_on = 0.0, 0, None, None, False
-    agreed_ms, agreed_step = 0.0, 0  # the clock all ranks agreed on, at the last step whose flags were read
-    # GPTQ's calibration reads training data, so it runs inside the cap: timed here on the initial weights
-    # (the second of two runs; the first warms up), the loop stops short of the cap by a margin over that
-    # time, and the calibration itself leaves out what might end past the cap. Ranks agree on the largest.
+    train_ms, step, stop_at, qat_on = 0.0, 0, None, False
+    # GPTQ's calibration reads training data, so it runs inside the cap: timed here, reserved.
     reserved_ms, measured = 0.0, torch.zeros(3, dtype=torch.float64, device=device)
     if args.gptq and cap_ms > 0:
         calibrate()
         stats = calibrate()[1]
-        measured = torch.tensor([stats["ms"], stats["piece_ms"], stats["reduce_ms"]], dtype=torch.float64,
-                                device=device)
+        measured = torch.tensor([stats["ms"], stats["piece_ms"], stats["reduce_ms"]],
+                                dtype=torch.float64, device=device)
         if world_size > 1:
             dist.all_reduce(measured, op=dist.ReduceOp.MAX)
         reserved_ms = GPTQ_MARGIN * measured[0].item()
     budget_ms = cap_ms - reserved_ms
+    clock = AgreedClock(cap_ms, budget_ms, world_size, log)
     finish_id_check()
     if world_size > 1:
         dist.barrier()  # start the clocks together
@@ -1471,12 +1534,12 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
             t0 = time.perf_counter()
         if last_step:
             break
-        # The schedule reads the agreed clock, extrapolated to this step: ranks' own clocks differ a little,
-        # and different learning rates would leave each rank a different model.
-        scale = lr_scale(args, step, agreed_ms / agreed_step * step if agreed_step else 0.0, budget_ms)
-        frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps else 1.0
+        scale = lr_scale(args, step, clock.at(step), budget_ms)
+        warmup = args.muon_momentum_warmup_steps
+        frac = min(step / warmup, 1.0) if warmup else 1.0
         for group in muon.param_groups:
-            group["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
+            group["momentum"] = ((1 - frac) * args.muon_momentum_warmup_start
+                                 + frac * args.muon_momentum)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * scale
@@ -1488,56 +1551,40 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         step += 1
         average.update(step, scale)
         elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        # The clock and the stop decision, agreed by all ranks (the largest clock; a NaN anywhere stops
-        # all). This step's flags are reduced and copied to pinned host memory in stream order, and read
-        # after the next step is queued: the host waits for this step's end, never the next one's, so the
-        # GPU never idles (a per-step sync cost 5.5 ms of 92; a read queued behind the next step, 4.8 ms
-        # of 85.5: both measured). The host reads one step late, so "near the cap" means within three
-        # average steps of it (two overshot a 180 s cap by 8 ms once).
-        flags = torch.stack((torch.full((), elapsed_ms, dtype=torch.float64, device=train_loss.device),
-                             (~torch.isfinite(train_loss)).double()))
-        if world_size > 1:  # with NCCL the stream, not the host, waits for the reduction
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        copied = None
-        if flags.is_cuda:  # into pinned memory, in stream order; the event marks when the copy has landed
-            flags = torch.empty(2, dtype=flags.dtype, pin_memory=True).copy_(flags, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
-        stop = False
-        if pending is not None:
-            agreed_ms, agreed_step = read_flags(pending), pending[2]
-            stop = cap_ms > 0 and agreed_ms + 3 * agreed_ms / agreed_step >= budget_ms
-        pending = (flags, copied, step)
+        clock.record(step, elapsed_ms, train_loss)
+        stop = clock.poll()
         if args.train_log_every > 0 and (step <= 10 or step % args.train_log_every == 0 or stop):
             log(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} "
                 f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
         if stop and stop_at is None:
             stop_at = step
-    if pending is not None:
-        read_flags(pending)
-    base_model.set_qat(False)  # evaluations and export see the plain weights, as LOAD_ARTIFACT will
+    clock.finish()
+    base_model.set_qat(False)  # evaluations and export see the plain weights
     log(f"weights for export: {average.apply()}")
     if not args.gptq:
         return step, train_ms, None
     started, (_, piece_ms, reduce_ms) = time.perf_counter(), measured.tolist()
-    time_left_ms = lambda: cap_ms - train_ms - 1000.0 * (time.perf_counter() - started) - 2 * reduce_ms  # noqa: E731
+
+    def time_left_ms() -> float:
+        return cap_ms - train_ms - 1000.0 * (time.perf_counter() - started) - 2 * reduce_ms
+
     hessians, stats = calibrate(time_left_ms if cap_ms > 0 else None, piece_ms)
     tokens = torch.tensor([stats["tokens"]], device=device)
     total_ms = torch.tensor([train_ms + stats["ms"]], dtype=torch.float64, device=device)
     if world_size > 1:  # all ranks' tokens; the slowest rank's clock
         dist.all_reduce(tokens)
         dist.all_reduce(total_ms, op=dist.ReduceOp.MAX)
-    log(f"gptq_calibration: {tokens.item()} tokens in {stats['ms']:.0f}ms (reserved {reserved_ms:.0f}ms), "
-        f"training time with it {total_ms.item():.0f}ms" + (f" of {cap_ms:.0f}ms" if cap_ms > 0 else ""))
-    if tokens.item() == 0:  # no time was left for any piece: the export rounds instead
+    log(f"gptq_calibration: {tokens.item()} tokens in {stats['ms']:.0f}ms "
+        f"(reserved {reserved_ms:.0f}ms), training time with it {total_ms.item():.0f}ms"
+        + (f" of {cap_ms:.0f}ms" if cap_ms > 0 else ""))
+    if tokens.item() == 0:  # no time left for any piece: the export rounds
         log("gptq_calibration: no time left inside the cap; exporting without GPTQ")
         return step, train_ms, None
     return step, train_ms, hessians
 
 
 def check_inputs(args: Hyperparameters):
-    """Everything that can be wrong with the input, found before anything is written. Returns the
-    tokenizer, the train shards, the validation tokens, and LOAD_ARTIFACT's weights (or None)."""
+    """Finds bad input before anything is written; returns what the run reads."""
     if zstandard is None:
         raise ConfigError("the zstandard package is missing: pip install zstandard")
     if not os.path.isfile(args.tokenizer_path):
@@ -1545,10 +1592,11 @@ def check_inputs(args: Hyperparameters):
     try:
         sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
     except (OSError, RuntimeError):
-        raise ConfigError(f"TOKENIZER_PATH={args.tokenizer_path}: not a sentencepiece model") from None
+        raise ConfigError(
+            f"TOKENIZER_PATH={args.tokenizer_path}: not a sentencepiece model") from None
     if sp.vocab_size() != args.vocab_size:
-        raise ConfigError(f"VOCAB_SIZE={args.vocab_size} differs from the tokenizer's {sp.vocab_size()} "
-                          f"({args.tokenizer_path})")
+        raise ConfigError(f"VOCAB_SIZE={args.vocab_size} differs from the tokenizer's "
+                          f"{sp.vocab_size()} ({args.tokenizer_path})")
     train_files = [] if args.load_artifact else find_shards(args.data_path, "train", 1)
     for path in read_before_clock(args, train_files):  # the others: check_train_ids
         load_shard(path, args.vocab_size)
@@ -1557,17 +1605,20 @@ def check_inputs(args: Hyperparameters):
     if not os.path.isdir(artifact_dir):
         raise ConfigError(f"ARTIFACT_PATH={args.artifact_path}: its directory does not exist")
     if os.path.isdir(args.artifact_path):
-        raise ConfigError(f"ARTIFACT_PATH={args.artifact_path}: is a directory, expected a file name")
-    if int(os.environ.get("RANK", 0)) == 0:  # rank 0 writes the log and the artifact: fail now, not after training
+        raise ConfigError(
+            f"ARTIFACT_PATH={args.artifact_path}: is a directory, expected a file name")
+    if int(os.environ.get("RANK", 0)) == 0:  # rank 0 writes log and artifact: fail now
         if os.path.lexists("logs") and not os.path.isdir("logs"):
-            raise ConfigError(f"logs: {os.path.abspath('logs')} is not a directory (the run logs go there)")
+            raise ConfigError(f"logs: {os.path.abspath('logs')} is not a directory "
+                              f"(the run logs go there)")
         probe_writable("logs" if os.path.isdir("logs") else ".", "logs/ (the run's log)")
         if not args.load_artifact:
             probe_writable(artifact_dir, f"ARTIFACT_PATH={args.artifact_path}")
             free = shutil.disk_usage(artifact_dir).free
             if free < args.artifact_limit_bytes:
-                raise ConfigError(f"ARTIFACT_PATH={args.artifact_path}: {free} bytes free on its disk, the artifact "
-                                  f"needs up to ARTIFACT_LIMIT_BYTES={args.artifact_limit_bytes}")
+                raise ConfigError(f"ARTIFACT_PATH={args.artifact_path}: {free} bytes free on its "
+                                  f"disk, the artifact needs up to "
+                                  f"ARTIFACT_LIMIT_BYTES={args.artifact_limit_bytes}")
     loaded = read_artifact(args.load_artifact, args.shape) if args.load_artifact else None
     return sp, train_files, val_tokens, loaded
 
@@ -1578,29 +1629,29 @@ def probe_writable(directory: str, what: str) -> None:
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise ConfigError(f"{what}: cannot write in {os.path.abspath(directory)} ({e.strerror})") from None
+        raise ConfigError(
+            f"{what}: cannot write in {os.path.abspath(directory)} ({e.strerror})") from None
 
 
 class ArtifactLock:
-    """An advisory lock on a hidden file beside the artifact, held for the whole run (shared to read,
-    exclusive to write): two runs on one ARTIFACT_PATH would overwrite, and score, each other's file.
-    The kernel drops it if the process dies; the last holder removes the file."""
+    """A lock beside the artifact for the run: two runs must not score each other's file."""
 
     def __init__(self, path: str, exclusive: bool, variable: str):
         self.path = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.lock")
         while True:
             try:
                 self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError:  # a folder this run cannot write in: it cannot write the artifact either
+            except OSError:  # an unwritable folder: the artifact will fail too
                 self.fd = None
                 return
             try:
-                fcntl.flock(self.fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+                fcntl.flock(self.fd, mode | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(self.fd)
                 raise ConfigError(f"{variable}={path}: another run is using this artifact now "
                                   f"(it holds {self.path})") from None
-            try:  # the file may have been removed by its last holder between the open and the lock
+            try:  # its last holder may have removed it since the open
                 if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
                     return
             except FileNotFoundError:
@@ -1623,7 +1674,7 @@ class ArtifactLock:
 
 
 def setup_distributed(world_size: int) -> tuple[int, torch.device]:
-    """torchrun's rank (one process without torchrun); NCCL on GPUs, gloo on CPU."""
+    """torchrun's rank (0 without torchrun); NCCL on GPUs, gloo on CPU."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -1637,18 +1688,17 @@ def setup_distributed(world_size: int) -> tuple[int, torch.device]:
 
 
 def make_evaluate(args, base_model: GPT, sp, tokens: Tensor, compile_fn, log, rank: int, device):
-    """evaluate(stride) -> (loss, bpb, targets, bytes) of the model as it is; stride None = plain;
-    ttt: by legal score-first TTT, which trains the model. Every evaluation scores the same targets:
-    their count is logged once, then checked."""
+    """evaluate(stride, ttt) -> (loss, bpb, targets, bytes), always of the same targets."""
     nll_fn = compile_fn(base_model.token_nll, dynamic=False)
-    luts, tokens = build_byte_luts(sp, device), tokens.to(device)  # one copy for every evaluator
+    luts, tokens = build_byte_luts(sp, device), tokens.to(device)  # one copy for all
     evaluators: dict[int, Evaluator] = {}
     counted: list[tuple[int, int]] = []
 
     def evaluate(stride: int | None = None, ttt: bool = False) -> tuple[float, float, int, int]:
         stride = stride or args.eval_seq_len
         if stride not in evaluators:
-            evaluators[stride] = Evaluator(tokens, args.eval_seq_len, stride, luts, device, rank, args.world_size)
+            evaluators[stride] = Evaluator(tokens, args.eval_seq_len, stride, luts, device, rank,
+                                           args.world_size)
         base_model.eval()
         if ttt:
             result = test_time_train(evaluators[stride], stride, base_model, nll_fn, args, log)[0]
@@ -1659,39 +1709,41 @@ def make_evaluate(args, base_model: GPT, sp, tokens: Tensor, compile_fn, log, ra
             counted.append(result[2:])
             log(f"val_tokens:{result[2]} val_bytes:{result[3]}")
         elif result[2:] != counted[0]:
-            raise RuntimeError(f"evaluation counted {result[2:]} targets/bytes, earlier {counted[0]}")
+            raise RuntimeError(
+                f"evaluation counted {result[2:]} targets/bytes, earlier {counted[0]}")
         return result
 
     return evaluate
 
 
-def export(args, base_model: GPT, log, rank: int, code_bytes: int, hessians: dict[str, Tensor] | None) -> bytes:
-    """Rank 0 quantizes and writes the artifact, 1.5% under the limit (zstd lands within 1% of the
-    entropy estimate, measured); the others wait for the file. Returns the payload's sha256."""
+def export(args, base_model: GPT, log, rank: int, code_bytes: int,
+           hessians: dict[str, Tensor] | None) -> bytes:
+    """Rank 0 writes the artifact, with a margin for zstd; the sha256 on every rank."""
     if rank == 0:
         state = base_model.state_dict()
-        if hessians is not None:  # GPTQ=1: every int6 matrix was calibrated (a hook that never fired was not)
+        if hessians is not None:  # a hook that never fired: refuse, not round silently
             missing = [name for name, t in state.items()
-                       if export_kind(name, t) == "int6" and (name not in hessians or not hessians[name].any())]
+                       if is_gptq_matrix(name, t)
+                       and (name not in hessians or not hessians[name].any())]
             if missing:
                 raise RuntimeError(f"GPTQ calibration saw no inputs for {missing}")
         packed = quantize_state(state, 0.985 * (args.artifact_limit_bytes - code_bytes), hessians)
         kinds = [v[0] for v in packed.values()]
         log(f"export: int6 matrices:{kinds.count('int6')} int5 matrices:{kinds.count('int5')} "
             f"int8 embeddings:{kinds.count('int8')}")
-        digest = torch.tensor(list(write_artifact(args.artifact_path, packed, args.shape)), dtype=torch.uint8)
+        written = write_artifact(args.artifact_path, packed, args.shape)
+        digest = torch.tensor(list(written), dtype=torch.uint8)
     else:
         digest = torch.zeros(32, dtype=torch.uint8)
-    if args.world_size > 1:  # every rank then checks that the file it scores is this one
+    if args.world_size > 1:  # every rank checks the file it scores is this one
         digest = digest.to(base_model.tok_emb.weight.device)
         dist.broadcast(digest, 0)
     return bytes(digest.tolist())
 
 
-def final_evaluation(args, base_model: GPT, evaluate, artifact_path: str, weights, code_bytes: int, log,
-                     digest: bytes | None = None) -> dict:
-    """Scores what is on disk (the file whose sha256 is digest): the artifact alone determines the
-    final numbers."""
+def final_evaluation(args, base_model: GPT, evaluate, artifact_path: str, weights,
+                     code_bytes: int, log, digest: bytes | None = None) -> dict:
+    """Scores the file on disk whose sha256 is digest: the artifact alone decides."""
     model_bytes = os.path.getsize(artifact_path)
     log(f"Serialized model int6+zstd: {model_bytes} bytes")
     log(f"Code size: {code_bytes} bytes")
@@ -1710,7 +1762,7 @@ def final_evaluation(args, base_model: GPT, evaluate, artifact_path: str, weight
         log(f"final_int6_sliding_window_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
         log(f"sliding_window_eval stride:{args.eval_stride} time:{time.perf_counter() - t0:.1f}s")
         result.update(score="final_int6_sliding_window_exact")
-    if args.ttt_enabled:  # last: it trains the model on the validation tokens it has scored
+    if args.ttt_enabled:  # last: it trains the model
         val_loss, val_bpb, _, _ = evaluate(args.eval_stride, ttt=True)
         log(f"legal_ttt_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
         result.update(score="legal_ttt_exact", ttt_val_loss=val_loss, ttt_val_bpb=val_bpb)
@@ -1718,13 +1770,14 @@ def final_evaluation(args, base_model: GPT, evaluate, artifact_path: str, weight
 
 
 def write_report(args, report: dict, log, rank: int) -> int:
-    """logs/{RUN_ID}.json (atomically); the exit status: 3 when the submission is over the limit."""
+    """Writes logs/{RUN_ID}.json; the exit status: 3 when over the limit."""
     if rank == 0:
         write_atomic(f"logs/{args.run_id}.json", (json.dumps(report, indent=2) + "\n").encode())
     excess = report["bytes_total"] - args.artifact_limit_bytes
     if excess > 0:
-        log(f"error: total submission size {report['bytes_total']} bytes exceeds ARTIFACT_LIMIT_BYTES="
-            f"{args.artifact_limit_bytes} by {excess} bytes (artifact kept at {report['artifact']})")
+        log(f"error: total submission size {report['bytes_total']} bytes exceeds "
+            f"ARTIFACT_LIMIT_BYTES={args.artifact_limit_bytes} by {excess} bytes "
+            f"(artifact kept at {report['artifact']})")
         return 3
     return 0
 
@@ -1735,7 +1788,8 @@ def run(held: ExitStack) -> int:
     args = Hyperparameters(world_size)
     sp, train_files, val_tokens, weights = check_inputs(args)
     if int(os.environ.get("RANK", 0)) == 0:
-        held.enter_context(ArtifactLock(args.load_artifact, False, "LOAD_ARTIFACT") if args.load_artifact
+        held.enter_context(ArtifactLock(args.load_artifact, False, "LOAD_ARTIFACT")
+                           if args.load_artifact
                            else ArtifactLock(args.artifact_path, True, "ARTIFACT_PATH"))
     rank, device = setup_distributed(world_size)
     torch.manual_seed(args.seed)
@@ -1743,9 +1797,11 @@ def run(held: ExitStack) -> int:
     log = RunLog(args.run_id, rank == 0)
     cuda = device.type == "cuda"
     log_environment(log, cuda)
-    log(f"run_id:{args.run_id} world_size:{world_size} grad_accum_steps:{args.grad_accum_steps} device:{device.type} "
-        f"attention:{'fa3' if device.type == FA3_DEVICE else 'sdpa'} torch:{torch.__version__}")
-    log("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items() if k != "world_size"), console=False)
+    log(f"run_id:{args.run_id} world_size:{world_size} grad_accum_steps:{args.grad_accum_steps} "
+        f"device:{device.type} attention:{'fa3' if device.type == FA3_DEVICE else 'sdpa'} "
+        f"torch:{torch.__version__}")
+    config = " ".join(f"{k}={v}" for k, v in vars(args).items() if k != "world_size")
+    log("config: " + config, console=False)
     base_model = build_model(args, device)
     log(f"model_params:{sum(p.numel() for p in base_model.parameters())} "
         f"xsa_layers:{[i for i, b in enumerate(base_model.blocks) if b.attn.xsa]} "
@@ -1761,26 +1817,29 @@ def run(held: ExitStack) -> int:
         model = compile_fn(base_model, dynamic=False)
         if world_size > 1:
             model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
-        muon, optimizers = make_optimizers(base_model, args, compile_fn(newton_schulz, dynamic=False))
-        steps, train_ms, hessians = train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
-                                          rank, world_size, device)
+        muon, optimizers = make_optimizers(base_model, args,
+                                           compile_fn(newton_schulz, dynamic=False))
+        steps, train_ms, hessians = train(args, model, base_model, muon, optimizers, train_files,
+                                          evaluate, log, rank, world_size, device)
         if cuda:
             log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
         pre_loss, pre_bpb, _, _ = evaluate()
         log(f"pre_quant_average val_loss:{pre_loss:.8f} val_bpb:{pre_bpb:.8f}")
-        report.update(step=steps, step_avg_ms=round(train_ms / max(steps, 1), 2), pre_quant_val_bpb=pre_bpb)
+        report.update(step=steps, step_avg_ms=round(train_ms / max(steps, 1), 2),
+                      pre_quant_val_bpb=pre_bpb)
         digest = export(args, base_model, log, rank, code_bytes, hessians)
-    report.update(final_evaluation(args, base_model, evaluate, report["artifact"], weights, code_bytes, log,
-                                   digest))
+    report.update(final_evaluation(args, base_model, evaluate, report["artifact"], weights,
+                                   code_bytes, log, digest))
     return write_report(args, report, log, rank)
 
 
 class Interrupted(Exception):
-    """SIGINT or SIGTERM: raised where the run is, so the way out removes temp files and locks."""
+    """SIGINT or SIGTERM, raised where the run is: the way out cleans up."""
 
     def __init__(self, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name}; no artifact or report was half-written")
+        super().__init__(f"stopped by {signal.Signals(signum).name}; "
+                         f"no artifact or report was half-written")
         self.exit_code = 128 + signum
 
 
@@ -1797,13 +1856,14 @@ def main() -> None:
     try:
         with sdpa_kernel(SDPA_BACKENDS, set_priority=True), ExitStack() as held:
             code = run(held)
-    except (ConfigError, TrainingDiverged, Interrupted) as e:  # bad input: 2; a NaN loss: 4; a signal: 128+n
-        code = 2 if isinstance(e, ConfigError) else 4 if isinstance(e, TrainingDiverged) else e.exit_code
+    except (ConfigError, TrainingDiverged, Interrupted) as e:  # exit 2, 4, 128 + signal
+        code = (2 if isinstance(e, ConfigError) else 4 if isinstance(e, TrainingDiverged)
+                else e.exit_code)
         if master:
             print(f"error: {e}", file=sys.stderr, flush=True)
     if dist.is_available() and dist.is_initialized():
-        if code in (0, 3, 4):  # exits all ranks reach together: none leaves (and has torchrun stop the others)
-            dist.barrier()  # before rank 0 has written its last line; a bad input may be one rank's alone
+        if code in (0, 3, 4):  # exits all ranks reach: none may leave before rank 0's last line
+            dist.barrier()  # (a bad input may be one rank's alone)
         dist.destroy_process_group()
     sys.exit(code)
 

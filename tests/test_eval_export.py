@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import parts
 import synth
 import train_gpt as tg
 
@@ -552,8 +553,8 @@ def test_collect_hessians_sums_each_int6_products_inputs(tmp_path):
     assert stats["tokens"] == 64
     for hook in capture:
         hook.remove()
-    int6 = {n for n, t in model.state_dict().items() if tg.export_kind(n, t) == "int6" and "." in n}
-    assert set(hessians) == int6 and "blocks.1.attn.coda_gate.weight" not in hessians
+    assert set(hessians) == parts.of_role(model, "matrix")
+    assert "blocks.1.attn.coda_gate.weight" not in hessians
     for name, h in hessians.items():
         x = torch.cat([i.flatten(0, -2) for i in seen[name.removesuffix(".weight")]])
         assert x.size(0) == 64 and torch.allclose(h, x.t() @ x, rtol=1e-5, atol=1e-5), name
@@ -620,8 +621,8 @@ def test_gptq_export_refuses_a_matrix_without_calibration(tmp_path):
 # -----------------------------
 
 
-def trained_like_state(seed=0, **kw):
-    """A small GPT's state dict with every matrix random (a fresh model has all-zero projections)."""
+def trained_like_model(seed=0, **kw):
+    """A small GPT with every matrix random (a fresh model has all-zero projections)."""
     torch.manual_seed(seed)
     cfg = dict(vocab_size=256, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=3,
                max_seq_len=32, bigram_vocab_size=128, bigram_dim=16, xsa_last_n=2, coda_last_n=1)
@@ -632,33 +633,26 @@ def trained_like_state(seed=0, **kw):
         for name, p in model.named_parameters():
             if p.ndim == 2:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return model.state_dict()
+    return model
 
 
-def expected_kind(name):
-    if name in ("tok_emb.weight", "bigram.embed.weight"):
-        return "int8"
-    control = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "smear.gate", "bigram.scale",
-               "coda_theta", "coda_gate.bias")
-    if any(name.endswith(c) for c in control):
-        return "fp32"
-    if name.startswith("blocks.") and name.endswith(("c_q.weight", "c_k.weight", "c_v.weight", "attn.proj.weight",
-                                                     "mlp.fc.weight", "mlp.proj.weight")):
-        return "int6"
-    if name == "bigram.proj.weight":
-        return "int6"  # a matrix Muon trains, outside the blocks
-    if name.endswith("coda_gate.weight"):
-        return "fp16"  # small matrix [heads, dim] trained by Adam
-    raise AssertionError(f"unexpected tensor {name}")
+def trained_like_state(seed=0, **kw):
+    return trained_like_model(seed, **kw).state_dict()
 
 
 def test_quantize_state_kinds_and_roundtrip():
-    state = trained_like_state()
+    """Each tensor as its role asks (parts.py reads roles from the modules, not the names): a
+    product's matrix int6, an embedding int8, CoDA's gate matrix fp16, the rest fp32; each within
+    half a step of its grid (or at its clip), each float bit-exact at its precision."""
+    model = trained_like_model()
+    state, roles = model.state_dict(), parts.parameter_roles(model)
     packed = tg.quantize_state(state)
     assert set(packed) == set(state)
     deq = tg.dequantize_state(packed)
     for name, t in state.items():
-        kind = expected_kind(name)
+        kind = {"matrix": "int6", "embedding": "int8", "control": "fp32"}.get(roles[name])
+        if roles[name] == "coda":
+            kind = "fp16" if name.endswith("coda_gate.weight") else "fp32"
         entry = packed[name]
         assert entry[0] == kind, name
         if kind.startswith("int"):

@@ -1,7 +1,8 @@
 """Model and Muon checks on CPU: shapes and gradients, XSA, CoDA, RoPE, the FlashAttention-3 branch
 (through a stand-in), Newton-Schulz, Muon against torch.optim.Muon and across three gloo ranks, its
-plan by cost, the optimizer grouping. float32 throughout, plus bf16 (the GPU dtype) where rounding
-is the point, and float64 where two paths must agree exactly."""
+plan by cost, what trains, stores, rounds and calibrates each parameter, the agreed clock. float32
+throughout, plus bf16 (the GPU dtype) where rounding is the point, and float64 where two paths must
+agree exactly."""
 import math
 import os
 import socket
@@ -14,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import parts
+import synth
 import train_gpt as tg
 
 DIM, HEADS, HEAD_DIM, VOCAB, SEQ = 32, 4, 8, 64, 16
@@ -771,59 +774,120 @@ def test_muon_plan_is_within_the_greedy_bound(seed):
 
 
 # -----------------------------
-# Optimizer groups
+# What trains, stores, rounds and calibrates each parameter
 # -----------------------------
 
-def test_make_optimizers_groups(monkeypatch):
+def full_model(monkeypatch, **extra):
+    """A model with every kind of parameter: bigram, XSA, CoDA, value embedding, partial RoPE."""
     env = dict(VOCAB_SIZE=VOCAB, NUM_LAYERS=2, MODEL_DIM=DIM, NUM_HEADS=HEADS, NUM_KV_HEADS=2, MLP_MULT=2,
-               TRAIN_SEQ_LEN=SEQ, EVAL_SEQ_LEN=SEQ, EVAL_STRIDE=8, TRAIN_BATCH_TOKENS=SEQ * 8, GRAD_ACCUM_STEPS=1,
-               BIGRAM_VOCAB_SIZE=16, BIGRAM_DIM=8, XSA_LAST_N=1, CODA_LAST_N=1, ROPE_DIMS=4, VE_LAST_N=1, VE_DIM=8,
-               TIED_EMBED_LR=0.123, SCALAR_LR=0.045, MATRIX_LR=0.067, MUON_WD=0.011, ADAM_WD=0.022)
+               TRAIN_SEQ_LEN=SEQ, EVAL_SEQ_LEN=SEQ, EVAL_STRIDE=8, TRAIN_BATCH_TOKENS=SEQ * 8,
+               GRAD_ACCUM_STEPS=1, BIGRAM_VOCAB_SIZE=16, BIGRAM_DIM=8, XSA_LAST_N=1, CODA_LAST_N=1,
+               ROPE_DIMS=4, VE_LAST_N=1, VE_DIM=8, **extra)
     for k, v in env.items():
         monkeypatch.setenv(k, str(v))
     monkeypatch.delenv("CODA_ENABLED", raising=False)
     args = tg.Hyperparameters()
-    model = tg.build_model(args, torch.device("cpu"))
+    torch.manual_seed(0)
+    return args, tg.build_model(args, torch.device("cpu"))
+
+
+def test_each_parameter_is_trained_once_and_decays_at_its_groups_rate(monkeypatch):
+    """One optimizer step with zero gradients leaves only weight decay: every product's matrix
+    (bigram's and the value embedding's too) shrinks at Muon's rate, the embeddings at Adam's
+    with TIED_EMBED_LR, the control tensors at Adam's with SCALAR_LR, and CoDA's angle and gate
+    not at all (decay would pull the angle to 0, where noise equals signal)."""
+    lr = dict(TIED_EMBED_LR=0.123, SCALAR_LR=0.045, MATRIX_LR=0.067, MUON_WD=0.011, ADAM_WD=0.022)
+    args, model = full_model(monkeypatch, **lr)
     muon, opts = tg.make_optimizers(model, args, tg.newton_schulz)
     assert opts[0] is muon
-
-    where = {}  # parameter id -> (optimizer, group) of every group holding it
-    for opt in opts:
-        for group in opt.param_groups:
-            for p in group["params"]:
-                where.setdefault(id(p), []).append((opt, group))
-    names = dict(model.named_parameters())
-    for name, p in names.items():
-        assert len(where.get(id(p), [])) == 1, name
-    assert len(where) == len(names)
-
-    group_of = lambda name: where[id(names[name])][0]  # noqa: E731
-    coda = [n for n in names if "coda_" in n]
-    assert sorted(coda) == ["blocks.1.attn.coda_gate.bias", "blocks.1.attn.coda_gate.weight",
-                            "blocks.1.attn.coda_theta"]
-    for name in coda:
-        opt, group = group_of(name)
-        assert isinstance(opt, torch.optim.AdamW) and group["weight_decay"] == 0.0 and group["lr"] == 0.045, name
-    for name in ("tok_emb.weight", "value_embed.embed.weight"):
-        opt, group = group_of(name)
-        assert isinstance(opt, torch.optim.AdamW) and group["lr"] == 0.123 and group["weight_decay"] == 0.022, name
-    matrices = [n for n, p in names.items() if p.ndim == 2 and n.startswith("blocks.") and "coda_" not in n
-                and "resid_mix" not in n]
-    assert len(matrices) == 2 * 6  # c_q, c_k, c_v, proj, mlp.fc, mlp.proj per layer
-    for name in matrices + ["bigram.proj.weight", "value_embed.proj.weight"]:
-        opt, group = group_of(name)
-        assert opt is muon and group["lr"] == 0.067 and group["weight_decay"] == 0.011, name
-    for name in ("blocks.0.attn.q_gain", "blocks.0.resid_mix", "skip_weights", "smear.gate", "bigram.scale",
-                 "blocks.1.attn.ve_scale"):
-        opt, group = group_of(name)
-        assert isinstance(opt, torch.optim.AdamW) and group["lr"] == 0.045 and group["weight_decay"] == 0.022, name
+    held = [id(p) for opt in opts for group in opt.param_groups for p in group["params"]]
+    assert sorted(held) == sorted(id(p) for p in model.parameters())  # each exactly once
+    roles = parts.parameter_roles(model)
+    assert {r for r in roles.values()} == {"matrix", "embedding", "coda", "control"}
+    assert {"bigram.proj.weight", "value_embed.proj.weight"} <= parts.of_role(model, "matrix")
+    assert {id(p) for group in muon.param_groups for p in group["params"]} == {
+        id(p) for n, p in model.named_parameters() if roles[n] == "matrix"}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.rand_like(p) + 0.5)
+            p.grad = torch.zeros_like(p)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for opt in opts:
         for group in opt.param_groups:
             assert group["base_lr"] == group["lr"]
+        opt.step()
+    factor = {"matrix": 1 - 0.067 * 0.011, "embedding": 1 - 0.123 * 0.022,
+              "control": 1 - 0.045 * 0.022, "coda": 1.0}
+    for name, p in model.named_parameters():
+        assert torch.allclose(p, before[name] * factor[roles[name]], rtol=1e-6, atol=0), name
 
 
-def test_inductor_mix_order_reduction_off():
-    # On torch 2.11 + H100 it fused several layers' column sums into one 4.8 ms kernel (twice a step).
-    import torch._inductor.config as inductor_config
-    if hasattr(inductor_config.triton, "mix_order_reduction"):
-        assert inductor_config.triton.mix_order_reduction is False
+def test_each_matrix_is_stored_int6_quantization_aware_and_calibrated(monkeypatch, tmp_path):
+    """The products' matrices, and only they, are what Muon trains, what the export rounds to int6
+    (int5 under a budget), what LATE_QAT rounds in training and what GPTQ calibrates; embeddings are
+    stored int8, CoDA's gate matrix fp16, every other tensor fp32."""
+    args, model = full_model(monkeypatch, LATE_QAT=0.5)
+    roles = parts.parameter_roles(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.05)
+    packed = tg.quantize_state(model.state_dict())
+    for name, (kind, *_) in packed.items():
+        role = roles[name]
+        expected = {"matrix": "int6", "embedding": "int8", "control": "fp32"}.get(role)
+        if role == "coda":
+            expected = "fp16" if name.endswith("coda_gate.weight") else "fp32"
+        assert kind == expected, (name, role, kind)
+    matrices = parts.of_role(model, "matrix")
+    tight = tg.quantize_state(model.state_dict(), budget_bytes=0)
+    assert {n for n, v in tight.items() if v[0] == "int5"} == matrices
+    with_qat = {f"{n}.weight" for n, m in model.named_modules()
+                if isinstance(m, tg.CastedLinear) and m.qat is not None}
+    assert with_qat == matrices
+    shard = tmp_path / "fineweb_train_000000.bin"
+    synth.write_shard(str(shard), list(range(VOCAB)) * 4)
+    hessians, _ = tg.collect_hessians(args, model, [str(shard)], 0, 1, torch.device("cpu"))
+    assert set(hessians) == matrices and all(h.any() for h in hessians.values())
+
+
+# -----------------------------
+# The agreed clock
+# -----------------------------
+
+
+def test_agreed_clock_reads_one_step_late_and_stops_three_steps_short():
+    """Steps of 200 ms against a 1000 ms budget: the flags of step k are read after step k + 1 is
+    recorded; the stop comes once the clock read plus three average steps reaches the budget."""
+    clock = tg.AgreedClock(cap_ms=1200.0, budget_ms=1000.0, world_size=1, log=lambda *a, **k: None)
+    polls, seen = [], []
+    for step in range(1, 5):
+        clock.record(step, 200.0 * step, torch.tensor(1.0))
+        polls.append(clock.poll())
+        seen.append((clock.step, clock.ms, clock.at(step)))
+    assert polls == [False, False, True, True]  # read step 1: 200 + 600 < 1000; step 2: 400 + 1200
+    assert seen == [(0, 0.0, 0.0), (1, 200.0, 400.0), (2, 400.0, 600.0), (3, 600.0, 800.0)]
+    clock.finish()
+    assert (clock.step, clock.ms) == (4, 800.0)
+    uncapped = tg.AgreedClock(cap_ms=0.0, budget_ms=0.0, world_size=1, log=lambda *a, **k: None)
+    for step in range(1, 4):
+        uncapped.record(step, 1e9 * step, torch.tensor(1.0))
+        assert not uncapped.poll()
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_agreed_clock_stops_at_a_loss_that_is_not_finite(last):
+    """A NaN is found when its step's flags are read: a step late, or by finish() after the
+    last step; the error names the step and goes to the log."""
+    logged = []
+    clock = tg.AgreedClock(cap_ms=0.0, budget_ms=0.0, world_size=1,
+                           log=lambda msg, console=True: logged.append(msg))
+    clock.record(1, 10.0, torch.tensor(1.0))
+    clock.record(2, 20.0, torch.tensor(float("nan")))
+    with pytest.raises(tg.TrainingDiverged, match="not finite at step 2"):
+        if last:
+            assert not clock.poll()  # reads step 1 only
+            clock.finish()
+        else:
+            clock.record(3, 30.0, torch.tensor(1.0))
+            clock.poll()
+    assert logged and logged[0].startswith("error: training loss is not finite at step 2")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import parts
 import synth
 import train_gpt as tg
 
@@ -56,7 +57,9 @@ def test_value_embedding_goes_to_the_deepest_layers_and_starts_as_a_no_op():
     ids, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
     assert torch.equal(plain.hidden(ids), ve.hidden(ids))
     assert torch.count_nonzero(tiny_gpt(ve_last_n=1).value_embed.proj.weight) > 0  # tiny_gpt's re-init
-    assert torch.count_nonzero(tg.GPT(64, 3, 32, 4, 2, 2, 16, ve_last_n=1).value_embed.proj.weight) == 0
+    fresh = tg.GPT(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2,
+                   mlp_mult=2, max_seq_len=16, ve_last_n=1)
+    assert torch.count_nonzero(fresh.value_embed.proj.weight) == 0
     ve.value_embed.proj.weight.data.normal_(std=0.2)
     assert (ve.hidden(ids) - plain.hidden(ids)).abs().max() > 1e-4  # the table starts small (std 0.01)
     ve(ids, targets).backward()
@@ -74,7 +77,7 @@ def test_value_embedding_in_the_artifact_shape_only_when_on(monkeypatch):
     assert shape["ve_last_n"] == 2 and shape["ve_dim"] == 64
 
 
-def test_value_embedding_export_kinds():  # optimizer groups: test_model.test_make_optimizers_groups
+def test_value_embedding_export_kinds():  # optimizers: test_model's test_each_parameter_*
     model = tiny_gpt(ve_last_n=2)
     kinds = {n: tg.export_kind(n, p) for n, p in model.named_parameters() if "value_embed" in n or "ve_scale" in n}
     assert kinds == {"value_embed.embed.weight": "int8", "value_embed.proj.weight": "int6",
@@ -84,7 +87,7 @@ def test_value_embedding_export_kinds():  # optimizer groups: test_model.test_ma
 def test_qat_buffers_cover_the_int6_matrices_and_stay_out_of_the_state_dict():
     model = tiny_gpt(qat=True, coda_last_n=1)
     with_qat = {n for n, m in model.named_modules() if isinstance(m, tg.CastedLinear) and m.qat is not None}
-    int6 = {n.removesuffix(".weight") for n, p in model.named_parameters() if tg.export_kind(n, p) == "int6"}
+    int6 = {n.removesuffix(".weight") for n in parts.of_role(model, "matrix")}
     assert with_qat == int6 and "blocks.2.attn.coda_gate" not in with_qat
     assert not any("qat" in k for k in model.state_dict())
     assert all(m.qat is None for m in tiny_gpt().modules() if isinstance(m, tg.CastedLinear))
