@@ -1185,6 +1185,9 @@ def write_artifact(path: str, packed: dict[str, tuple], shape: dict) -> bytes:
     return digest
 
 
+LEGACY_SHAPE = {"rope_base": 10000.0, "logit_softcap": 30.0}
+
+
 def read_artifact(path: str, shape: dict, variable: str = "LOAD_ARTIFACT",
                   digest: bytes | None = None) -> dict[str, Tensor]:
     """Reads and checks an artifact (and that its sha256 is digest); ConfigError if wrong."""
@@ -1203,11 +1206,12 @@ def read_artifact(path: str, shape: dict, variable: str = "LOAD_ARTIFACT",
         written_shape, packed = deserialize(blob[head:])
     except (zstandard.ZstdError, ValueError, KeyError, TypeError):
         raise ConfigError(f"{variable}={path}: unreadable payload") from None
-    for key in [*shape, *(k for k in written_shape if k not in shape)]:  # absent: off (0)
-        if shape.get(key, 0) != written_shape.get(key, 0):
+    for key in [*shape, *(k for k in written_shape if k not in shape)]:
+        old = LEGACY_SHAPE.get(key, 0)  # absent from older artifacts: the value they had (or off)
+        if shape.get(key, old) != written_shape.get(key, old):
             raise ConfigError(f"{variable}={path} was written with "
-                              f"{key.upper()}={written_shape.get(key, 0)}, "
-                              f"this run has {key.upper()}={shape.get(key, 0)}")
+                              f"{key.upper()}={written_shape.get(key, old)}, "
+                              f"this run has {key.upper()}={shape.get(key, old)}")
     return dequantize_state(packed)
 
 
@@ -1723,8 +1727,7 @@ def export(args, base_model: GPT, log, rank: int, code_bytes: int,
         state = base_model.state_dict()
         if hessians is not None:  # a hook that never fired: refuse, not round silently
             missing = [name for name, t in state.items()
-                       if is_gptq_matrix(name, t)
-                       and (name not in hessians or not hessians[name].any())]
+                       if is_gptq_matrix(name, t) and name not in hessians]
             if missing:
                 raise RuntimeError(f"GPTQ calibration saw no inputs for {missing}")
         packed = quantize_state(state, 0.985 * (args.artifact_limit_bytes - code_bytes), hessians)
@@ -1834,7 +1837,7 @@ def run(held: ExitStack) -> int:
     return write_report(args, report, log, rank)
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):  # not Exception: torch.compile catches and drops those
     """SIGINT or SIGTERM, raised where the run is: the way out cleans up."""
 
     def __init__(self, signum: int):
