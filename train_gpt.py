@@ -117,6 +117,7 @@ class Hyperparameters:
             self.coda_last_n = self.num_layers
         self.ve_last_n = _env("VE_LAST_N", 0)
         self.ve_dim = _env("VE_DIM", 128)
+        self.parallel_last_n = _env("PARALLEL_LAST_N", 0)
         self.mlp_leaky_slope = _env("MLP_LEAKY_SLOPE", 0.5, float)
         self.ln_scale = _flag("LN_SCALE", False)
         self.late_qat = _env("LATE_QAT", 0.0, float)
@@ -130,6 +131,7 @@ class Hyperparameters:
         self.max_wallclock_seconds = _env("MAX_WALLCLOCK_SECONDS", 600.0, float)
         self.warmup_steps = _env("WARMUP_STEPS", 20)
         self.warmdown_iters = _env("WARMDOWN_ITERS", 3500)
+        self.lr_floor = _env("LR_FLOOR", 0.0, float)
         # Weight averaging.
         self.ema_enabled = _flag("EMA_ENABLED", False)  # off: it cost quality on the proxy
         self.ema_decay = _env("EMA_DECAY", 0.997, float)
@@ -141,6 +143,7 @@ class Hyperparameters:
         self.tied_embed_lr = _env("TIED_EMBED_LR", 0.035, float)
         self.tied_embed_init_std = _env("TIED_EMBED_INIT_STD", 0.005, float)
         self.muon_wd = _env("MUON_WD", 0.04, float)
+        self.muon_row_norm = _flag("MUON_ROW_NORM", False)
         self.adam_wd = _env("ADAM_WD", 0.04, float)
         self.grad_clip_norm = _env("GRAD_CLIP_NORM", 0.3, float)
         self.muon_momentum = _env("MUON_MOMENTUM", 0.99, float)
@@ -197,7 +200,7 @@ class Hyperparameters:
         need(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0,
              f"ROPE_DIMS={self.rope_dims}: expected an even number in 0..{head_dim} "
              f"(0 = the whole head)")
-        for name in ("XSA_LAST_N", "CODA_LAST_N", "VE_LAST_N"):
+        for name in ("XSA_LAST_N", "CODA_LAST_N", "VE_LAST_N", "PARALLEL_LAST_N"):
             n = getattr(self, name.lower())
             need(0 <= n <= self.num_layers, f"{name}={n}: expected 0..{self.num_layers}")
         need(self.ve_last_n == 0 or self.ve_dim >= 1, f"VE_DIM={self.ve_dim}: expected >= 1")
@@ -216,6 +219,8 @@ class Hyperparameters:
         for name in ("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START"):
             need(0 <= getattr(self, name.lower()) < 1,
                  f"{name}={getattr(self, name.lower())}: expected a number in [0, 1)")
+        need(0.0 <= self.lr_floor < 1.0,
+             f"LR_FLOOR={self.lr_floor}: expected a number in [0, 1) (0 = decay to 0)")
         need(0.0 <= self.late_qat < 1.0,
              f"LATE_QAT={self.late_qat}: expected a number in [0, 1) (0 = off)")
         need(0.0 < self.ema_decay < 1.0,
@@ -252,6 +257,8 @@ class Hyperparameters:
         shape = {k: getattr(self, k) for k in keys}
         if self.ve_last_n:  # absent when off: older artifacts without value embeddings still load
             shape.update(ve_last_n=self.ve_last_n, ve_dim=self.ve_dim)
+        if self.parallel_last_n:
+            shape.update(parallel_last_n=self.parallel_last_n)
         return shape
 
 
@@ -303,10 +310,10 @@ def share_by_cost(shapes: tuple[tuple[int, int], ...], world: int) -> tuple[tupl
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float, weight_decay: float = 0.0,
-                 nesterov: bool = True, orthogonalize=newton_schulz):
+                 nesterov: bool = True, orthogonalize=newton_schulz, row_norm: bool = False):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                             nesterov=nesterov))
-        self.orthogonalize = orthogonalize
+        self.orthogonalize, self.row_norm = orthogonalize, row_norm
 
     @torch.no_grad()
     def step(self):
@@ -319,7 +326,10 @@ class Muon(torch.optim.Optimizer):
             local = torch.zeros(size, device=device, dtype=compute_dtype(device))
             for batch in batches[rank]:
                 mine, at = [params[i] for i in batch], offsets[batch[0]] - rank * size
-                out = self.orthogonalize(torch.stack(self._nesterov_momentum(mine, group)))
+                g = torch.stack(self._nesterov_momentum(mine, group))
+                if self.row_norm:  # MuonEq-R: every row enters Newton-Schulz at the same norm
+                    g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+                out = self.orthogonalize(g)
                 local[at:at + out.numel()].view_as(out).copy_(out)
             full = local if world == 1 else local.new_empty(world * size)
             if world > 1:
@@ -717,7 +727,7 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, dim: int, mlp_mult: float, attn: CausalSelfAttention,
-                 leaky_slope: float = 0.0, norm_scale: float = 1.0):
+                 leaky_slope: float = 0.0, norm_scale: float = 1.0, parallel: bool = False):
         super().__init__()
         self.attn = attn
         self.mlp = MLP(dim, mlp_mult, leaky_slope)
@@ -725,13 +735,24 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+        if parallel:  # per sublayer: the lanes' residual gain, and its writes into (attn, mlp)
+            self.lane_resid = nn.Parameter(torch.full((2,), 1.1 ** 0.5))
+            self.lane_write = nn.Parameter(torch.ones(2, 2))
+        self.parallel = parallel
 
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None = None) -> Tensor:
+        """x: [B, T, C], or [2, B, T, C] (attention's lane, MLP's lane) in a parallel block."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        # the gains ride in the output products
-        x = x + self.attn(F.rms_norm(x, (x.size(-1),)) * self.norm_scale, ve, self.attn_scale)
-        return x + self.mlp(F.rms_norm(x, (x.size(-1),)) * self.norm_scale, self.mlp_scale)
+        if not self.parallel:  # the gains ride in the output products
+            x = x + self.attn(F.rms_norm(x, (x.size(-1),)) * self.norm_scale, ve, self.attn_scale)
+            return x + self.mlp(F.rms_norm(x, (x.size(-1),)) * self.norm_scale, self.mlp_scale)
+        resid, write = self.lane_resid.to(x.dtype), self.lane_write.to(x.dtype)[..., None, None, None]
+        x = x.expand(2, *x.shape[-3:])  # one lane before the first parallel block
+        a = self.attn(F.rms_norm(x[0], (x.size(-1),)) * self.norm_scale, ve, self.attn_scale)
+        x = resid[0] * x + write[0] * a
+        m = self.mlp(F.rms_norm(x[1], (x.size(-1),)) * self.norm_scale, self.mlp_scale)
+        return resid[1] * x + write[1] * m
 
 
 class SmearGate(nn.Module):
@@ -785,7 +806,8 @@ class GPT(nn.Module):
                  xsa_last_n: int = 0, coda_last_n: int = 0, logit_softcap: float = 30.0,
                  qk_gain_init: float = 1.5, tied_embed_init_std: float = 0.005,
                  act_dtype: torch.dtype = torch.bfloat16, mlp_leaky_slope: float = 0.5,
-                 ln_scale: bool = False, qat: bool = False, ve_last_n: int = 0, ve_dim: int = 128):
+                 ln_scale: bool = False, qat: bool = False, ve_last_n: int = 0, ve_dim: int = 128,
+                 parallel_last_n: int = 0):
         super().__init__()
         self.logit_softcap, self.act_dtype = logit_softcap, act_dtype
         self.tok_emb = nn.Embedding(vocab_size, model_dim)
@@ -796,13 +818,14 @@ class GPT(nn.Module):
         self.value_embed = (ValueEmbedding(vocab_size, ve_dim, num_kv_heads * head_dim)
                             if ve_last_n else None)
         rotary = Rotary(head_dim, rope_dims, rope_base, max_seq_len)
-        # Each layer's XSA, CoDA and value embedding, decided here alone: the deepest N.
+        # Each layer's XSA, CoDA, value embedding and lanes, decided here alone: the deepest N.
         self.blocks = nn.ModuleList(
             Block(model_dim, mlp_mult, CausalSelfAttention(
                 model_dim, num_heads, num_kv_heads, rotary, qk_gain_init,
                 xsa=i >= num_layers - xsa_last_n, coda=i >= num_layers - coda_last_n,
                 value_embed=i >= num_layers - ve_last_n),
-                mlp_leaky_slope, 1 / math.sqrt(i + 1) if ln_scale else 1.0)
+                mlp_leaky_slope, 1 / math.sqrt(i + 1) if ln_scale else 1.0,
+                parallel=i >= num_layers - parallel_last_n)
             for i in range(num_layers))
         # U-Net: the first half's outputs feed the second, reversed.
         self.num_skips = num_layers // 2
@@ -843,6 +866,7 @@ class GPT(nn.Module):
             x = block(x, x0, ve)
             if i < self.num_skips:
                 skips.append(x)
+        x = x.mean(0) if x.dim() == 4 else x  # parallel lanes end averaged
         return F.rms_norm(x, (x.size(-1),))
 
     def token_nll(self, ids: Tensor, targets: Tensor) -> Tensor:
@@ -997,7 +1021,7 @@ def test_time_train(ev: Evaluator, stride: int, model: GPT, nll_fn, args, log) -
 
 ARTIFACT_MAGIC = b"PGINT6\x00\x01"
 CONTROL_PATTERNS = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "smear",
-                    "bigram.scale", "coda_theta", "coda_gate.bias", "ve_scale")
+                    "bigram.scale", "coda_theta", "coda_gate.bias", "ve_scale", "lane_")
 EMBEDDINGS = ("tok_emb.weight", "bigram.embed.weight", "value_embed.embed.weight")
 CLIP_QUANTILES = (1.0, 0.9999, 0.999, 0.995, 0.99)
 
@@ -1326,7 +1350,7 @@ def make_optimizers(model: GPT, args: Hyperparameters,
     fused = dict(fused=True) if model.tok_emb.weight.is_cuda else {}
     adam = dict(betas=(0.9, 0.95), eps=1e-8, **fused)
     muon = Muon(matrices, lr=args.matrix_lr, momentum=args.muon_momentum, weight_decay=args.muon_wd,
-                orthogonalize=orthogonalize)
+                orthogonalize=orthogonalize, row_norm=args.muon_row_norm)
     scalar_groups = [{"params": controls, "lr": args.scalar_lr, "weight_decay": args.adam_wd}]
     if no_decay:
         scalar_groups.append({"params": no_decay, "lr": args.scalar_lr, "weight_decay": 0.0})
@@ -1341,14 +1365,15 @@ def make_optimizers(model: GPT, args: Hyperparameters,
 
 
 def lr_scale(args: Hyperparameters, step: int, elapsed_ms: float, budget_ms: float) -> float:
-    """1, then linear to 0 over the last WARMDOWN_ITERS steps (under a cap: over their time)."""
+    """1, then linear to LR_FLOOR over the last WARMDOWN_ITERS steps (under a cap: their time)."""
     if args.warmdown_iters == 0:
         return 1.0
     if args.max_wallclock_seconds == 0:
-        return min(1.0, max(args.iterations - step, 0) / args.warmdown_iters)
-    warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
-    remaining_ms = max(budget_ms - elapsed_ms, 0.0)
-    return min(1.0, remaining_ms / max(warmdown_ms, 1e-9))
+        left = min(1.0, max(args.iterations - step, 0) / args.warmdown_iters)
+    else:
+        warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
+        left = min(1.0, max(budget_ms - elapsed_ms, 0.0) / max(warmdown_ms, 1e-9))
+    return args.lr_floor + (1.0 - args.lr_floor) * left
 
 
 def train_step(args, model, base_model, optimizers, loader: DistributedTokenLoader) -> Tensor:

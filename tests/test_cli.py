@@ -658,6 +658,9 @@ BAD_INPUT = {
     "coda_negative": _env_only(["CODA_LAST_N"], CODA_LAST_N="-1"),
     "ve_beyond_layers": _env_only(["VE_LAST_N"], VE_LAST_N="5"),
     "ve_dim_zero": _env_only(["VE_DIM"], VE_LAST_N="1", VE_DIM="0"),
+    "parallel_beyond_layers": _env_only(["PARALLEL_LAST_N"], PARALLEL_LAST_N="5"),
+    "lr_floor_one": _env_only(["LR_FLOOR"], LR_FLOOR="1"),
+    "muon_row_norm_two": _env_only(["MUON_ROW_NORM"], MUON_ROW_NORM="2"),
     "rope_dims_odd": _env_only(["ROPE_DIMS"], ROPE_DIMS="3"),
     "rope_dims_beyond_head": _env_only(["ROPE_DIMS"], ROPE_DIMS="64"),  # head_dim 16
     "batch_not_divisible": _env_only(["TRAIN_BATCH_TOKENS"], TRAIN_BATCH_TOKENS="100"),

@@ -235,3 +235,77 @@ def test_readme_toggles_table_gives_the_scripts_defaults_and_every_variable(monk
                 assert value == default, (name, value, default)
             checked += 1
     assert checked >= 45
+
+
+def test_parallel_block_with_unit_gains_is_the_serial_block():
+    """With residual gain 1 and every write 1 both lanes hold the serial stream, so their mean is the serial
+    block's output: the lanes add nothing until their gains move."""
+    serial, parallel = tiny_gpt(), tiny_gpt(parallel_last_n=2)
+    parallel.load_state_dict(serial.state_dict(), strict=False)
+    for block in parallel.blocks[1:]:
+        block.lane_resid.data.fill_(1.0)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(parallel.hidden(ids), serial.hidden(ids), atol=1e-5)
+    assert not parallel.blocks[0].parallel and parallel.blocks[1].parallel and parallel.blocks[2].parallel
+
+
+def test_parallel_lanes_route_only_through_their_writes():
+    """Attention writes into the MLP's lane by lane_write[0][1] alone: at 0 the MLP's input (and so the MLP lane's
+    output) ignores the attention; at its init of 1 it does not."""
+    model = tiny_gpt(parallel_last_n=1)
+    block, x0 = model.blocks[2], torch.randn(2, 16, 32)
+    x = torch.randn(2, 2, 16, 32)
+
+    def mlp_lane_change():
+        before = block(x, x0)[1]
+        with torch.no_grad():
+            block.attn.c_v.weight.mul_(3.0)
+        after = block(x, x0)[1]
+        with torch.no_grad():
+            block.attn.c_v.weight.div_(3.0)
+        return (after - before).abs().max().item()
+
+    assert mlp_lane_change() > 1e-3
+    block.lane_write.data[0, 1] = 0.0
+    assert mlp_lane_change() == 0.0
+
+
+def test_parallel_lanes_in_the_artifact_shape_only_when_on_and_stored_fp32(monkeypatch):
+    monkeypatch.delenv("PARALLEL_LAST_N", raising=False)
+    assert "parallel_last_n" not in tg.Hyperparameters(1).shape
+    monkeypatch.setenv("PARALLEL_LAST_N", "4")
+    assert tg.Hyperparameters(1).shape["parallel_last_n"] == 4
+    model = tiny_gpt(parallel_last_n=2)
+    lanes = {n for n, _ in model.named_parameters() if "lane_" in n}
+    assert len(lanes) == 4 and lanes <= parts.of_role(model, "control")
+    assert {tg.export_kind(n, p) for n, p in model.named_parameters() if n in lanes} == {"fp32"}
+
+
+def test_muon_row_norm_makes_the_update_blind_to_each_rows_scale():
+    """MuonEq-R: scaling a row of the gradient changes nothing (it is normalized away before Newton-Schulz);
+    plain Muon's update does change."""
+    g = torch.randn(24, 16, generator=torch.Generator().manual_seed(0))
+    rows = torch.linspace(0.1, 10.0, 24)[:, None]
+
+    def update(grad, row_norm):
+        p = torch.nn.Parameter(torch.zeros(24, 16))
+        p.grad = grad.clone()
+        tg.Muon([p], lr=0.1, momentum=0.0, nesterov=False, row_norm=row_norm).step()
+        return p.detach()
+
+    assert torch.allclose(update(g, True), update(g * rows, True), atol=1e-5)
+    assert not torch.allclose(update(g, False), update(g * rows, False), atol=1e-3)
+
+
+@pytest.mark.parametrize("cap", [0.0, 600.0])
+def test_lr_floor_ends_the_warmdown_at_the_floor(monkeypatch, cap):
+    monkeypatch.setenv("ITERATIONS", "100")
+    monkeypatch.setenv("WARMDOWN_ITERS", "40")
+    monkeypatch.setenv("MAX_WALLCLOCK_SECONDS", str(cap))
+    monkeypatch.setenv("LR_FLOOR", "0.25")
+    args = tg.Hyperparameters(1)
+    budget = 100_000.0  # under the cap: 1 s a step, 100 steps
+    scales = [tg.lr_scale(args, s, 1000.0 * s, budget) for s in range(101)]
+    assert scales[:61] == [1.0] * 61 and scales[100] == 0.25
+    assert scales[80] == pytest.approx(0.25 + 0.75 * 0.5)
+    assert all(a >= b for a, b in zip(scales, scales[1:]))
