@@ -1079,10 +1079,10 @@ def gptq_codes(w: Tensor, scale: Tensor, qmax: int, hessian: Tensor,
     return codes[torch.argsort(order)].t()
 
 
-def quantize_rows(w: Tensor, bits: int, quantiles=(1.0,),
-                  hessian: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """int8 codes, fp16 scales (CPU), each row at its |w| quantile clip of least error (given a
-    Hessian: the product's, with GPTQ)."""
+def row_options(w: Tensor, bits: int, quantiles=(1.0,),
+                hessian: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Each row at each |w| quantile clip: int8 codes (clip, row, col), fp16 scales and squared
+    errors (clip, row) (given a Hessian: the product's, with GPTQ), all on the CPU."""
     w = w.float() if hessian is None else w.to(hessian.device, torch.float32)
     qmax = 2 ** (bits - 1) - 1
     inner = [quantile for quantile in quantiles if quantile != 1.0]  # one sort for all
@@ -1099,49 +1099,146 @@ def quantize_rows(w: Tensor, bits: int, quantiles=(1.0,),
     codes = codes.view(len(quantiles), *w.shape)
     diff = codes * scales[:, :, None] - w
     err = diff.square().sum(-1) if hessian is None else ((diff @ hessian.float()) * diff).sum(-1)
-    best = err.argmin(dim=0)  # the first clip among equals
-    rows = torch.arange(w.size(0), device=w.device)
-    return codes[best, rows].to(torch.int8).cpu(), scales[best, rows].half().cpu()
+    return codes.to(torch.int8).cpu(), scales.half().cpu(), err.double().cpu()
 
 
-def packed_bytes(entry: tuple) -> float:
-    """Expected compressed size: codes' order-0 entropy plus scales, or a float tensor's bytes."""
-    kind, data, *scales = entry
-    if not scales:
-        return data.numel() * data.element_size()
-    counts = torch.bincount(data.flatten().long() + 128, minlength=256).double()
-    p = counts[counts > 0] / data.numel()
-    entropy_bits = float(-(p * p.log2()).sum()) * data.numel()
-    return entropy_bits / 8 + scales[0].numel() * scales[0].element_size()
+def quantize_rows(w: Tensor, bits: int, quantiles=(1.0,),
+                  hessian: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """int8 codes, fp16 scales (CPU), each row at its clip of least error."""
+    return least_error(*row_options(w, bits, quantiles, hessian))
+
+
+def least_error(codes: Tensor, scales: Tensor, err: Tensor) -> tuple[Tensor, Tensor]:
+    best, rows = err.argmin(dim=0), torch.arange(codes.size(1))  # the first clip among equals
+    return codes[best, rows], scales[best, rows]
+
+
+def row_bits(codes: Tensor) -> Tensor:
+    """Each (clip, row)'s order-0 code length in bits under its clip's histogram: what the clip
+    choice trades against error (exact sizes come from compressing the chosen codes)."""
+    out = []
+    for c in codes.long() + 128:
+        counts = torch.bincount(c.flatten(), minlength=256).double()
+        out.append(-(counts / c.numel()).log2()[c].sum(-1))
+    return torch.stack(out)
+
+
+def zstd22(data: bytes) -> bytes:
+    return zstandard.ZstdCompressor(level=22).compress(data)
+
+
+class RateDistortion:
+    """Every int6 matrix at int6 and int5, each row at every clip. A weight lam in [0, 1] picks
+    each row's clip, and each matrix's width, of least (1 - lam) err / err0 + lam bits / bits0:
+    the lower convex hull of (bytes, error), one currency for all matrices, walked by bisection."""
+
+    def __init__(self, options: dict[str, dict[int, tuple]]):
+        self.names, self.options = list(options), options
+        rows = [options[n][6][2].size(1) for n in self.names]
+        self.seg = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows))
+        self.err = {b: torch.cat([options[n][b][2] for n in self.names], 1) for b in (6, 5)}
+        self.bits = {b: torch.cat([options[n][b][3] for n in self.names], 1) for b in (6, 5)}
+        least = self.err[6].argmin(0, keepdim=True)
+        self.err0 = max(float(self.err[6].gather(0, least).sum()), 1e-30)
+        self.bits0 = max(float(self.bits[6].gather(0, least).sum()), 1.0)
+
+    def pick(self, lam: float, widths: Tensor | None = None) -> tuple[Tensor, dict, Tensor]:
+        """Each matrix's width (6 where widths is True), rows' clips, per-matrix err and bits."""
+        sums, picks = {}, {}
+        for b in (6, 5):
+            cost = (1 - lam) / self.err0 * self.err[b] + lam / self.bits0 * self.bits[b]
+            picks[b] = cost.argmin(0, keepdim=True)
+            sums[b] = [torch.zeros(len(self.names), dtype=torch.float64).index_add_(
+                0, self.seg, x.gather(0, picks[b])[0]) for x in (cost, self.err[b], self.bits[b])]
+        if widths is None:
+            widths = sums[6][0] <= sums[5][0]
+        return widths, picks, [torch.where(widths, sums[6][i], sums[5][i]) for i in (1, 2)]
+
+    def bisect(self, fits, lo: float = 0.0, hi: float = 1.0) -> float:
+        """The least lam in [lo, hi] that fits (hi when none does): code bits fall as lam rises."""
+        if fits(lo):
+            return lo
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+        return hi
+
+    def choose(self, bits_budget: float) -> tuple[Tensor, dict, float]:
+        """Widths from the hull, then clips refilling what a width's step left, then any int5
+        matrix whose int6 form fits, most error saved per byte first."""
+        lam = self.bisect(lambda x: float(self.pick(x)[2][1].sum()) <= bits_budget)
+        widths = self.pick(lam)[0]
+        lam = self.bisect(lambda x: float(self.pick(x, widths)[2][1].sum()) <= bits_budget, 0, lam)
+        if lam == 0.0:
+            _, _, (err, bits) = self.pick(0.0, widths)
+            _, _, (err6, bits6) = self.pick(0.0, torch.ones_like(widths))
+            slack = bits_budget - float(bits.sum())
+            for m in sorted(torch.nonzero(~widths).flatten().tolist(),
+                            key=lambda m: -(err[m] - err6[m]) / max(bits6[m] - bits[m], 1e-9)):
+                if bits6[m] - bits[m] <= slack:
+                    widths[m], slack = True, slack - float(bits6[m] - bits[m])
+        widths, picks, (_, bits) = self.pick(lam, widths)
+        return widths, picks, float(bits.sum())
+
+    def packed(self, widths: Tensor, picks: dict) -> dict[str, tuple]:
+        out = {}
+        for m, name in enumerate(self.names):
+            b = 6 if widths[m] else 5
+            rows = (self.seg == m).nonzero().flatten()
+            best = picks[b][0, rows]
+            codes, scales = self.options[name][b][:2]
+            idx = torch.arange(codes.size(1))
+            out[name] = (f"int{b}", codes[best, idx], scales[best, idx])
+        return out
 
 
 def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf,
-                   hessians: dict[str, Tensor] | None = None) -> dict[str, tuple]:
-    """Packs a state dict; over budget_bytes, int6 matrices drop to int5, largest saving first."""
+                   hessians: dict[str, Tensor] | None = None, shape: dict | None = None
+                   ) -> dict[str, tuple]:
+    """Packs a state dict, its artifact (written with shape) at most budget_bytes if it can be:
+    rows' clips and matrices' widths of least error per byte, sizes measured by compressing."""
     state = {name: t.detach().cpu() for name, t in state.items()}
-    hessians = hessians or {}
-    packed = {}
+    hessians, packed, options = hessians or {}, {}, {}
     for name, t in state.items():
         kind = export_kind(name, t)
         if kind == "int6":
-            packed[name] = (kind, *quantize_rows(t, 6, CLIP_QUANTILES, hessians.get(name)))
+            options[name] = {6: row_options(t, 6, CLIP_QUANTILES, hessians.get(name))}
+            packed[name] = (kind, *least_error(*options[name][6]))
         elif kind == "int8":
             packed[name] = (kind, *quantize_rows(t, 8))
         else:
             dtype = torch.float32 if kind == "fp32" else torch.float16
             packed[name] = (kind, t.to(dtype).contiguous())
-    expected = sum(packed_bytes(v) for v in packed.values())
-    if expected > budget_bytes:
-        options = []
-        for name, entry in packed.items():
-            if entry[0] == "int6":
-                int5 = ("int5", *quantize_rows(state[name], 5, CLIP_QUANTILES, hessians.get(name)))
-                options.append((packed_bytes(entry) - packed_bytes(int5), name, int5))
-        for saving, name, int5 in sorted(options, key=lambda o: -o[0]):
-            if expected <= budget_bytes:
-                break
-            packed[name], expected = int5, expected - saving
-    return packed
+    frames: dict[bytes, bytes] = {}  # unchanged tensors are not compressed again
+
+    def compress(chunk: bytes) -> bytes:
+        return frames[chunk] if chunk in frames else frames.setdefault(chunk, zstd22(chunk))
+
+    def file_bytes(p: dict) -> int:
+        return len(ARTIFACT_MAGIC) + 32 + len(serialize(p, shape or {}, compress))
+
+    if budget_bytes == math.inf or not options or (size := file_bytes(packed)) <= budget_bytes:
+        return packed
+    for name, by_bits in options.items():
+        by_bits[5] = row_options(state[name], 5, CLIP_QUANTILES, hessians.get(name))
+        for b in (6, 5):
+            by_bits[b] += (row_bits(by_bits[b][0]),)
+    rd = RateDistortion(options)
+    offset = size - rd.bits0 / 8  # the bytes outside the estimate: scales, floats, header, zstd
+    floor = float(rd.pick(1.0)[2][1].sum())
+    aim, best = budget_bytes * (1 - 5e-4), None
+    for _ in range(6):
+        widths, picks, bits = rd.choose(8 * (aim - offset))
+        trial = dict(packed, **rd.packed(widths, picks))
+        size = file_bytes(trial)
+        if size <= budget_bytes and (best is None or size > best[0]):
+            best = (size, trial)
+        filled = budget_bytes * (1 - 1e-3) <= size <= budget_bytes
+        if filled or size > budget_bytes and bits <= floor:  # or nothing smaller to try
+            break
+        offset = size - bits / 8
+        aim -= max(size - budget_bytes, 0)  # over: aim lower for good
+    return best[1] if best else trial  # nothing fits: the smallest, for the caller to refuse
 
 
 def dequantize_state(packed: dict[str, tuple]) -> dict[str, Tensor]:
@@ -1153,17 +1250,17 @@ NUMPY_DTYPES = {"int5": np.int8, "int6": np.int8, "int8": np.int8, "fp16": np.fl
                 "fp32": np.float32}
 
 
-def serialize(packed: dict[str, tuple], shape: dict) -> bytes:
+def serialize(packed: dict[str, tuple], shape: dict, compress=zstd22) -> bytes:
     """JSON index, one zstd frame per tensor and one of all scales: each its own entropy tables."""
     names = sorted(packed)
     chunks = [packed[n][1].numpy().tobytes() for n in names]
     chunks.append(b"".join(packed[n][2].numpy().tobytes() for n in names if len(packed[n]) == 3))
-    with ThreadPoolExecutor() as pool:
-        frames = list(pool.map(lambda c: zstandard.ZstdCompressor(level=22).compress(c), chunks))
+    with ThreadPoolExecutor() as pool:  # zstd releases the GIL
+        frames = list(pool.map(compress, chunks))
     index = {"shape": shape,
              "tensors": [[n, packed[n][0], list(packed[n][1].shape)] for n in names],
              "frames": [len(f) for f in frames]}
-    header = zstandard.ZstdCompressor(level=22).compress(json.dumps(index).encode())
+    header = zstd22(json.dumps(index).encode())
     return len(header).to_bytes(4, "little") + header + b"".join(frames)
 
 
@@ -1747,7 +1844,8 @@ def make_evaluate(args, base_model: GPT, sp, tokens: Tensor, compile_fn, log, ra
 
 def export(args, base_model: GPT, log, rank: int, code_bytes: int,
            hessians: dict[str, Tensor] | None) -> bytes:
-    """Rank 0 writes the artifact, with a margin for zstd; the sha256 on every rank."""
+    """Rank 0 writes the artifact, filling what the code leaves of the limit; the sha256 on every
+    rank."""
     if rank == 0:
         state = base_model.state_dict()
         if hessians is not None:  # a hook that never fired: refuse, not round silently
@@ -1755,11 +1853,13 @@ def export(args, base_model: GPT, log, rank: int, code_bytes: int,
                        if is_gptq_matrix(name, t) and name not in hessians]
             if missing:
                 raise RuntimeError(f"GPTQ calibration saw no inputs for {missing}")
-        packed = quantize_state(state, 0.985 * (args.artifact_limit_bytes - code_bytes), hessians)
+        budget = args.artifact_limit_bytes - code_bytes
+        packed = quantize_state(state, budget, hessians, args.shape)
+        written = write_artifact(args.artifact_path, packed, args.shape)
         kinds = [v[0] for v in packed.values()]
         log(f"export: int6 matrices:{kinds.count('int6')} int5 matrices:{kinds.count('int5')} "
-            f"int8 embeddings:{kinds.count('int8')}")
-        written = write_artifact(args.artifact_path, packed, args.shape)
+            f"int8 embeddings:{kinds.count('int8')} budget:{budget} "
+            f"bytes:{os.path.getsize(args.artifact_path)}")
         digest = torch.tensor(list(written), dtype=torch.uint8)
     else:
         digest = torch.zeros(32, dtype=torch.uint8)
