@@ -1,6 +1,7 @@
 """The quality toggles: MLP_LEAKY_SLOPE, LN_SCALE, VE_LAST_N/VE_DIM, LATE_QAT, EMA and SWA. Each must really
 change the model; late QAT must take effect inside a compiled forward (one record's switch was constant-folded
 away)."""
+import math
 import os
 import re
 import subprocess
@@ -229,6 +230,11 @@ def test_readme_toggles_table_gives_the_scripts_defaults_and_every_variable(monk
                 assert re.fullmatch(r"[0-9a-f-]{36}", value), name
             elif name == "GRAD_ACCUM_STEPS":
                 assert [tg.Hyperparameters(w).grad_accum_steps for w in (1, 2, 8, 16)] == [8, 4, 1, 1]
+            elif re.fullmatch(r"[A-Z_]+(`/`[A-Z_]+)?", default):  # another variable's value, or a ratio
+                a, _, b = default.partition("`/`")
+                assert value == getattr(args, a.lower()) / (getattr(args, b.lower()) if b else 1), name
+            elif default.startswith("sigmoid("):
+                assert value == 1 / (1 + math.exp(-float(default[8:-1]))), (name, value, default)
             elif re.fullmatch(r"-?[0-9.]+", default):
                 assert float(value) == float(default), (name, value, default)
             else:
