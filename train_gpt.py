@@ -732,7 +732,7 @@ class CausalSelfAttention(nn.Module):
             lam = torch.sigmoid(self.coda_gate(x).float()).view(B, T, Hkv, n, G // n, 1)
             y = (signal.view(B, T, Hkv, n, G // n, D) - lam * noise.unsqueeze(4)).flatten(3, 4)
             y = exclusive_reference(y, v) if self.xsa else y
-            if self.stats is not None:
+            if self.stats is not None:  # coda_stats' capture: never set in compiled graphs
                 signal = exclusive_reference(signal, v) if self.xsa else signal
                 self.stats.update(lam=lam, pre_norm=y, signal=signal)
             if self.coda_head_norm != "none":

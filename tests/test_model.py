@@ -922,8 +922,8 @@ def test_each_parameter_is_trained_once_and_decays_at_its_groups_rate(monkeypatc
     assert {id(p) for group in muon.param_groups for p in group["params"]} == {
         id(p) for n, p in model.named_parameters() if roles[n] == "matrix"}
     assert ("blocks.1.attn.coda_norm" in roles) == bool(coda)
-    coda_groups = [g for opt in opts for g in opt.param_groups
-                   if {id(p) for p in g["params"]} == {id(p) for n, p in model.named_parameters() if roles[n] == "coda"}]
+    coda_ids = {id(p) for n, p in model.named_parameters() if roles[n] == "coda"}
+    coda_groups = [g for opt in opts for g in opt.param_groups if {id(p) for p in g["params"]} == coda_ids]
     assert [g["lr"] for g in coda_groups] == [coda.get("CODA_LR", 0.045)]
     with torch.no_grad():
         for p in model.parameters():
