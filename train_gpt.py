@@ -66,6 +66,11 @@ if hasattr(inductor_config.triton, "mix_order_reduction"):
 # -----------------------------
 
 
+# CoDA's head norms (the first is the default) and its initial lambda, sigmoid(-6).
+CODA_HEAD_NORMS = ("rms", "learned", "none")
+CODA_LAMBDA_INIT = 1 / (1 + math.exp(6))
+
+
 class ConfigError(Exception):
     """Bad input: one line and a non-zero exit, before anything is written."""
 
@@ -115,6 +120,10 @@ class Hyperparameters:
         self.coda_last_n = _env("CODA_LAST_N", 0)
         if _flag("CODA_ENABLED", False):
             self.coda_last_n = self.num_layers
+        group = self.num_heads // max(self.num_kv_heads, 1)
+        self.coda_noise_heads = _env("CODA_NOISE_HEADS", group)  # one per head
+        self.coda_head_norm = os.environ.get("CODA_HEAD_NORM") or "rms"
+        self.coda_lambda_init = _env("CODA_LAMBDA_INIT", CODA_LAMBDA_INIT, float)
         self.ve_last_n = _env("VE_LAST_N", 0)
         self.ve_dim = _env("VE_DIM", 128)
         self.parallel_last_n = _env("PARALLEL_LAST_N", 0)
@@ -140,6 +149,7 @@ class Hyperparameters:
         # Optimizers.
         self.matrix_lr = _env("MATRIX_LR", 0.025, float)
         self.scalar_lr = _env("SCALAR_LR", 0.025, float)
+        self.coda_lr = _env("CODA_LR", self.scalar_lr, float)
         self.tied_embed_lr = _env("TIED_EMBED_LR", 0.035, float)
         self.tied_embed_init_std = _env("TIED_EMBED_INIT_STD", 0.005, float)
         self.muon_wd = _env("MUON_WD", 0.04, float)
@@ -153,6 +163,7 @@ class Hyperparameters:
         self.eval_stride = _env("EVAL_STRIDE", 64)
         self.val_loss_every = _env("VAL_LOSS_EVERY", 0)
         self.train_log_every = _env("TRAIN_LOG_EVERY", 200)
+        self.coda_stats = _flag("CODA_STATS", False)
         self.load_artifact = os.environ.get("LOAD_ARTIFACT") or None
         self.artifact_path = os.environ.get("ARTIFACT_PATH") or "final_model.int6.ptz"
         self.artifact_limit_bytes = _env("ARTIFACT_LIMIT_BYTES", 16_000_000)
@@ -204,6 +215,14 @@ class Hyperparameters:
             n = getattr(self, name.lower())
             need(0 <= n <= self.num_layers, f"{name}={n}: expected 0..{self.num_layers}")
         need(self.ve_last_n == 0 or self.ve_dim >= 1, f"VE_DIM={self.ve_dim}: expected >= 1")
+        group = self.num_heads // self.num_kv_heads
+        need(self.coda_noise_heads >= 1 and group % self.coda_noise_heads == 0,
+             f"CODA_NOISE_HEADS={self.coda_noise_heads}: expected a divisor of "
+             f"NUM_HEADS/NUM_KV_HEADS={group}")
+        need(self.coda_head_norm in CODA_HEAD_NORMS,
+             f"CODA_HEAD_NORM={self.coda_head_norm!r}: expected {', '.join(CODA_HEAD_NORMS)}")
+        need(0 < self.coda_lambda_init < 1,
+             f"CODA_LAMBDA_INIT={self.coda_lambda_init}: expected a number in (0, 1)")
         need(self.bigram_vocab_size != 1,
              "BIGRAM_VOCAB_SIZE=1: expected 0 (off) or at least 2 buckets")
         need(self.bigram_vocab_size == 0 or self.bigram_dim >= 1,
@@ -212,7 +231,7 @@ class Hyperparameters:
             need(getattr(self, name.lower()) > 0,
                  f"{name}={getattr(self, name.lower())}: expected > 0")
         need(self.rope_base > 1, f"ROPE_BASE={self.rope_base}: expected > 1")
-        for name in ("MATRIX_LR", "SCALAR_LR", "TIED_EMBED_LR", "MUON_WD", "ADAM_WD",
+        for name in ("MATRIX_LR", "SCALAR_LR", "CODA_LR", "TIED_EMBED_LR", "MUON_WD", "ADAM_WD",
                      "GRAD_CLIP_NORM"):
             need(getattr(self, name.lower()) >= 0,
                  f"{name}={getattr(self, name.lower())}: expected >= 0")
@@ -259,6 +278,10 @@ class Hyperparameters:
             shape.update(ve_last_n=self.ve_last_n, ve_dim=self.ve_dim)
         if self.parallel_last_n:
             shape.update(parallel_last_n=self.parallel_last_n)
+        if self.coda_last_n and self.coda_noise_heads != self.num_heads // self.num_kv_heads:
+            shape.update(coda_noise_heads=self.coda_noise_heads)  # likewise: only off the default
+        if self.coda_last_n and self.coda_head_norm != "rms":
+            shape.update(coda_head_norm=self.coda_head_norm)
         return shape
 
 
@@ -652,7 +675,9 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rotary: Rotary,
-                 qk_gain_init: float, xsa: bool, coda: bool, value_embed: bool = False):
+                 qk_gain_init: float, xsa: bool, coda: bool, value_embed: bool = False,
+                 coda_noise_heads: int = 0, coda_head_norm: str = "rms",
+                 coda_lambda_init: float = CODA_LAMBDA_INIT):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
         self.c_q = CastedLinear(dim, dim, bias=False)
@@ -666,14 +691,25 @@ class CausalSelfAttention(nn.Module):
         # The gain on the shared value embedding (None: this layer takes none).
         self.ve_scale = nn.Parameter(torch.ones(())) if value_embed else None
         if coda:
-            # Noise queries: q turned by a learned angle per RoPE plane (commutes with RoPE),
-            # uncorrelated at pi/2; the gate starts near 0.
-            self.coda_theta = nn.Parameter(torch.full((num_heads, self.head_dim // 2), math.pi / 2))
+            # Noise queries per KV group (0: one per head): q turned by a learned angle per RoPE
+            # plane (commutes with RoPE), uncorrelated at pi/2; the gate starts at lambda_init.
+            self.coda_noise_heads = coda_noise_heads or num_heads // num_kv_heads
+            self.coda_theta = nn.Parameter(torch.full(
+                (num_kv_heads * self.coda_noise_heads, self.head_dim // 2), math.pi / 2))
             self.coda_gate = CastedLinear(dim, num_heads, bias=True)
             self.coda_gate.zero_init = True
-            nn.init.constant_(self.coda_gate.bias, -6.0)
+            p = coda_lambda_init
+            nn.init.constant_(self.coda_gate.bias, math.log(p / (1 - p)))  # -6.0 by default
+            self.coda_head_norm = coda_head_norm
+            self.coda_norm = (nn.Parameter(torch.ones(self.head_dim))
+                              if coda_head_norm == "learned" else None)
+            self.stats = None  # a dict while coda_stats captures the uncompiled model
 
     def noise_queries(self, q: Tensor) -> Tensor:
+        """q [B, T, H, D] -> [B, T, Hkv * n, D]: each noise head's query turned by its angles."""
+        B, T, H, D = q.shape
+        if self.coda_theta.size(0) < H:  # the mean of the queries it serves: RoPE commutes too
+            q = q.view(B, T, self.coda_theta.size(0), -1, D).mean(3)
         r = self.rotary.rope_dims // 2
         cos, sin = cos_sin(self.coda_theta).to(q.dtype)
         if r == cos.size(-1):
@@ -695,16 +731,22 @@ class CausalSelfAttention(nn.Module):
         q = self.rotary(q) * self.q_gain.to(x.dtype)[:, None]
         k = self.rotary(k)
         if self.coda:  # one attention call: noise queries on each KV head's group axis
-            noise_q = self.noise_queries(q).view(B, T, Hkv, G, D)
-            q = torch.cat((q.view(B, T, Hkv, G, D), noise_q), dim=3)
-            q = q.view(B, T, 2 * H, D)
+            n = self.coda_noise_heads
+            noise_q = self.noise_queries(q).view(B, T, Hkv, n, D)
+            q = torch.cat((q.view(B, T, Hkv, G, D), noise_q), dim=3).view(B, T, Hkv * (G + n), D)
         y = attention(q, k, v).view(B, T, Hkv, -1, D)
         # fp32: CoDA's RMSNorm would scale a bf16 XSA remainder back up. XSA is linear and both
         # streams share V: it runs once, after the combination.
-        if self.coda:
-            signal, noise = y.float().split(G, dim=3)
-            y = signal - torch.sigmoid(self.coda_gate(x).float()).view(B, T, Hkv, G, 1) * noise
-            y = F.rms_norm(exclusive_reference(y, v) if self.xsa else y, (D,))
+        if self.coda:  # signal head j of a group takes noise head j // (G / n)
+            signal, noise = y.float().split((G, n), dim=3)
+            lam = torch.sigmoid(self.coda_gate(x).float()).view(B, T, Hkv, n, G // n, 1)
+            y = (signal.view(B, T, Hkv, n, G // n, D) - lam * noise.unsqueeze(4)).flatten(3, 4)
+            y = exclusive_reference(y, v) if self.xsa else y
+            if self.stats is not None:  # coda_stats' capture: never set in compiled graphs
+                signal = exclusive_reference(signal, v) if self.xsa else signal
+                self.stats.update(lam=lam, pre_norm=y, signal=signal)
+            if self.coda_head_norm != "none":
+                y = F.rms_norm(y, (D,), self.coda_norm)
         elif self.xsa:  # on the [B, T, Hkv, G, D] view: no copies of V
             y = exclusive_self_attention(y, v)
         return self.proj(y.to(x.dtype).reshape(B, T, C), out_scale)
@@ -807,7 +849,8 @@ class GPT(nn.Module):
                  qk_gain_init: float = 1.5, tied_embed_init_std: float = 0.005,
                  act_dtype: torch.dtype = torch.bfloat16, mlp_leaky_slope: float = 0.5,
                  ln_scale: bool = False, qat: bool = False, ve_last_n: int = 0, ve_dim: int = 128,
-                 parallel_last_n: int = 0):
+                 coda_noise_heads: int = 0, coda_head_norm: str = "rms",
+                 coda_lambda_init: float = CODA_LAMBDA_INIT, parallel_last_n: int = 0):
         super().__init__()
         self.logit_softcap, self.act_dtype = logit_softcap, act_dtype
         self.tok_emb = nn.Embedding(vocab_size, model_dim)
@@ -823,7 +866,8 @@ class GPT(nn.Module):
             Block(model_dim, mlp_mult, CausalSelfAttention(
                 model_dim, num_heads, num_kv_heads, rotary, qk_gain_init,
                 xsa=i >= num_layers - xsa_last_n, coda=i >= num_layers - coda_last_n,
-                value_embed=i >= num_layers - ve_last_n),
+                value_embed=i >= num_layers - ve_last_n, coda_noise_heads=coda_noise_heads,
+                coda_head_norm=coda_head_norm, coda_lambda_init=coda_lambda_init),
                 mlp_leaky_slope, 1 / math.sqrt(i + 1) if ln_scale else 1.0,
                 parallel=i >= num_layers - parallel_last_n)
             for i in range(num_layers))
@@ -884,7 +928,25 @@ def build_model(args: Hyperparameters, device: torch.device) -> GPT:
     """The model of args.shape (what its artifact records), every argument by keyword."""
     return GPT(**args.shape, max_seq_len=max(args.train_seq_len, args.eval_seq_len),
                qk_gain_init=args.qk_gain_init, tied_embed_init_std=args.tied_embed_init_std,
-               act_dtype=compute_dtype(device), qat=args.late_qat > 0).to(device)
+               coda_lambda_init=args.coda_lambda_init, act_dtype=compute_dtype(device),
+               qat=args.late_qat > 0).to(device)
+
+
+@torch.no_grad()
+def coda_stats(model: GPT, ids: Tensor) -> list[tuple[int, dict[str, float]]]:
+    """Per CoDA layer on ids: lambda's mean and max, |theta - pi/2|'s, and the RMS of the head
+    norm's input and of its signal part (each stream as the norm sees it: after XSA if on)."""
+    layers = [(i, b.attn) for i, b in enumerate(model.blocks) if b.attn.coda]
+    for _, attn in layers:
+        attn.stats = {}
+    model.hidden(ids)
+    result, rms = [], lambda t: t.square().mean().sqrt().item()
+    for i, attn in layers:
+        s, dev, attn.stats = attn.stats, (attn.coda_theta - math.pi / 2).abs(), None
+        result.append((i, dict(lambda_mean=s["lam"].mean().item(), lambda_max=s["lam"].max().item(),
+                               theta_dev_mean=dev.mean().item(), theta_dev_max=dev.max().item(),
+                               pre_norm_rms=rms(s["pre_norm"]), signal_rms=rms(s["signal"]))))
+    return result
 
 
 # -----------------------------
@@ -1021,7 +1083,8 @@ def test_time_train(ev: Evaluator, stride: int, model: GPT, nll_fn, args, log) -
 
 ARTIFACT_MAGIC = b"PGINT6\x00\x01"
 CONTROL_PATTERNS = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "smear",
-                    "bigram.scale", "coda_theta", "coda_gate.bias", "ve_scale", "lane_")
+                    "bigram.scale", "coda_theta", "coda_gate.bias", "coda_norm", "ve_scale",
+                    "lane_")
 EMBEDDINGS = ("tok_emb.weight", "bigram.embed.weight", "value_embed.embed.weight")
 CLIP_QUANTILES = (1.0, 0.9999, 0.999, 0.995, 0.99)
 
@@ -1306,7 +1369,7 @@ def write_artifact(path: str, packed: dict[str, tuple], shape: dict) -> bytes:
     return digest
 
 
-LEGACY_SHAPE = {"rope_base": 10000.0, "logit_softcap": 30.0}
+LEGACY_SHAPE = {"rope_base": 10000.0, "logit_softcap": 30.0, "coda_head_norm": "rms"}
 
 
 def read_artifact(path: str, shape: dict, variable: str = "LOAD_ARTIFACT",
@@ -1433,7 +1496,8 @@ def is_muon_matrix(name: str, p: Tensor) -> bool:
 
 def make_optimizers(model: GPT, args: Hyperparameters,
                     orthogonalize) -> tuple[Muon, list[torch.optim.Optimizer]]:
-    """Muon for the matrices, AdamW for the rest; CoDA never decays (angle 0: noise = signal)."""
+    """Muon for the matrices, AdamW for the rest; CoDA never decays (angle 0: noise = signal)
+    and trains at CODA_LR."""
     embeds, matrices, controls, no_decay = [], [], [], []
     for name, p in model.named_parameters():
         if name in EMBEDDINGS:
@@ -1450,7 +1514,7 @@ def make_optimizers(model: GPT, args: Hyperparameters,
                 orthogonalize=orthogonalize, row_norm=args.muon_row_norm)
     scalar_groups = [{"params": controls, "lr": args.scalar_lr, "weight_decay": args.adam_wd}]
     if no_decay:
-        scalar_groups.append({"params": no_decay, "lr": args.scalar_lr, "weight_decay": 0.0})
+        scalar_groups.append({"params": no_decay, "lr": args.coda_lr, "weight_decay": 0.0})
     opts = [muon,
             torch.optim.AdamW([{"params": embeds, "lr": args.tied_embed_lr}],
                               weight_decay=args.adam_wd, **adam),
@@ -1598,8 +1662,24 @@ class AgreedClock:
         self.ms, self.step = ms, step
 
 
+def coda_logger(args, base_model: GPT, tokens: Tensor, log):
+    """log_coda(step): coda_stats' lines on the first 4 validation sequences; every rank computes
+    them alone (no collectives), rank 0 logs."""
+    L = min(args.eval_seq_len, tokens.numel())
+    ids = tokens[:min(4, tokens.numel() // L) * L].view(-1, L).to(base_model.tok_emb.weight.device)
+
+    def log_coda(step: int) -> None:
+        for i, s in coda_stats(base_model, ids):
+            log(f"coda_stats step:{step} layer:{i} lambda_mean:{s['lambda_mean']:.5f} "
+                f"lambda_max:{s['lambda_max']:.5f} theta_dev_mean:{s['theta_dev_mean']:.4f} "
+                f"theta_dev_max:{s['theta_dev_max']:.4f} pre_norm_rms:{s['pre_norm_rms']:.4f} "
+                f"signal_rms:{s['signal_rms']:.4f}")
+
+    return log_coda
+
+
 def train(args, model, base_model, muon, optimizers, train_files, evaluate, log, rank, world_size,
-          device):
+          device, log_coda=lambda step: None):
     """The loop under the cap: (steps, training ms, GPTQ's Hessians or None)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     run_step = lambda loader: train_step(args, model, base_model, optimizers, loader)  # noqa: E731
@@ -1682,10 +1762,14 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         if args.train_log_every > 0 and (step <= 10 or step % args.train_log_every == 0 or stop):
             log(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} "
                 f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
+            if args.coda_stats and step % args.train_log_every == 0 and not (
+                    stop or step == args.iterations):  # the last step's come after the loop
+                log_coda(step)
         if stop and stop_at is None:
             stop_at = step
     clock.finish()
     base_model.set_qat(False)  # evaluations and export see the plain weights
+    log_coda(step)
     log(f"weights for export: {average.apply()}")
     if not args.gptq:
         return step, train_ms, None
@@ -1948,7 +2032,8 @@ def run(held: ExitStack) -> int:
         muon, optimizers = make_optimizers(base_model, args,
                                            compile_fn(newton_schulz, dynamic=False))
         steps, train_ms, hessians = train(args, model, base_model, muon, optimizers, train_files,
-                                          evaluate, log, rank, world_size, device)
+                                          evaluate, log, rank, world_size, device,
+                                          coda_logger(args, base_model, val_tokens, log))
         if cuda:
             log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")

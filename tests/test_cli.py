@@ -51,6 +51,9 @@ CONTRACT = {
     "ttt": re.compile(rf"legal_ttt_exact val_loss:{FLOAT8} val_bpb:{FLOAT8}"),
     "ttt_eval": re.compile(r"ttt_eval chunks:(\d+) tokens:(\d+) time:\d+\.\ds score:\d+\.\ds train:\d+\.\ds"),
 }
+CODA_STATS_LINE = re.compile(r"coda_stats step:(\d+) layer:(\d+) lambda_mean:(\d\.\d{5}) lambda_max:(\d\.\d{5}) "
+                             r"theta_dev_mean:(\d+\.\d{4}) theta_dev_max:(\d+\.\d{4}) pre_norm_rms:(\d+\.\d{4}) "
+                             r"signal_rms:(\d+\.\d{4})")
 # What each contract line starts with: a second line with that start, in any format, is a duplicate.
 PREFIX = dict(serialized="Serialized model", code="Code size", total="Total submission size",
               roundtrip="final_int6_roundtrip_exact", sliding="final_int6_sliding_window_exact",
@@ -116,8 +119,10 @@ def finished_run(cwd: Path, env: dict, run_id: str, nproc: int = 0) -> dict:
 
 @pytest.fixture(scope="module")
 def ddp_run(dataset, tmp_path_factory):
-    """Two processes (gloo on CPU) with XSA and CoDA on."""
-    run = finished_run(tmp_path_factory.mktemp("ddp"), dataset["env"], "ddp", nproc=2)
+    """Two processes (gloo on CPU) with XSA and CoDA on, CoDA with one noise query per KV group, a learned
+    head norm and its statistics while training."""
+    env = dict(dataset["env"], CODA_STATS="1", CODA_NOISE_HEADS="1", CODA_HEAD_NORM="learned")
+    run = finished_run(tmp_path_factory.mktemp("ddp"), env, "ddp", nproc=2)
     assert run["proc"].returncode == 0, describe(run["proc"])
     return run
 
@@ -190,6 +195,27 @@ def test_ddp_contract_lines_once_and_sizes_add_up(ddp_run):
     # Rank 0 prints what it logs, once: the console shows each final line once too.
     for key in ("roundtrip", "sliding", "total"):
         assert sum(line.startswith(PREFIX[key]) for line in ddp_run["proc"].stdout.splitlines()) == 1
+
+
+def coda_stats_lines(log: str) -> list[re.Match]:
+    lines = [line for line in log.splitlines() if line.startswith("coda_stats")]
+    matches = [CODA_STATS_LINE.fullmatch(line) for line in lines]
+    assert all(matches), lines
+    for m in matches:
+        assert float(m.group(3)) <= float(m.group(4)) and float(m.group(5)) <= float(m.group(6)), m.group(0)
+    return matches
+
+
+def test_coda_stats_lines_after_training_and_with_coda_stats_every_train_log(single_run, ddp_run):
+    """One coda_stats line for the CoDA layer (1) on the trained weights, before the weights for export are
+    chosen; with CODA_STATS=1 (the 2-rank run) also every TRAIN_LOG_EVERY=5 steps, each step once."""
+    for run, steps in ((single_run, [ITERATIONS]), (ddp_run, list(range(5, ITERATIONS + 1, 5)))):
+        matches = coda_stats_lines(run["log"])
+        assert [(int(m.group(1)), int(m.group(2))) for m in matches] == [(s, 1) for s in steps]
+        lines = run["log"].splitlines()
+        assert lines.index(matches[-1].group(0)) < next(i for i, x in enumerate(lines) if x.startswith("weights for"))
+    lam = float(coda_stats_lines(single_run["log"])[0].group(3))
+    assert lam > 0 and float(coda_stats_lines(single_run["log"])[0].group(8)) > 0
 
 
 def test_ddp_val_tokens_are_all_targets(ddp_run, dataset):
@@ -669,6 +695,12 @@ BAD_INPUT = {
     "seed_out_of_range": _env_only(["SEED"], SEED="-1"),
     "run_id_with_a_slash": _env_only(["RUN_ID"], RUN_ID="runs/a"),
     "mlp_hidden_width_zero": _env_only(["MLP_MULT"], MLP_MULT="0.001"),
+    "coda_noise_heads_not_a_divisor": _env_only(["CODA_NOISE_HEADS", "NUM_HEADS/NUM_KV_HEADS=2"],
+                                                CODA_NOISE_HEADS="3"),
+    "coda_head_norm_unknown": _env_only(["CODA_HEAD_NORM", "rms, learned, none"], CODA_HEAD_NORM="layernorm"),
+    "coda_lambda_init_one": _env_only(["CODA_LAMBDA_INIT", "(0, 1)"], CODA_LAMBDA_INIT="1"),
+    "coda_lr_negative": _env_only(["CODA_LR"], CODA_LR="-0.01"),
+    "coda_stats_not_a_flag": _env_only(["CODA_STATS", "0 or 1"], CODA_STATS="2"),
     "coda_last_n_non_numeric_with_coda_enabled": _env_only(["CODA_LAST_N"], CODA_ENABLED="1", CODA_LAST_N="abc"),
     "artifact_path_a_directory": lambda ds, tmp, artifact: (dict(ARTIFACT_PATH=str(tmp)), ["ARTIFACT_PATH"]),
     "artifact_path_in_a_missing_directory": lambda ds, tmp, artifact: (dict(ARTIFACT_PATH=f"{tmp}/no/"),
@@ -750,7 +782,7 @@ def test_bad_input(case, bad_input_runs):
     if isinstance(bad_input_runs[case], Exception):
         raise bad_input_runs[case]
     proc, cwd, names = bad_input_runs[case]
-    assert proc.returncode != 0, describe(proc)
+    assert proc.returncode == 2, describe(proc)
     assert "Traceback" not in proc.stdout + proc.stderr, describe(proc)
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].strip(), f"stderr must be one line:\n{describe(proc)}"

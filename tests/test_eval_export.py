@@ -895,6 +895,8 @@ def test_artifact_bad_files(packed_state, tmp_path):
     expect_config_error(good, {k: v for k, v in SHAPE.items() if k != "coda_last_n"}, "CODA_LAST_N=0")
     # a key the artifact lacks is a feature it had off: value embeddings on in this run only
     expect_config_error(good, dict(SHAPE, ve_last_n=2, ve_dim=128), "VE_LAST_N=0", "VE_LAST_N=2")
+    # CoDA's head norm is recorded only off its default: absent reads as rms
+    expect_config_error(good, dict(SHAPE, coda_head_norm="none"), "CODA_HEAD_NORM=rms", "CODA_HEAD_NORM=none")
     assert tg.read_artifact(str(good), dict(SHAPE)).keys() == packed_state.keys()  # the good one still reads
 
 

@@ -151,11 +151,12 @@ def test_gpt_is_causal():
 # Attention: XSA and CoDA
 # -----------------------------
 
-def make_attention(num_kv_heads, xsa, coda, rope_dims=0, seed=0, value_embed=False):
-    """A CausalSelfAttention whose output is taken before `proj`, with non-trivial gains, angles and gate."""
+def make_attention(num_kv_heads, xsa, coda, rope_dims=0, seed=0, value_embed=False, noise_heads=0, norm="rms"):
+    """A CausalSelfAttention whose output is taken before `proj`, with non-trivial gains, angles, gate and norm."""
     torch.manual_seed(seed)
     rotary = tg.Rotary(HEAD_DIM, rope_dims, 10000.0, SEQ)
-    attn = tg.CausalSelfAttention(DIM, HEADS, num_kv_heads, rotary, 1.5, xsa=xsa, coda=coda, value_embed=value_embed)
+    attn = tg.CausalSelfAttention(DIM, HEADS, num_kv_heads, rotary, 1.5, xsa=xsa, coda=coda, value_embed=value_embed,
+                                  coda_noise_heads=noise_heads, coda_head_norm=norm)
     attn.proj = OutputBeforeProj()
     with torch.no_grad():
         attn.q_gain.uniform_(0.5, 2.0)
@@ -165,6 +166,8 @@ def make_attention(num_kv_heads, xsa, coda, rope_dims=0, seed=0, value_embed=Fal
             attn.coda_theta.uniform_(-math.pi, math.pi)
             attn.coda_gate.weight.normal_(0, 0.5)
             attn.coda_gate.bias.normal_(0, 0.5)
+            if attn.coda_norm is not None:
+                attn.coda_norm.uniform_(0.5, 1.5)
     return attn
 
 
@@ -187,7 +190,15 @@ def project_out_own_value(y, v, group):
 
 def reference_attention(attn, x):
     """CoDA written the plain way: two SDPA calls (signal and noise queries against the same K, V), XSA on
-    each stream, then signal - sigmoid(gate(x)) * noise per head, before CoDA's RMSNorm. Returns [B, T, H, D]."""
+    each stream, then signal - sigmoid(gate(x)) * noise per head, before CoDA's head norm. Returns [B, T, H, D]."""
+    signal, noise, lam = reference_streams(attn, x)
+    return signal if noise is None else signal - lam * noise
+
+
+def reference_streams(attn, x):
+    """(signal, the noise each signal head subtracts, lambda [B, T, H, 1]); noise and lambda None without CoDA.
+    A noise head's query is the mean of the n signal queries it serves (consecutive heads of one KV group),
+    computed here head by head, then turned by its angles (noise_queries, on as many heads as it has angles)."""
     B, T, _ = x.shape
     H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
     q = F.rms_norm(attn.c_q(x).view(B, T, H, D), (D,))
@@ -203,9 +214,23 @@ def reference_attention(attn, x):
 
     y = sdpa(q)
     if not attn.coda:
-        return y
-    lam = torch.sigmoid(attn.coda_gate(x))[..., None]
-    return y - lam * sdpa(attn.noise_queries(q))
+        return y, None, None
+    serves = H // attn.coda_theta.size(0)
+    means = torch.stack([q[:, :, m * serves:(m + 1) * serves].mean(2) for m in range(H // serves)], dim=2)
+    noise_q = attn.noise_queries(means)
+    noise = F.scaled_dot_product_attention(noise_q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=True).transpose(1, 2)
+    if attn.xsa:
+        noise = project_out_own_value(noise, v, noise_q.size(2) // Hkv)
+    return y, noise.repeat_interleave(serves, dim=2), torch.sigmoid(attn.coda_gate(x))[..., None]
+
+
+def head_norm(attn, combined):
+    """CoDA's head norm written out: RMSNorm, times the learned weight, or nothing."""
+    if attn.coda_head_norm == "none":
+        return combined
+    y = combined / combined.pow(2).mean(-1, keepdim=True).add(torch.finfo(combined.dtype).eps).sqrt()
+    return y if attn.coda_norm is None else y * attn.coda_norm
 
 
 def own_value_dots(attn, x, ve=None, value=None):
@@ -292,24 +317,34 @@ def test_xsa_kernels_in_bf16_round_the_fp32_result():
     assert grad_y.dtype == grad_v.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+# (KV heads, noise heads per KV group): every divisor of the group size at HEADS=4.
+NOISE_SPLITS = [(4, 1), (2, 1), (2, 2), (1, 1), (1, 2), (1, 4)]
+
+
+@pytest.mark.parametrize("num_kv_heads,noise_heads", NOISE_SPLITS)
 @pytest.mark.parametrize("xsa", [False, True])
 @pytest.mark.parametrize("rope_dims", [0, 4])
-def test_coda_one_call_equals_two_calls(num_kv_heads, xsa, rope_dims):
+@pytest.mark.parametrize("norm", tg.CODA_HEAD_NORMS)
+def test_coda_one_call_equals_two_calls(num_kv_heads, noise_heads, xsa, rope_dims, norm):
     """The module stacks signal and noise queries into one attention call; each stacked head must still
     read its own KV head (stacking along H instead of the group axis would pair them wrongly). It also
     combines the streams before XSA, which the reference applies to each: equal in exact arithmetic, but
     the two orders round differently and RMSNorm scales that up by 1/RMS of its input, so differences
     are compared at the scale of that input. With XSA, token 0 (attending only to itself) is RMSNorm of
-    rounding residue in both forms, so it is checked for size only."""
-    attn = make_attention(num_kv_heads, xsa=xsa, coda=True, rope_dims=rope_dims)
+    rounding residue in both forms, so it is checked for size only. Without a norm the outputs are compared
+    as they are; the learned norm's weight is divided out."""
+    attn = make_attention(num_kv_heads, xsa=xsa, coda=True, rope_dims=rope_dims, noise_heads=noise_heads, norm=norm)
+    assert attn.coda_theta.shape == (num_kv_heads * noise_heads, HEAD_DIM // 2)
     x = torch.randn(2, 12, DIM)
     with torch.no_grad():
         got, combined = heads(attn(x)), reference_attention(attn, x)
-    want, rms_in = F.rms_norm(combined, (HEAD_DIM,)), combined.pow(2).mean(-1, keepdim=True).sqrt()
-    first = 1 if xsa else 0
+        want = head_norm(attn, combined)
+        if norm == "learned":
+            got, want = got / attn.coda_norm, want / attn.coda_norm
+    rms_in = combined.pow(2).mean(-1, keepdim=True).sqrt() if norm != "none" else torch.ones(())
+    first = 1 if xsa and norm != "none" else 0
     assert ((got - want) * rms_in)[:, first:].abs().max() < 1e-5
-    if xsa:
+    if xsa and norm != "none":
         assert got[:, 0].abs().max() < 1e-2
     lam = torch.sigmoid(attn.coda_gate(x))
     assert lam.min() < 0.3 and lam.max() > 0.7  # the gate is far from its init, so noise matters here
@@ -332,14 +367,18 @@ def test_coda_at_init_is_nearly_normalized_signal(num_kv_heads):
 
 
 @pytest.mark.parametrize("rope_dims", [0, 4])
-def test_noise_rotation_commutes_with_rope(rope_dims):
-    attn = make_attention(2, xsa=False, coda=True, rope_dims=rope_dims)
+@pytest.mark.parametrize("num_kv_heads,noise_heads", [(2, 2), (2, 1), (1, 2), (1, 1)])
+def test_noise_rotation_commutes_with_rope(rope_dims, num_kv_heads, noise_heads):
+    """The noise query of a RoPE-rotated query is the rotated noise query, also when one noise query serves
+    several heads (the mean of queries at one position is rotated like each of them)."""
+    attn = make_attention(num_kv_heads, xsa=False, coda=True, rope_dims=rope_dims, noise_heads=noise_heads)
     q = torch.randn(2, SEQ, HEADS, HEAD_DIM)
     with torch.no_grad():
         a = attn.rotary(attn.noise_queries(q))
         b = attn.noise_queries(attn.rotary(q))
-    assert (a - b).abs().max() < 1e-5
-    assert (a - attn.rotary(q)).abs().max() > 0.1  # the rotation does something
+    assert a.shape == (2, SEQ, num_kv_heads * noise_heads, HEAD_DIM) and (a - b).abs().max() < 1e-5
+    means = q.view(2, SEQ, num_kv_heads * noise_heads, -1, HEAD_DIM).mean(3)
+    assert (a - attn.rotary(means)).abs().max() > 0.1  # the rotation does something
 
 
 def test_cos_sin_op_equals_torch_value_and_gradient():
@@ -368,6 +407,79 @@ def test_noise_rotation_pairs_half_split_planes():
             expected = torch.zeros_like(q)
             expected[..., j] = -1.0  # (x1, x2) -> (x1 cos + x2 sin, x2 cos - x1 sin)
             assert (attn.noise_queries(q) - expected).abs().max() < 1e-6, (i, j)
+
+
+@pytest.mark.parametrize("num_kv_heads,noise_heads,xsa,norm", [
+    (2, 2, True, "rms"), (2, 1, False, "learned"), (1, 2, True, "none"), (1, 1, True, "learned"),
+    (2, 1, True, "rms")])
+def test_coda_gradients_match_finite_differences(num_kv_heads, noise_heads, xsa, norm, monkeypatch):
+    """float64 gradcheck of the layer's output against its input and every CoDA parameter (angles, gate,
+    learned norm), for each noise-head split and head norm. With XSA token 0's output is the norm of rounding
+    residue (it attends only to itself), so outputs from token 1 on are checked. The layer's `.float()` (fp32
+    for bf16 activations) is kept from rounding float64 down, or finite differences would see fp32 steps."""
+    monkeypatch.setattr(torch.Tensor, "float", lambda t: t if t.dtype == torch.float64 else t.to(torch.float32))
+    attn = make_attention(num_kv_heads, xsa=xsa, coda=True, rope_dims=4, noise_heads=noise_heads, norm=norm).double()
+    names = [n for n, _ in attn.named_parameters() if n.startswith("coda_")]
+    assert ("coda_norm" in names) == (norm == "learned")
+    x = torch.randn(1, 5, DIM, dtype=torch.float64, requires_grad=True)
+
+    def layer(x, *params):
+        return torch.func.functional_call(attn, dict(zip(names, params)), (x,))[:, 1:]
+
+    params = [attn.get_parameter(n).detach().clone().requires_grad_() for n in names]
+    assert torch.autograd.gradcheck(layer, (x, *params))
+
+
+def test_coda_lambda_init_sets_the_gate_and_default_bias_is_minus_six(monkeypatch):
+    """CODA_LAMBDA_INIT=0.3: lambda is 0.3 on every token and head at the start (the gate's weight is 0);
+    by default the bias is exactly -6, as before the variable existed."""
+    _, model = full_model(monkeypatch)
+    assert torch.all(model.blocks[1].attn.coda_gate.bias == -6.0)
+    _, model = full_model(monkeypatch, CODA_LAMBDA_INIT=0.3)
+    ids = tokens()[0]
+    (layer, stats), = tg.coda_stats(model, ids)
+    assert layer == 1 and stats["lambda_mean"] == pytest.approx(0.3, abs=1e-6)
+    assert stats["lambda_max"] == pytest.approx(0.3, abs=1e-6)
+    assert stats["theta_dev_mean"] == stats["theta_dev_max"] == 0
+
+
+@pytest.mark.parametrize("noise_heads", [0, 1])
+def test_coda_stats_equal_an_independent_reference(noise_heads):
+    """Two CoDA layers (the deeper one with XSA) off their init: coda_stats' lambda, angle deviations and
+    RMS of the norm's input and of the signal alone equal the plain two-call computation on each layer's
+    input (captured by a hook); the model's output does not change and the capture is switched off after."""
+    torch.manual_seed(0)
+    model = tg.GPT(vocab_size=VOCAB, num_layers=2, model_dim=DIM, num_heads=HEADS, num_kv_heads=2, mlp_mult=2,
+                   max_seq_len=SEQ, xsa_last_n=1, coda_last_n=2, act_dtype=torch.float32,
+                   coda_noise_heads=noise_heads)
+    perturb(model, 0.3)
+    with torch.no_grad():
+        for block in model.blocks:  # gates open, angles off pi/2
+            block.attn.coda_theta.uniform_(-math.pi, math.pi)
+            block.attn.coda_gate.bias.fill_(0.0)
+    ids = tokens()[0]
+    inputs = {}
+    hooks = [b.attn.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0]))
+             for i, b in enumerate(model.blocks)]
+    with torch.no_grad():
+        before = model.hidden(ids)
+        stats = tg.coda_stats(model, ids)
+    for h in hooks:
+        h.remove()
+    assert [i for i, _ in stats] == [0, 1]
+    rms = lambda t: t.pow(2).mean().sqrt().item()  # noqa: E731
+    for i, got in stats:
+        attn = model.blocks[i].attn
+        assert attn.stats is None
+        with torch.no_grad():
+            signal, noise, lam = reference_streams(attn, inputs[i])
+        dev = (attn.coda_theta - math.pi / 2).abs()
+        want = dict(lambda_mean=lam.mean().item(), lambda_max=lam.max().item(), theta_dev_mean=dev.mean().item(),
+                    theta_dev_max=dev.max().item(), pre_norm_rms=rms(signal - lam * noise), signal_rms=rms(signal))
+        assert got == pytest.approx(want, rel=1e-5), i
+        assert 0.1 < want["lambda_mean"] < want["lambda_max"] and want["theta_dev_max"] > 0.1
+        assert abs(want["pre_norm_rms"] - want["signal_rms"]) > 1e-3  # the noise stream counts here
+    assert torch.equal(model.hidden(ids), before)
 
 
 # -----------------------------
@@ -791,13 +903,15 @@ def full_model(monkeypatch, **extra):
     return args, tg.build_model(args, torch.device("cpu"))
 
 
-def test_each_parameter_is_trained_once_and_decays_at_its_groups_rate(monkeypatch):
+@pytest.mark.parametrize("coda", [{}, dict(CODA_HEAD_NORM="learned", CODA_NOISE_HEADS=1, CODA_LR=0.031)])
+def test_each_parameter_is_trained_once_and_decays_at_its_groups_rate(monkeypatch, coda):
     """One optimizer step with zero gradients leaves only weight decay: every product's matrix
     (bigram's and the value embedding's too) shrinks at Muon's rate, the embeddings at Adam's
-    with TIED_EMBED_LR, the control tensors at Adam's with SCALAR_LR, and CoDA's angle and gate
-    not at all (decay would pull the angle to 0, where noise equals signal)."""
+    with TIED_EMBED_LR, the control tensors at Adam's with SCALAR_LR, and CoDA's angle, gate and
+    learned norm not at all (decay would pull the angle to 0, where noise equals signal); they
+    train at CODA_LR (SCALAR_LR by default)."""
     lr = dict(TIED_EMBED_LR=0.123, SCALAR_LR=0.045, MATRIX_LR=0.067, MUON_WD=0.011, ADAM_WD=0.022)
-    args, model = full_model(monkeypatch, **lr)
+    args, model = full_model(monkeypatch, **lr, **coda)
     muon, opts = tg.make_optimizers(model, args, tg.newton_schulz)
     assert opts[0] is muon
     held = [id(p) for opt in opts for group in opt.param_groups for p in group["params"]]
@@ -807,6 +921,10 @@ def test_each_parameter_is_trained_once_and_decays_at_its_groups_rate(monkeypatc
     assert {"bigram.proj.weight", "value_embed.proj.weight"} <= parts.of_role(model, "matrix")
     assert {id(p) for group in muon.param_groups for p in group["params"]} == {
         id(p) for n, p in model.named_parameters() if roles[n] == "matrix"}
+    assert ("blocks.1.attn.coda_norm" in roles) == bool(coda)
+    coda_ids = {id(p) for n, p in model.named_parameters() if roles[n] == "coda"}
+    coda_groups = [g for opt in opts for g in opt.param_groups if {id(p) for p in g["params"]} == coda_ids]
+    assert [g["lr"] for g in coda_groups] == [coda.get("CODA_LR", 0.045)]
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.rand_like(p) + 0.5)
@@ -825,8 +943,9 @@ def test_each_parameter_is_trained_once_and_decays_at_its_groups_rate(monkeypatc
 def test_each_matrix_is_stored_int6_quantization_aware_and_calibrated(monkeypatch, tmp_path):
     """The products' matrices, and only they, are what Muon trains, what the export rounds to int6
     (int5 under a budget), what LATE_QAT rounds in training and what GPTQ calibrates; embeddings are
-    stored int8, CoDA's gate matrix fp16, every other tensor fp32."""
-    args, model = full_model(monkeypatch, LATE_QAT=0.5)
+    stored int8, CoDA's gate matrix fp16, every other tensor (CoDA's learned norm too) fp32."""
+    args, model = full_model(monkeypatch, LATE_QAT=0.5, CODA_HEAD_NORM="learned")
+    assert "blocks.1.attn.coda_norm" in parts.of_role(model, "coda")
     roles = parts.parameter_roles(model)
     with torch.no_grad():
         for p in model.parameters():

@@ -1,6 +1,7 @@
 """The quality toggles: MLP_LEAKY_SLOPE, LN_SCALE, VE_LAST_N/VE_DIM, LATE_QAT, EMA and SWA. Each must really
 change the model; late QAT must take effect inside a compiled forward (one record's switch was constant-folded
 away)."""
+import math
 import os
 import re
 import subprocess
@@ -229,6 +230,11 @@ def test_readme_toggles_table_gives_the_scripts_defaults_and_every_variable(monk
                 assert re.fullmatch(r"[0-9a-f-]{36}", value), name
             elif name == "GRAD_ACCUM_STEPS":
                 assert [tg.Hyperparameters(w).grad_accum_steps for w in (1, 2, 8, 16)] == [8, 4, 1, 1]
+            elif re.fullmatch(r"[A-Z_]+(`/`[A-Z_]+)?", default):  # another variable's value, or a ratio
+                a, _, b = default.partition("`/`")
+                assert value == getattr(args, a.lower()) / (getattr(args, b.lower()) if b else 1), name
+            elif default.startswith("sigmoid("):
+                assert value == 1 / (1 + math.exp(-float(default[8:-1]))), (name, value, default)
             elif re.fullmatch(r"-?[0-9.]+", default):
                 assert float(value) == float(default), (name, value, default)
             else:
@@ -309,3 +315,50 @@ def test_lr_floor_ends_the_warmdown_at_the_floor(monkeypatch, cap):
     assert scales[:61] == [1.0] * 61 and scales[100] == 0.25
     assert scales[80] == pytest.approx(0.25 + 0.75 * 0.5)
     assert all(a >= b for a, b in zip(scales, scales[1:]))
+
+
+def test_coda_variants_in_the_artifact_shape_only_when_on_and_off_default(monkeypatch):
+    """CODA_NOISE_HEADS and CODA_HEAD_NORM change the model only with CoDA on and off their defaults:
+    only then are they recorded, so artifacts written before they existed still load; build_model
+    gets them through the shape."""
+    for name in ("CODA_LAST_N", "CODA_ENABLED", "CODA_NOISE_HEADS", "CODA_HEAD_NORM", "NUM_HEADS", "NUM_KV_HEADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CODA_NOISE_HEADS", "1")
+    monkeypatch.setenv("CODA_HEAD_NORM", "none")
+    assert not {"coda_noise_heads", "coda_head_norm"} & set(tg.Hyperparameters(1).shape)  # CoDA off
+    monkeypatch.setenv("CODA_LAST_N", "2")
+    monkeypatch.setenv("CODA_NOISE_HEADS", "2")  # the default at 8 heads over 4
+    monkeypatch.setenv("CODA_HEAD_NORM", "rms")
+    assert not {"coda_noise_heads", "coda_head_norm"} & set(tg.Hyperparameters(1).shape)
+    monkeypatch.setenv("CODA_NOISE_HEADS", "1")
+    monkeypatch.setenv("CODA_HEAD_NORM", "learned")
+    args = tg.Hyperparameters(1)
+    assert args.shape["coda_noise_heads"] == 1 and args.shape["coda_head_norm"] == "learned"
+    for name, value in dict(NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, XSA_LAST_N=1).items():
+        monkeypatch.setenv(name, str(value))
+    attn = tg.build_model(tg.Hyperparameters(1), torch.device("cpu")).blocks[1].attn
+    assert attn.coda_theta.shape == (2, 4) and attn.coda_norm.shape == (8,)
+
+
+@pytest.mark.parametrize("env,message", [
+    (dict(CODA_NOISE_HEADS="3"), "CODA_NOISE_HEADS=3: expected a divisor of NUM_HEADS/NUM_KV_HEADS=2"),
+    (dict(CODA_NOISE_HEADS="0"), "CODA_NOISE_HEADS=0: expected a divisor"),
+    (dict(CODA_NOISE_HEADS="-2"), "CODA_NOISE_HEADS=-2: expected a divisor"),
+    (dict(CODA_NOISE_HEADS="one"), "CODA_NOISE_HEADS='one': expected an integer"),
+    (dict(CODA_HEAD_NORM="RMS"), "CODA_HEAD_NORM='RMS': expected rms, learned, none"),
+    (dict(CODA_HEAD_NORM="layer"), "CODA_HEAD_NORM='layer': expected rms, learned, none"),
+    (dict(CODA_LAMBDA_INIT="0"), r"CODA_LAMBDA_INIT=0.0: expected a number in \(0, 1\)"),
+    (dict(CODA_LAMBDA_INIT="1"), r"CODA_LAMBDA_INIT=1.0: expected a number in \(0, 1\)"),
+    (dict(CODA_LAMBDA_INIT="-0.5"), r"CODA_LAMBDA_INIT=-0.5: expected a number in \(0, 1\)"),
+    (dict(CODA_LAMBDA_INIT="nan"), "CODA_LAMBDA_INIT='nan': expected a finite number"),
+    (dict(CODA_LR="-0.01"), "CODA_LR=-0.01: expected >= 0"),
+    (dict(CODA_STATS="2"), "CODA_STATS=2: expected 0 or 1"),
+])
+def test_coda_variants_refuse_bad_values(monkeypatch, env, message):
+    for name in ("NUM_HEADS", "NUM_KV_HEADS", "CODA_NOISE_HEADS", "CODA_HEAD_NORM", "CODA_LAMBDA_INIT", "CODA_LR",
+                 "CODA_STATS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(tg.ConfigError, match=f"^{message}"):
+        tg.Hyperparameters(1)
