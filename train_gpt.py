@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -460,15 +461,29 @@ def check_train_ids(args, files: list[str], rank: int, world_size: int, device):
     """Checks this rank's share of the later shards in a thread; the function returned waits."""
     early = read_before_clock(args, files)
     mine = [i for i in range(rank, len(files), world_size) if files[i] not in early]
-    bad = lambda i: load_shard(files[i]).max(initial=0) >= args.vocab_size  # noqa: E731
-    scan = ThreadPoolExecutor(1).submit(lambda: next(filter(bad, mine), len(files)))
+
+    def bad(i: int) -> bool:  # an unreadable shard is bad too: every rank must reach the reduce
+        try:
+            return load_shard(files[i]).max(initial=0) >= args.vocab_size
+        except (ConfigError, OSError):
+            return True
+
+    found = []  # a daemon: an early exit does not wait for the scan
+    scan = threading.Thread(target=lambda: found.append(next(filter(bad, mine), len(files))),
+                            daemon=True)
+    scan.start()
 
     def wait() -> None:
-        first = torch.tensor(scan.result(), device=device)
+        scan.join()
+        first = torch.tensor(found[0], device=device)
         if world_size > 1:
             dist.all_reduce(first, op=dist.ReduceOp.MIN)
         if first.item() < len(files):
-            load_shard(files[first.item()], args.vocab_size)  # raises, naming shard and id
+            path = files[first.item()]
+            try:
+                load_shard(path, args.vocab_size)  # raises, naming shard and id
+            except OSError as e:
+                raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
 
     return wait
 
@@ -2074,10 +2089,13 @@ def main() -> None:
                 else e.exit_code)
         if master:
             print(f"error: {e}", file=sys.stderr, flush=True)
-    if dist.is_available() and dist.is_initialized():
-        if code in (0, 3, 4):  # exits all ranks reach: none may leave before rank 0's last line
-            dist.barrier()  # (a bad input may be one rank's alone)
-        dist.destroy_process_group()
+    try:
+        if dist.is_available() and dist.is_initialized():
+            if code in (0, 3, 4):  # exits all ranks reach: none may leave before rank 0's last line
+                dist.barrier()  # (a bad input may be one rank's alone)
+            dist.destroy_process_group()
+    except Interrupted as e:  # a signal while waiting for the other ranks: no traceback either
+        code = e.exit_code
     sys.exit(code)
 
 

@@ -1,6 +1,7 @@
 """The DATA section of train_gpt.py: the memory-mapped token stream against a plain reading of the
 concatenated shards, the shards read before the clock, and how the shards are found."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -98,3 +99,28 @@ def test_load_shard_checks_ids_only_when_asked(tmp_path):
     assert tg.load_shard(path, 701).tolist() == [1, 2, 700, 3]
     synth.write_shard(path, [])
     assert len(tg.load_shard(path, 512)) == 0
+
+
+def test_a_later_shard_that_fails_in_the_scan_is_one_config_error_after_the_reduce(tmp_path, monkeypatch):
+    """The background scan of the later shards must not raise in its thread: a rank whose read fails would
+    skip the all-reduce the other ranks wait in. It reports the shard as bad, and wait() turns the failure
+    into one ConfigError naming the shard."""
+    files = [str(tmp_path / f"fineweb_train_{i:06d}.bin") for i in range(3)]
+    write_shards(tmp_path, [4000, 4000, 4000], np.random.default_rng(0))
+    monkeypatch.setenv("TRAIN_BATCH_TOKENS", "256")
+    monkeypatch.setenv("GRAD_ACCUM_STEPS", "1")
+    monkeypatch.setenv("TRAIN_SEQ_LEN", "64")
+    monkeypatch.setenv("WARMUP_STEPS", "1")
+    monkeypatch.setenv("VOCAB_SIZE", "512")
+    args = tg.Hyperparameters(1)
+    assert tg.read_before_clock(args, files) == files[:1]
+    real = np.memmap
+
+    def failing(path, *a, **kw):  # root reads past permissions: the read itself fails
+        if path == files[2]:
+            raise PermissionError(13, "Permission denied")
+        return real(path, *a, **kw)
+    monkeypatch.setattr(tg.np, "memmap", failing)
+    wait = tg.check_train_ids(args, files, 0, 1, CPU)
+    with pytest.raises(tg.ConfigError, match="^" + re.escape(f"{files[2]}: cannot read it (Permission denied)")):
+        wait()
