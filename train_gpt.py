@@ -804,7 +804,8 @@ class Block(nn.Module):
         if not self.parallel:  # the gains ride in the output products
             x = x + self.attn(F.rms_norm(x, (x.size(-1),)) * self.norm_scale, ve, self.attn_scale)
             return x + self.mlp(F.rms_norm(x, (x.size(-1),)) * self.norm_scale, self.mlp_scale)
-        resid, write = self.lane_resid.to(x.dtype), self.lane_write.to(x.dtype)[..., None, None, None]
+        resid = self.lane_resid.to(x.dtype)
+        write = self.lane_write.to(x.dtype)[..., None, None, None]
         x = x.expand(2, *x.shape[-3:])  # one lane before the first parallel block
         a = self.attn(F.rms_norm(x[0], (x.size(-1),)) * self.norm_scale, ve, self.attn_scale)
         x = resid[0] * x + write[0] * a
