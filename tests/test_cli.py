@@ -120,8 +120,10 @@ def finished_run(cwd: Path, env: dict, run_id: str, nproc: int = 0) -> dict:
 @pytest.fixture(scope="module")
 def ddp_run(dataset, tmp_path_factory):
     """Two processes (gloo on CPU) with XSA and CoDA on, CoDA with one noise query per KV group, a learned
-    head norm and its statistics while training."""
-    env = dict(dataset["env"], CODA_STATS="1", CODA_NOISE_HEADS="1", CODA_HEAD_NORM="learned")
+    head norm and its statistics while training; the last layer's residuals parallel, Muon row-normalized
+    and a learning-rate floor (every parameter must still get a gradient under DDP)."""
+    env = dict(dataset["env"], CODA_STATS="1", CODA_NOISE_HEADS="1", CODA_HEAD_NORM="learned",
+               PARALLEL_LAST_N="1", MUON_ROW_NORM="1", LR_FLOOR="0.1")
     run = finished_run(tmp_path_factory.mktemp("ddp"), env, "ddp", nproc=2)
     assert run["proc"].returncode == 0, describe(run["proc"])
     return run
