@@ -465,7 +465,7 @@ def check_train_ids(args, files: list[str], rank: int, world_size: int, device):
     def bad(i: int) -> bool:  # an unreadable shard is bad too: every rank must reach the reduce
         try:
             return load_shard(files[i]).max(initial=0) >= args.vocab_size
-        except (ConfigError, OSError):
+        except Exception:  # any failure: the shard is reported, the thread never dies
             return True
 
     found = []  # a daemon: an early exit does not wait for the scan
@@ -953,6 +953,8 @@ def coda_stats(model: GPT, ids: Tensor) -> list[tuple[int, dict[str, float]]]:
     """Per CoDA layer on ids: lambda's mean and max, |theta - pi/2|'s, and the RMS of the head
     norm's input and of its signal part (each stream as the norm sees it: after XSA if on)."""
     layers = [(i, b.attn) for i, b in enumerate(model.blocks) if b.attn.coda]
+    if not layers:  # no forward to spend
+        return []
     for _, attn in layers:
         attn.stats = {}
     model.hidden(ids)
@@ -1305,19 +1307,21 @@ def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf,
     rd = RateDistortion(options)
     offset = size - rd.bits0 / 8  # the bytes outside the estimate: scales, floats, header, zstd
     floor = float(rd.pick(1.0)[2][1].sum())
-    aim, best = budget_bytes * (1 - 5e-4), None
+    aim, best, least = budget_bytes * (1 - 5e-4), None, None
     for _ in range(6):
         widths, picks, bits = rd.choose(8 * (aim - offset))
         trial = dict(packed, **rd.packed(widths, picks))
         size = file_bytes(trial)
         if size <= budget_bytes and (best is None or size > best[0]):
             best = (size, trial)
+        if least is None or size < least[0]:
+            least = (size, trial)
         filled = budget_bytes * (1 - 1e-3) <= size <= budget_bytes
         if filled or size > budget_bytes and bits <= floor:  # or nothing smaller to try
             break
         offset = size - bits / 8
         aim -= max(size - budget_bytes, 0)  # over: aim lower for good
-    return best[1] if best else trial  # nothing fits: the smallest, for the caller to refuse
+    return (best or least)[1]  # nothing fits: the smallest tried, for the caller to refuse
 
 
 def dequantize_state(packed: dict[str, tuple]) -> dict[str, Tensor]:
@@ -1765,7 +1769,8 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * scale
-        if args.late_qat > 0 and scale < args.late_qat and not qat_on:
+        left = (scale - args.lr_floor) / (1.0 - args.lr_floor)  # the warmdown's share left
+        if args.late_qat > 0 and left < args.late_qat and not qat_on:
             base_model.set_qat(True)
             qat_on = True
             log(f"late_qat: int6 fake quantization on from step {step} (lr scale {scale:.3f})")

@@ -132,21 +132,23 @@ def test_fake_int6_is_the_absmax_int6_grid():
     assert ((q - w).abs() <= scale / 2 + 1e-6).all()
 
 
-def test_late_qat_switches_on_once_during_the_warmdown(tmp_path):
+@pytest.mark.parametrize("floor,scale", [("0", "0.375"), ("0.2", "0.500")])
+def test_late_qat_switches_on_once_during_the_warmdown(tmp_path, floor, scale):
+    """LATE_QAT reads the warmdown's share left, so LR_FLOOR moves the learning rate, not the step."""
     data = synth.make_dataset(str(tmp_path / "data"), n_train_shards=1, train_tokens_per_shard=20_000, val_docs=10)
     env = dict(os.environ, DATA_PATH=data["data_path"], TOKENIZER_PATH=data["tokenizer_path"],
                VOCAB_SIZE=str(data["vocab_size"]), NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="4",
                NUM_KV_HEADS="2", MLP_MULT="2", TRAIN_SEQ_LEN="32", EVAL_SEQ_LEN="32", TRAIN_BATCH_TOKENS="128",
                GRAD_ACCUM_STEPS="1", ITERATIONS="8", MAX_WALLCLOCK_SECONDS="0", WARMDOWN_ITERS="8",
                WARMUP_STEPS="1", EVAL_STRIDE="0", BIGRAM_VOCAB_SIZE="0", LATE_QAT="0.5", LN_SCALE="1",
-               MLP_LEAKY_SLOPE="0.5", XSA_LAST_N="1", RUN_ID="qat", OMP_NUM_THREADS="1")
+               MLP_LEAKY_SLOPE="0.5", XSA_LAST_N="1", RUN_ID="qat", OMP_NUM_THREADS="1", LR_FLOOR=floor)
     proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     log = (tmp_path / "logs" / "qat.txt").read_text()
-    # lr scale = (8 - step) / 8 falls below 0.5 first at step 5
+    # the share left, (8 - step) / 8, falls below 0.5 first at step 5; the lr scale is floor + (1 - floor) x that
     assert [line for line in log.splitlines() if line.startswith("late_qat:")] == [
-        "late_qat: int6 fake quantization on from step 5 (lr scale 0.375)"]
+        f"late_qat: int6 fake quantization on from step 5 (lr scale {scale})"]
     assert "final_int6_roundtrip_exact" in log
 
 
