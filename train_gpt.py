@@ -1208,6 +1208,17 @@ def zstd22(data: bytes) -> bytes:
     return zstandard.ZstdCompressor(level=22).compress(data)
 
 
+def cached_zstd22():
+    """zstd22 that compresses each distinct chunk once: the export's trials and its write share
+    the frames of every tensor they have in common."""
+    frames: dict[bytes, bytes] = {}
+
+    def compress(chunk: bytes) -> bytes:
+        return frames[chunk] if chunk in frames else frames.setdefault(chunk, zstd22(chunk))
+
+    return compress
+
+
 class RateDistortion:
     """Every int6 matrix at int6 and int5, each row at every clip. A weight lam in [0, 1] picks
     each row's clip, and each matrix's width, of least (1 - lam) err / err0 + lam bits / bits0:
@@ -1274,8 +1285,8 @@ class RateDistortion:
 
 
 def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf,
-                   hessians: dict[str, Tensor] | None = None, shape: dict | None = None
-                   ) -> dict[str, tuple]:
+                   hessians: dict[str, Tensor] | None = None, shape: dict | None = None,
+                   compress=None) -> dict[str, tuple]:
     """Packs a state dict, its artifact (written with shape) at most budget_bytes if it can be:
     rows' clips and matrices' widths of least error per byte, sizes measured by compressing."""
     state = {name: t.detach().cpu() for name, t in state.items()}
@@ -1290,10 +1301,7 @@ def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf,
         else:
             dtype = torch.float32 if kind == "fp32" else torch.float16
             packed[name] = (kind, t.to(dtype).contiguous())
-    frames: dict[bytes, bytes] = {}  # unchanged tensors are not compressed again
-
-    def compress(chunk: bytes) -> bytes:
-        return frames[chunk] if chunk in frames else frames.setdefault(chunk, zstd22(chunk))
+    compress = compress or cached_zstd22()
 
     def file_bytes(p: dict) -> int:
         return len(ARTIFACT_MAGIC) + 32 + len(serialize(p, shape or {}, compress))
@@ -1381,9 +1389,9 @@ def write_atomic(path: str, data: bytes) -> None:
             os.remove(tmp)
 
 
-def write_artifact(path: str, packed: dict[str, tuple], shape: dict) -> bytes:
+def write_artifact(path: str, packed: dict[str, tuple], shape: dict, compress=zstd22) -> bytes:
     """Writes magic, the payload's sha256, payload; returns the sha256."""
-    payload = serialize(packed, shape)
+    payload = serialize(packed, shape, compress)
     digest = hashlib.sha256(payload).digest()
     write_atomic(path, ARTIFACT_MAGIC + digest + payload)
     return digest
@@ -1959,8 +1967,9 @@ def export(args, base_model: GPT, log, rank: int, code_bytes: int,
             if missing:
                 raise RuntimeError(f"GPTQ calibration saw no inputs for {missing}")
         budget = args.artifact_limit_bytes - code_bytes
-        packed = quantize_state(state, budget, hessians, args.shape)
-        written = write_artifact(args.artifact_path, packed, args.shape)
+        compress = cached_zstd22()  # the write reuses the frames the fitting compressed
+        packed = quantize_state(state, budget, hessians, args.shape, compress)
+        written = write_artifact(args.artifact_path, packed, args.shape, compress)
         kinds = [v[0] for v in packed.values()]
         log(f"export: int6 matrices:{kinds.count('int6')} int5 matrices:{kinds.count('int5')} "
             f"int8 embeddings:{kinds.count('int8')} budget:{budget} "
