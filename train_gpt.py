@@ -792,9 +792,10 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
-        if parallel:  # per sublayer: the lanes' residual gain, and its writes into (attn, mlp)
-            self.lane_resid = nn.Parameter(torch.full((2,), 1.1 ** 0.5))
-            self.lane_write = nn.Parameter(torch.ones(2, 2))
+        if parallel:  # per sublayer and channel: the lanes' residual gain, its writes into both
+            # Per channel, not scalar: a scalar's gradient is a reduction over the whole stream.
+            self.lane_resid = nn.Parameter(torch.full((2, dim), 1.1 ** 0.5))
+            self.lane_write = nn.Parameter(torch.ones(2, 2, dim))
         self.parallel = parallel
 
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None = None) -> Tensor:
@@ -804,8 +805,8 @@ class Block(nn.Module):
         if not self.parallel:  # the gains ride in the output products
             x = x + self.attn(F.rms_norm(x, (x.size(-1),)) * self.norm_scale, ve, self.attn_scale)
             return x + self.mlp(F.rms_norm(x, (x.size(-1),)) * self.norm_scale, self.mlp_scale)
-        resid = self.lane_resid.to(x.dtype)
-        write = self.lane_write.to(x.dtype)[..., None, None, None]
+        resid = self.lane_resid.to(x.dtype)[:, None, None]
+        write = self.lane_write.to(x.dtype)[:, :, None, None]
         x = x.expand(2, *x.shape[-3:])  # one lane before the first parallel block
         a = self.attn(F.rms_norm(x[0], (x.size(-1),)) * self.norm_scale, ve, self.attn_scale)
         x = resid[0] * x + write[0] * a
