@@ -1,0 +1,76 @@
+"""The export's packing rules side by side on the same trained weights, in one process.
+
+    OLD_TRAIN_GPT=path/to/older/train_gpt.py torchrun --standalone --nproc_per_node=1 tools/export_ab.py
+
+Runs train_gpt.py as the environment sets it (one rank). Between its export and its final
+evaluation, the trained state is also packed by each rule below, written to disk and scored from the
+file's dequantized weights (the plain roundtrip evaluation, no sliding window), one line each:
+
+    export_ab rule:NAME int6:N int5:N bytes:FILE_BYTES roundtrip val_bpb:X gap:X-PRE
+
+- `rate`: this script's quantize_state at its budget (what the run's artifact holds);
+- `old`: OLD_TRAIN_GPT's quantize_state (when set) called as that script called it, at 0.985 of
+  the budget (a margin for zstd), packed into this script's file format;
+- `int6`: every matrix at int6, each row at its clip of least error, whatever its size.
+
+The run then goes on to its own evaluation of its artifact. With EVAL_STRIDE=0 TTT_ENABLED=0 the
+A/B costs little more than the training.
+"""
+import importlib.util
+import inspect
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tg = load(os.path.join(ROOT, "train_gpt.py"), "train_gpt")
+seen = {}
+
+
+def export(args, base_model, log, rank, code_bytes, hessians):
+    seen.update(args=args, code_bytes=code_bytes, hessians=hessians,
+                state={k: v.detach().clone() for k, v in base_model.state_dict().items()})
+    return real_export(args, base_model, log, rank, code_bytes, hessians)
+
+
+def final_evaluation(args, base_model, evaluate, artifact_path, weights, code_bytes, log,
+                     digest=None):
+    if seen and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        state, hessians = seen["state"], seen["hessians"]
+        budget = args.artifact_limit_bytes - code_bytes
+        pre = evaluate()[1]
+        base_model.load_state_dict(state)
+        rules = {"rate": lambda: tg.quantize_state(state, budget, hessians, args.shape),
+                 "int6": lambda: tg.quantize_state(state, float("inf"), hessians, args.shape)}
+        if os.environ.get("OLD_TRAIN_GPT"):
+            old = load(os.environ["OLD_TRAIN_GPT"], "old_train_gpt")
+            takes_shape = "shape" in inspect.signature(old.quantize_state).parameters
+            rules["old"] = lambda: old.quantize_state(
+                state, 0.985 * budget, hessians, *[args.shape][:takes_shape])
+        path = f"{artifact_path}.ab"
+        for name, rule in rules.items():
+            packed = rule()
+            tg.write_artifact(path, packed, args.shape)
+            base_model.load_state_dict(tg.read_artifact(path, args.shape, "export_ab"))
+            bpb = evaluate()[1]
+            kinds = [v[0] for v in packed.values()]
+            log(f"export_ab rule:{name} int6:{kinds.count('int6')} int5:{kinds.count('int5')} "
+                f"bytes:{os.path.getsize(path)} roundtrip val_bpb:{bpb:.8f} gap:{bpb - pre:.8f}")
+        os.remove(path)
+    return real_final_evaluation(args, base_model, evaluate, artifact_path, weights, code_bytes,
+                                 log, digest)
+
+
+real_export, real_final_evaluation = tg.export, tg.final_evaluation
+tg.export, tg.final_evaluation = export, final_evaluation
+
+if __name__ == "__main__":
+    tg.main()
