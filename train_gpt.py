@@ -70,6 +70,8 @@ if hasattr(inductor_config.triton, "mix_order_reduction"):
 # CoDA's head norms (the first is the default) and its initial lambda, sigmoid(-6).
 CODA_HEAD_NORMS = ("rms", "learned", "none")
 CODA_LAMBDA_INIT = 1 / (1 + math.exp(6))
+# How the export fits the budget (the first is the default); see quantize_state.
+EXPORT_RULES = ("fill", "rate")
 
 
 class ConfigError(Exception):
@@ -132,6 +134,7 @@ class Hyperparameters:
         self.ln_scale = _flag("LN_SCALE", False)
         self.late_qat = _env("LATE_QAT", 0.0, float)
         self.gptq = _flag("GPTQ", True)
+        self.export_rule = os.environ.get("EXPORT_RULE") or EXPORT_RULES[0]
         # Training.
         self.train_seq_len = _env("TRAIN_SEQ_LEN", 2048)
         self.eval_seq_len = _env("EVAL_SEQ_LEN", 2048)
@@ -222,6 +225,8 @@ class Hyperparameters:
              f"NUM_HEADS/NUM_KV_HEADS={group}")
         need(self.coda_head_norm in CODA_HEAD_NORMS,
              f"CODA_HEAD_NORM={self.coda_head_norm!r}: expected {', '.join(CODA_HEAD_NORMS)}")
+        need(self.export_rule in EXPORT_RULES,
+             f"EXPORT_RULE={self.export_rule!r}: expected {', '.join(EXPORT_RULES)}")
         need(0 < self.coda_lambda_init < 1,
              f"CODA_LAMBDA_INIT={self.coda_lambda_init}: expected a number in (0, 1)")
         need(self.bigram_vocab_size != 1,
@@ -1287,9 +1292,12 @@ class RateDistortion:
 
 def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf,
                    hessians: dict[str, Tensor] | None = None, shape: dict | None = None,
-                   compress=None) -> dict[str, tuple]:
-    """Packs a state dict, its artifact (written with shape) at most budget_bytes if it can be:
-    rows' clips and matrices' widths of least error per byte, sizes measured by compressing."""
+                   compress=None, rule: str = EXPORT_RULES[0]) -> dict[str, tuple]:
+    """Packs a state dict, its artifact (written with shape) at most budget_bytes if it can be,
+    sizes measured by compressing. Over budget, rule 'fill': int6 matrices drop to int5, largest
+    saving first, until the file fits, then any whose int6 form fits the slack goes back, rows
+    at their clip of least error; rule 'rate': rows' clips and matrices' widths of least error per
+    byte, one currency for all matrices (RateDistortion)."""
     state = {name: t.detach().cpu() for name, t in state.items()}
     hessians, packed, options = hessians or {}, {}, {}
     for name, t in state.items():
@@ -1309,6 +1317,8 @@ def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf,
 
     if budget_bytes == math.inf or not options or (size := file_bytes(packed)) <= budget_bytes:
         return packed
+    if rule == "fill":
+        return fill_budget(state, packed, options, budget_bytes, hessians, file_bytes, compress)
     for name, by_bits in options.items():
         by_bits[5] = row_options(state[name], 5, CLIP_QUANTILES, hessians.get(name))
         for b in (6, 5):
@@ -1331,6 +1341,23 @@ def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf,
         offset = size - bits / 8
         aim -= max(size - budget_bytes, 0)  # over: aim lower for good
     return (best or least)[1]  # nothing fits: the smallest tried, for the caller to refuse
+
+
+def fill_budget(state, packed, options, budget_bytes, hessians, file_bytes, compress):
+    """Rule 'fill' of quantize_state: whole matrices int6 -> int5 by their frames' saving."""
+    int5 = {n: ("int5", *least_error(*row_options(state[n], 5, CLIP_QUANTILES, hessians.get(n))))
+            for n in options}
+    saving = {n: len(compress(packed[n][1].numpy().tobytes()))
+              - len(compress(int5[n][1].numpy().tobytes())) for n in options}
+    order, out = sorted(options, key=lambda n: -saving[n]), dict(packed)
+    for n in order:
+        if file_bytes(out) <= budget_bytes:
+            break
+        out[n] = int5[n]
+    for n in reversed(order):  # the smallest back first: the slack takes the most matrices
+        if out[n][0] == "int5" and file_bytes(back := dict(out, **{n: packed[n]})) <= budget_bytes:
+            out = back
+    return out
 
 
 def dequantize_state(packed: dict[str, tuple]) -> dict[str, Tensor]:
@@ -1969,7 +1996,7 @@ def export(args, base_model: GPT, log, rank: int, code_bytes: int,
                 raise RuntimeError(f"GPTQ calibration saw no inputs for {missing}")
         budget = args.artifact_limit_bytes - code_bytes
         compress = cached_zstd22()  # the write reuses the frames the fitting compressed
-        packed = quantize_state(state, budget, hessians, args.shape, compress)
+        packed = quantize_state(state, budget, hessians, args.shape, compress, args.export_rule)
         written = write_artifact(args.artifact_path, packed, args.shape, compress)
         kinds = [v[0] for v in packed.values()]
         log(f"export: int6 matrices:{kinds.count('int6')} int5 matrices:{kinds.count('int5')} "

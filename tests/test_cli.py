@@ -700,6 +700,7 @@ BAD_INPUT = {
     "coda_noise_heads_not_a_divisor": _env_only(["CODA_NOISE_HEADS", "NUM_HEADS/NUM_KV_HEADS=2"],
                                                 CODA_NOISE_HEADS="3"),
     "coda_head_norm_unknown": _env_only(["CODA_HEAD_NORM", "rms, learned, none"], CODA_HEAD_NORM="layernorm"),
+    "export_rule_unknown": _env_only(["EXPORT_RULE", "fill, rate"], EXPORT_RULE="greedy"),
     "coda_lambda_init_one": _env_only(["CODA_LAMBDA_INIT", "(0, 1)"], CODA_LAMBDA_INIT="1"),
     "coda_lr_negative": _env_only(["CODA_LR"], CODA_LR="-0.01"),
     "coda_stats_not_a_flag": _env_only(["CODA_STATS", "0 or 1"], CODA_STATS="2"),

@@ -607,7 +607,7 @@ def test_gptq_export_refuses_a_matrix_without_calibration(tmp_path):
     shapes = {n: t.size(1) for n, t in model.state_dict().items() if tg.export_kind(n, t) == "int6"}
     hessians = {n: torch.eye(cols) for n, cols in shapes.items()}
     args = types.SimpleNamespace(artifact_limit_bytes=10 ** 9, artifact_path=str(tmp_path / "m.ptz"), shape={},
-                                 world_size=1)
+                                 world_size=1, export_rule="fill")
     tg.export(args, model, lambda msg: None, 0, 0, hessians)
     assert (tmp_path / "m.ptz").exists()
     del hessians["blocks.0.mlp.proj.weight"]
@@ -691,7 +691,7 @@ def mixed_state():
             if i % 3 == 0:  # outliers: clipping pays
                 t = t / torch.rand(t.shape, generator=g).add(0.05).sqrt()
         state[name] = t
-    full, floor = tg.quantize_state(state), tg.quantize_state(state, 0)
+    full, floor = tg.quantize_state(state), tg.quantize_state(state, 0, rule="rate")  # the smallest
     return state, full, file_bytes(full), floor, file_bytes(floor)
 
 
@@ -722,13 +722,34 @@ def largest_saving_first(state, full, budget, hessians=None):
 
 
 @pytest.mark.parametrize("where", [0.1, 0.5, 0.9])
-def test_quantize_state_fills_the_budget_with_less_error(mixed_state, where):
-    """Between the all-int5 and all-int6 sizes the file is within 0.2% under the budget, with less
-    error than largest-saving-first at the same budget; codes in their width's range; embeddings and
-    floats as without a budget."""
-    state, full, full_bytes, _, floor_bytes = mixed_state
+def test_fill_rule_keeps_every_int6_matrix_the_old_rule_keeps_and_no_more_fit(mixed_state, where):
+    """Rule 'fill' (the default): the file fits; every matrix largest-saving-first keeps at int6 at the
+    same budget is int6 here too (so no more error, matrix by matrix), and no int5 matrix could go back
+    to int6 and still fit; rows at their clip of least error, as without a budget."""
+    state, full, full_bytes, _, _ = mixed_state
+    floor_bytes = file_bytes(tg.quantize_state(state, 0))  # every matrix int5, at least error
     budget = floor_bytes + where * (full_bytes - floor_bytes)
     packed = tg.quantize_state(state, budget)
+    assert file_bytes(packed) <= budget
+    old = largest_saving_first(state, full, budget)
+    int6 = {n for n, v in packed.items() if v[0] == "int6"}
+    assert {n for n, v in old.items() if v[0] == "int6"} <= int6
+    assert int_error(state, packed) <= int_error(state, old)
+    int5 = [n for n, v in packed.items() if v[0] == "int5"]
+    assert int5 and int6
+    assert all(file_bytes(dict(packed, **{n: full[n]})) > budget for n in int5)
+    for name in int6:
+        assert all(torch.equal(a, b) for a, b in zip(packed[name][1:], full[name][1:])), name
+
+
+@pytest.mark.parametrize("where", [0.1, 0.5, 0.9])
+def test_rate_rule_fills_the_budget_with_less_error(mixed_state, where):
+    """Rule 'rate': between the all-int5 and all-int6 sizes the file is within 0.2% under the budget,
+    with less error than largest-saving-first at the same budget; codes in their width's range;
+    embeddings and floats as without a budget."""
+    state, full, full_bytes, _, floor_bytes = mixed_state
+    budget = floor_bytes + where * (full_bytes - floor_bytes)
+    packed = tg.quantize_state(state, budget, rule="rate")
     size = file_bytes(packed)
     assert 0.998 * budget <= size <= budget, (size, budget)
     kinds = [v[0] for v in packed.values()]
@@ -754,49 +775,51 @@ def test_quantize_state_with_hessians_beats_largest_saving_first():
     full = tg.quantize_state(state, hessians=hessians)
     floor = file_bytes(tg.quantize_state(state, 0, hessians))
     budget = (floor + file_bytes(full)) / 2
-    packed = tg.quantize_state(state, budget, hessians)
+    packed = tg.quantize_state(state, budget, hessians, rule="rate")
     assert file_bytes(packed) <= budget
     old = largest_saving_first(state, full, budget, hessians)
     assert int_error(state, packed, hessians) <= int_error(state, old, hessians)
 
 
-def test_quantize_state_ample_or_impossible_budget(mixed_state, tmp_path):
+@pytest.mark.parametrize("rule", tg.EXPORT_RULES)
+def test_quantize_state_ample_or_impossible_budget(mixed_state, tmp_path, rule):
     """At or above the all-int6 size nothing changes; below the all-int5 size every int6 matrix is int5
-    (each row at its smallest clip) and the file is still written, over the budget, for the run's
-    over-limit report (exit 3)."""
+    and the file is still written, over the budget, for the run's over-limit report (exit 3)."""
     state, full, full_bytes, floor, floor_bytes = mixed_state
     for budget in (full_bytes, full_bytes + 1000, math.inf):
-        packed = tg.quantize_state(state, budget)
+        packed = tg.quantize_state(state, budget, rule=rule)
         assert all(packed[n][0] == v[0] and all(torch.equal(a, b) for a, b in zip(packed[n][1:], v[1:]))
                    for n, v in full.items()), budget
     assert floor_bytes < full_bytes
     assert {n for n, v in floor.items() if v[0] == "int5"} == {n for n, v in full.items() if v[0] == "int6"}
-    packed = tg.quantize_state(state, floor_bytes - 1000)
+    packed = tg.quantize_state(state, floor_bytes - 1000, rule=rule)
     assert {v[0] for v in packed.values()} == {v[0] for v in floor.values()}
     assert file_bytes(packed) > floor_bytes - 1000
     tg.write_artifact(str(tmp_path / "over.ptz"), packed, {})
     assert (tmp_path / "over.ptz").stat().st_size == file_bytes(packed)
 
 
-def test_export_fills_the_limit_and_logs_it(mixed_state, tmp_path):
-    """export() budgets the limit less the code, header and shape included; the log line keeps its fields
-    and appends the budget and the file's size; the artifact reads back to the packed codes exactly."""
+@pytest.mark.parametrize("rule", tg.EXPORT_RULES)
+def test_export_fills_the_limit_and_logs_it(mixed_state, tmp_path, rule):
+    """export() budgets the limit less the code, header and shape included, by EXPORT_RULE (rate: within
+    0.2%); the log line keeps its fields and appends the budget and the file's size; the artifact reads
+    back to the packed codes exactly."""
     state, full, full_bytes, _, floor_bytes = mixed_state
     model = types.SimpleNamespace(state_dict=lambda: state)
     shape = dict(SHAPE, num_layers=6)
     code = 5000
     limit = int((full_bytes + floor_bytes) / 2) + code
     args = types.SimpleNamespace(artifact_limit_bytes=limit, artifact_path=str(tmp_path / "m.ptz"), shape=shape,
-                                 world_size=1)
+                                 world_size=1, export_rule=rule)
     logged = []
     digest = tg.export(args, model, logged.append, 0, code, None)
     size = (tmp_path / "m.ptz").stat().st_size
-    assert 0.998 * (limit - code) <= size <= limit - code
+    assert (0.998 if rule == "rate" else 0.9) * (limit - code) <= size <= limit - code
     line = next(m for m in logged if m.startswith("export:"))
     assert re.fullmatch(rf"export: int6 matrices:\d+ int5 matrices:\d+ int8 embeddings:2 budget:{limit - code} "
                         rf"bytes:{size}", line), line
     got = tg.read_artifact(args.artifact_path, shape, "ARTIFACT_PATH", digest)
-    want = tg.dequantize_state(tg.quantize_state(state, limit - code, None, shape))
+    want = tg.dequantize_state(tg.quantize_state(state, limit - code, None, shape, rule=rule))
     assert all(torch.equal(got[n], want[n]) for n in want)
 
 

@@ -8,7 +8,8 @@ file's dequantized weights (the plain roundtrip evaluation, no sliding window), 
 
     export_ab rule:NAME int6:N int5:N bytes:FILE_BYTES roundtrip val_bpb:X gap:X-PRE
 
-- `rate`: this script's quantize_state at its budget (what the run's artifact holds);
+- `fill`, `rate`: this script's quantize_state at its budget by each EXPORT_RULE (the run's
+  artifact holds the one EXPORT_RULE names);
 - `old`: OLD_TRAIN_GPT's quantize_state (when set) called as that script called it, at 0.985 of
   the budget (a margin for zstd), packed into this script's file format;
 - `int6`: every matrix at int6, each row at its clip of least error, whatever its size.
@@ -48,8 +49,9 @@ def final_evaluation(args, base_model, evaluate, artifact_path, weights, code_by
         budget = args.artifact_limit_bytes - code_bytes
         pre = evaluate()[1]
         base_model.load_state_dict(state)
-        rules = {"rate": lambda: tg.quantize_state(state, budget, hessians, args.shape),
-                 "int6": lambda: tg.quantize_state(state, float("inf"), hessians, args.shape)}
+        rules = {rule: lambda rule=rule: tg.quantize_state(state, budget, hessians, args.shape,
+                                                           rule=rule) for rule in tg.EXPORT_RULES}
+        rules["int6"] = lambda: tg.quantize_state(state, float("inf"), hessians, args.shape)
         if os.environ.get("OLD_TRAIN_GPT"):
             old = load(os.environ["OLD_TRAIN_GPT"], "old_train_gpt")
             takes_shape = "shape" in inspect.signature(old.quantize_state).parameters
