@@ -324,6 +324,23 @@ def test_logging_and_artifact_switches(dataset, tmp_path):
     assert "gptq_calibration" not in log
 
 
+def test_export_ab_scores_each_rule_as_the_run_scores_its_artifact(dataset, tmp_path):
+    """tools/export_ab.py: one line per rule; the line of the rule the run exported with reports the
+    artifact's bytes and the run's own roundtrip score to the last digit (the tool scores as the run
+    does), and all-int6 is never smaller."""
+    env = dict(dataset["env"], EVAL_STRIDE="0", RUN_ID="ab", EXPORT_RULE="rate")
+    proc = trainer(tmp_path, env, script=SCRIPT.parent / "tools" / "export_ab.py")
+    assert proc.returncode == 0, describe(proc)
+    log = run_lines((tmp_path / "logs" / "ab.txt").read_text())
+    line = re.compile(r"export_ab rule:(\w+) int6:(\d+) int5:(\d+) bytes:(\d+) roundtrip val_bpb:(\d+\.\d{8}) "
+                      r"gap:-?\d+\.\d{8}")
+    rules = {m.group(1): m for m in map(line.fullmatch, log.splitlines()) if m}
+    assert set(rules) == {"fill", "rate", "int6"}, log[-3000:]
+    assert int(rules["rate"].group(4)) == int(contract_line(log, "serialized").group(1))
+    assert rules["rate"].group(5) == contract_line(log, "roundtrip").group(2)
+    assert int(rules["int6"].group(4)) >= max(int(m.group(4)) for m in rules.values())
+
+
 # -----------------------------
 # LOAD_ARTIFACT
 # -----------------------------

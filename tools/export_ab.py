@@ -1,6 +1,6 @@
 """The export's packing rules side by side on the same trained weights, in one process.
 
-    OLD_TRAIN_GPT=path/to/older/train_gpt.py torchrun --standalone --nproc_per_node=1 tools/export_ab.py
+    OLD_TRAIN_GPT=old/train_gpt.py torchrun --standalone --nproc_per_node=1 tools/export_ab.py
 
 Runs train_gpt.py as the environment sets it (one rank). Between its export and its final
 evaluation, the trained state is also packed by each rule below, written to disk and scored from the
