@@ -1317,9 +1317,10 @@ def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf,
 
     if budget_bytes == math.inf or not options or (size := file_bytes(packed)) <= budget_bytes:
         return packed
-    if rule == "fill":
-        return fill_budget(state, packed, options, budget_bytes, hessians, file_bytes, compress)
-    for name, by_bits in options.items():
+    if rule == "fill" and (out := fill_budget(state, packed, options, budget_bytes, hessians,
+                                               file_bytes, compress)) is not None:
+        return out
+    for name, by_bits in options.items():  # 'rate', or 'fill' with all-int5 over: coarser clips
         by_bits[5] = row_options(state[name], 5, CLIP_QUANTILES, hessians.get(name))
         for b in (6, 5):
             by_bits[b] += (row_bits(by_bits[b][0]),)
@@ -1344,18 +1345,20 @@ def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf,
 
 
 def fill_budget(state, packed, options, budget_bytes, hessians, file_bytes, compress):
-    """Rule 'fill' of quantize_state: whole matrices int6 -> int5 by their frames' saving."""
+    """Rule 'fill' of quantize_state: whole matrices int6 -> int5 by their frames' saving, largest
+    first, until the file fits; then any that fits the slack goes back, smallest saving first (the
+    most matrices back). None when even all at int5 is over."""
     int5 = {n: ("int5", *least_error(*row_options(state[n], 5, CLIP_QUANTILES, hessians.get(n))))
             for n in options}
     saving = {n: len(compress(packed[n][1].numpy().tobytes()))
               - len(compress(int5[n][1].numpy().tobytes())) for n in options}
-    order, out = sorted(options, key=lambda n: -saving[n]), dict(packed)
-    for n in order:
-        if file_bytes(out) <= budget_bytes:
-            break
-        out[n] = int5[n]
-    for n in reversed(order):  # the smallest back first: the slack takes the most matrices
-        if out[n][0] == "int5" and file_bytes(back := dict(out, **{n: packed[n]})) <= budget_bytes:
+    order, out, dropped = sorted(options, key=lambda n: -saving[n]), dict(packed), 0
+    while file_bytes(out) > budget_bytes:
+        if dropped == len(order):
+            return None
+        out[order[dropped]], dropped = int5[order[dropped]], dropped + 1
+    for n in reversed(order[:dropped - 1]):  # the last one dropped is known not to fit back
+        if file_bytes(back := dict(out, **{n: packed[n]})) <= budget_bytes:
             out = back
     return out
 

@@ -325,20 +325,27 @@ def test_logging_and_artifact_switches(dataset, tmp_path):
 
 
 def test_export_ab_scores_each_rule_as_the_run_scores_its_artifact(dataset, tmp_path):
-    """tools/export_ab.py: one line per rule; the line of the rule the run exported with reports the
-    artifact's bytes and the run's own roundtrip score to the last digit (the tool scores as the run
-    does), and all-int6 is never smaller."""
-    env = dict(dataset["env"], EVAL_STRIDE="0", RUN_ID="ab", EXPORT_RULE="rate")
-    proc = trainer(tmp_path, env, script=SCRIPT.parent / "tools" / "export_ab.py")
-    assert proc.returncode == 0, describe(proc)
-    log = run_lines((tmp_path / "logs" / "ab.txt").read_text())
+    """tools/export_ab.py under a limit all-int6 is over: one line per rule; both rules fit; the line of
+    the rule the run exported with reports the artifact's bytes and the run's own roundtrip score to the
+    last digit (the tool scores as the run does)."""
     line = re.compile(r"export_ab rule:(\w+) int6:(\d+) int5:(\d+) bytes:(\d+) roundtrip val_bpb:(\d+\.\d{8}) "
                       r"gap:-?\d+\.\d{8}")
-    rules = {m.group(1): m for m in map(line.fullmatch, log.splitlines()) if m}
-    assert set(rules) == {"fill", "rate", "int6"}, log[-3000:]
+
+    def run(run_id, **env):
+        proc = trainer(tmp_path, dict(dataset["env"], EVAL_STRIDE="0", RUN_ID=run_id, **env),
+                       script=SCRIPT.parent / "tools" / "export_ab.py")
+        assert proc.returncode == 0, describe(proc)
+        log = run_lines((tmp_path / "logs" / f"{run_id}.txt").read_text())
+        return log, {m.group(1): m for m in map(line.fullmatch, log.splitlines()) if m}
+
+    _, ample = run("ab_ample")
+    budget = int(0.97 * int(ample["int6"].group(4)))
+    log, rules = run("ab", EXPORT_RULE="rate", ARTIFACT_LIMIT_BYTES=str(budget + SCRIPT.stat().st_size))
+    assert set(rules) == set(ample) == {"fill", "rate", "int6"}, log[-3000:]
+    assert int(rules["int6"].group(4)) > budget >= max(int(rules[r].group(4)) for r in ("fill", "rate"))
+    assert int(rules["fill"].group(3)) > 0 and int(rules["rate"].group(3)) > 0
     assert int(rules["rate"].group(4)) == int(contract_line(log, "serialized").group(1))
     assert rules["rate"].group(5) == contract_line(log, "roundtrip").group(2)
-    assert int(rules["int6"].group(4)) >= max(int(m.group(4)) for m in rules.values())
 
 
 # -----------------------------

@@ -721,25 +721,45 @@ def largest_saving_first(state, full, budget, hessians=None):
     return packed
 
 
+def all_int5(state, full):
+    """Every int6 matrix at int5, each row at its clip of least error: the smallest file of 'fill'."""
+    return dict(full, **{n: ("int5", *tg.quantize_rows(state[n], 5, tg.CLIP_QUANTILES))
+                         for n, v in full.items() if v[0] == "int6"})
+
+
 @pytest.mark.parametrize("where", [0.1, 0.5, 0.9])
-def test_fill_rule_keeps_every_int6_matrix_the_old_rule_keeps_and_no_more_fit(mixed_state, where):
-    """Rule 'fill' (the default): the file fits; every matrix largest-saving-first keeps at int6 at the
-    same budget is int6 here too (so no more error, matrix by matrix), and no int5 matrix could go back
-    to int6 and still fit; rows at their clip of least error, as without a budget."""
+def test_fill_rule_fits_and_no_int5_matrix_could_go_back(mixed_state, where):
+    """Rule 'fill' (the default): the file fits; no int5 matrix could go back to int6 and still fit
+    (the slack is used); every row of both widths at its clip of least error, as without a budget;
+    more int6 matrices than the dropping alone (largest saving first) leaves."""
     state, full, full_bytes, _, _ = mixed_state
-    floor_bytes = file_bytes(tg.quantize_state(state, 0))  # every matrix int5, at least error
+    floor_bytes = file_bytes(all_int5(state, full))
     budget = floor_bytes + where * (full_bytes - floor_bytes)
     packed = tg.quantize_state(state, budget)
     assert file_bytes(packed) <= budget
-    old = largest_saving_first(state, full, budget)
     int6 = {n for n, v in packed.items() if v[0] == "int6"}
-    assert {n for n, v in old.items() if v[0] == "int6"} <= int6
-    assert int_error(state, packed) <= int_error(state, old)
     int5 = [n for n, v in packed.items() if v[0] == "int5"]
     assert int5 and int6
     assert all(file_bytes(dict(packed, **{n: full[n]})) > budget for n in int5)
     for name in int6:
         assert all(torch.equal(a, b) for a, b in zip(packed[name][1:], full[name][1:])), name
+    for name in int5:
+        want = tg.quantize_rows(state[name], 5, tg.CLIP_QUANTILES)
+        assert all(torch.equal(a, b) for a, b in zip(packed[name][1:], want)), name
+    assert len(int6) >= sum(v[0] == "int6" for v in largest_saving_first(state, full, budget).values())
+
+
+def test_fill_rule_below_its_all_int5_size_takes_the_rate_rules_coarser_clips(mixed_state):
+    """Where even every matrix at int5 (least-error clips) is over, 'fill' still fits if coarser clips
+    can: it gives the rate rule's packing, not an over-limit file."""
+    state, full, *_, rate_floor_bytes = mixed_state
+    fill_floor_bytes = file_bytes(all_int5(state, full))
+    assert rate_floor_bytes < 0.99 * fill_floor_bytes
+    budget = (rate_floor_bytes + fill_floor_bytes) / 2
+    packed = tg.quantize_state(state, budget)
+    assert file_bytes(packed) <= budget
+    rate = tg.quantize_state(state, budget, rule="rate")
+    assert all(torch.equal(a, b) for n in packed for a, b in zip(packed[n][1:], rate[n][1:]))
 
 
 @pytest.mark.parametrize("where", [0.1, 0.5, 0.9])

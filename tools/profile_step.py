@@ -11,12 +11,7 @@ figure); peak memory; the top CUDA kernels of a torch.profiler trace of a few st
 each generated (Triton) kernel followed by the source nodes and the launch line inductor wrote for it;
 and the time of one Muon step of this script (batched by shape) against torch.optim.Muon (one matrix at
 a time). PROFILE_MUON=0 skips the Muon comparison; PROFILE_TOP=N lists N kernels (default 25).
-
-PROFILE_GROUP=DIR:N lets N copies started together (one per configuration) compile at the same time,
-then wait until all N are warm and measure one at a time, holding a lock in DIR: the compiles overlap,
-the timings do not.
 """
-import fcntl
 import importlib.util
 import inspect
 import os
@@ -78,9 +73,6 @@ def main() -> None:
     loader = token_loader(tg.find_shards(args.data_path, "train", 1), args.vocab_size, 0, 1, device)
     step = lambda: tg.train_step(args, model, base, optimizers, loader)  # noqa: E731
     timed_steps(step, 15, True)  # compile and warm up
-    group = os.environ.get("PROFILE_GROUP")
-    if group:
-        turn = wait_for_group(*group.rsplit(":", 1))
     print(f"step_ms with per-step host sync: {timed_steps(step, 30, True):.2f}")
     print(f"step_ms without host sync:       {timed_steps(step, 30, False):.2f}")
 
@@ -115,20 +107,6 @@ def main() -> None:
             opt.step()
         torch.cuda.synchronize()
         print(f"{name}: {1000.0 * (time.perf_counter() - t0) / 20:.2f} ms per step")
-
-
-def wait_for_group(folder: str, count: str):
-    """Marks this copy warm, waits (up to 10 minutes: a copy may have failed) for the others, then
-    takes the group's lock, held until the process exits."""
-    os.makedirs(folder, exist_ok=True)
-    open(os.path.join(folder, f"warm.{os.getpid()}"), "w").close()
-    deadline = time.time() + 600
-    while sum(n.startswith("warm.") for n in os.listdir(folder)) < int(count) and time.time() < deadline:
-        time.sleep(0.5)
-    torch.cuda.synchronize()
-    lock = open(os.path.join(folder, "lock"), "w")
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    return lock
 
 
 if __name__ == "__main__":
