@@ -1350,8 +1350,10 @@ def fill_budget(state, packed, options, budget_bytes, hessians, file_bytes, comp
     most matrices back). None when even all at int5 is over."""
     int5 = {n: ("int5", *least_error(*row_options(state[n], 5, CLIP_QUANTILES, hessians.get(n))))
             for n in options}
-    saving = {n: len(compress(packed[n][1].numpy().tobytes()))
-              - len(compress(int5[n][1].numpy().tobytes())) for n in options}
+    chunks = [entry[n][1].numpy().tobytes() for entry in (packed, int5) for n in options]
+    with ThreadPoolExecutor() as pool:  # zstd releases the GIL
+        sizes = list(pool.map(lambda chunk: len(compress(chunk)), chunks))
+    saving = {n: sizes[i] - sizes[len(options) + i] for i, n in enumerate(options)}
     order, out, dropped = sorted(options, key=lambda n: -saving[n]), dict(packed), 0
     while file_bytes(out) > budget_bytes:
         if dropped == len(order):
