@@ -1317,11 +1317,12 @@ def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf,
 
     if budget_bytes == math.inf or not options or (size := file_bytes(packed)) <= budget_bytes:
         return packed
-    if rule == "fill" and (out := fill_budget(state, packed, options, budget_bytes, hessians,
-                                               file_bytes, compress)) is not None:
-        return out
-    for name, by_bits in options.items():  # 'rate', or 'fill' with all-int5 over: coarser clips
+    for name, by_bits in options.items():  # both rules' int5 candidates, computed once
         by_bits[5] = row_options(state[name], 5, CLIP_QUANTILES, hessians.get(name))
+    if rule == "fill" and (out := fill_budget(packed, options, budget_bytes, file_bytes,
+                                               compress)) is not None:
+        return out
+    for by_bits in options.values():  # 'rate', or 'fill' with all-int5 over: coarser clips
         for b in (6, 5):
             by_bits[b] += (row_bits(by_bits[b][0]),)
     rd = RateDistortion(options)
@@ -1344,12 +1345,11 @@ def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf,
     return (best or least)[1]  # nothing fits: the smallest tried, for the caller to refuse
 
 
-def fill_budget(state, packed, options, budget_bytes, hessians, file_bytes, compress):
+def fill_budget(packed, options, budget_bytes, file_bytes, compress):
     """Rule 'fill' of quantize_state: whole matrices int6 -> int5 by their frames' saving, largest
     first, until the file fits; then any that fits the slack goes back, smallest saving first (the
     most matrices back). None when even all at int5 is over."""
-    int5 = {n: ("int5", *least_error(*row_options(state[n], 5, CLIP_QUANTILES, hessians.get(n))))
-            for n in options}
+    int5 = {n: ("int5", *least_error(*by_bits[5])) for n, by_bits in options.items()}
     chunks = [entry[n][1].numpy().tobytes() for entry in (packed, int5) for n in options]
     with ThreadPoolExecutor() as pool:  # zstd releases the GIL
         sizes = list(pool.map(lambda chunk: len(compress(chunk)), chunks))
