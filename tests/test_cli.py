@@ -412,6 +412,30 @@ def test_load_artifact_reproduces_the_ttt_line(ttt_run, dataset, tmp_path):
         assert contract_line(log, key).group(0) == contract_line(ttt_run["log"], key).group(0)
 
 
+def test_ttt_sweep_scores_each_setting_from_the_artifact(ttt_run, dataset, tmp_path):
+    """tools/ttt_sweep.py: the run's own TTT setting, swept after another setting has trained the
+    weights, scores what the TTT run scored to the last digit (each setting starts from the file);
+    a different setting scores differently; delta is against the sliding score; a bad setting
+    exits 2 before anything runs."""
+    line = re.compile(rf"ttt_sweep (.+) val_loss:{FLOAT8} val_bpb:{FLOAT8} delta:(-?\d+\.\d{{8}}) time:\d+\.\ds")
+    sweep = "TTT_CHUNK_TOKENS=512 TTT_EPOCHS=1 TTT_LR=0.2; TTT_CHUNK_TOKENS=512"
+    env = dict(dataset["env"], RUN_ID="sweep", LOAD_ARTIFACT=str(ttt_run["artifact"]), TTT_SWEEP=sweep)
+    proc = trainer(tmp_path, env, script=SCRIPT.parent / "tools" / "ttt_sweep.py")
+    assert proc.returncode == 0, describe(proc)
+    log = run_lines((tmp_path / "logs" / "sweep.txt").read_text())
+    rows = [m for m in map(line.fullmatch, log.splitlines()) if m]
+    assert [m.group(1) for m in rows] == ["TTT_CHUNK_TOKENS=512 TTT_EPOCHS=1 TTT_LR=0.2", "TTT_CHUNK_TOKENS=512"]
+    assert rows[1].group(2, 3) == contract_line(ttt_run["log"], "ttt").groups()
+    assert rows[0].group(3) != rows[1].group(3)
+    sliding = float(contract_line(log, "sliding").group(2))
+    assert abs(float(rows[1].group(4)) - (float(rows[1].group(3)) - sliding)) < 2e-8
+    for bad in ("TTT_LR=-1", "EVAL_STRIDE=8", "TTT_EPOCHS"):
+        proc = trainer(tmp_path / "bad", dict(env, TTT_SWEEP=bad), timeout=BAD_INPUT_TIMEOUT_S,
+                       script=SCRIPT.parent / "tools" / "ttt_sweep.py")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, describe(proc)
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: "), describe(proc)
+
+
 # -----------------------------
 # Over the size limit
 # -----------------------------
