@@ -1617,7 +1617,7 @@ def train_step(args, model, base_model, optimizers, loader: DistributedTokenLoad
 
 
 CALIBRATION_PIECES = 8  # per micro-batch: the deadline drops an eighth of one at a time
-GPTQ_MARGIN = 1.25  # the loop stops this many calibrations short of the cap
+GPTQ_MARGIN = 1.25  # the loop stops this many calibrations (plus a piece) short of the cap
 
 
 @torch.no_grad()
@@ -1647,11 +1647,21 @@ def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, w
             x = loader.next_batch(args.micro_batch_tokens, args.train_seq_len)[0]
             yield from x.split(max(1, len(x) // CALIBRATION_PIECES))
 
+    def go_on(slowest_ms: float) -> bool:
+        """Another piece fits: decided on the least time left and the slowest piece of all ranks,
+        so every rank feeds the same pieces and none waits past the cap for another."""
+        if time_left_ms is None:
+            return True
+        view = torch.tensor([-time_left_ms(), slowest_ms], dtype=torch.float64, device=device)
+        if world_size > 1:
+            dist.all_reduce(view, op=dist.ReduceOp.MAX)
+        return -view[0].item() >= 2 * view[1].item()
+
     base_model.eval()
     tokens, slowest_ms = 0, piece_ms
     try:
         for piece in pieces():
-            if time_left_ms is not None and time_left_ms() < 2 * slowest_ms:
+            if not go_on(slowest_ms):
                 break
             t0 = time.perf_counter()
             base_model.hidden(piece)
@@ -1781,7 +1791,8 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
                                 dtype=torch.float64, device=device)
         if world_size > 1:
             dist.all_reduce(measured, op=dist.ReduceOp.MAX)
-        reserved_ms = GPTQ_MARGIN * measured[0].item()
+        # One piece and one reduce more than it took: the deadline checks leave that much.
+        reserved_ms = GPTQ_MARGIN * (measured[0] + measured[1] + measured[2]).item()
     budget_ms = cap_ms - reserved_ms
     clock = AgreedClock(cap_ms, budget_ms, world_size, log)
     finish_id_check()

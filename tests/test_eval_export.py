@@ -599,6 +599,47 @@ def test_collect_hessians_leaves_out_pieces_that_would_end_past_the_deadline(tmp
     assert stats["tokens"] == 0 and len(seen) == 18 and not any(h.any() for h in empty.values())
 
 
+def _calibration_worker(rank, world_size, port, shard, out_dir):
+    """Pieces of 300 ms on both ranks; rank 0 has 10 s left, rank 1 only 1 s."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model = tg.GPT(vocab_size=64, num_layers=1, model_dim=16, num_heads=2, num_kv_heads=1, mlp_mult=2,
+                       max_seq_len=8, act_dtype=torch.float32)
+        args = types.SimpleNamespace(vocab_size=64, train_batch_tokens=128, grad_accum_steps=2,
+                                     train_seq_len=8, micro_batch_tokens=32)
+        now, fed = [0.0], []
+        tg.time = types.SimpleNamespace(perf_counter=lambda: now[0])
+        hidden = model.hidden
+
+        def slow_hidden(ids):
+            now[0] += 0.3
+            fed.append(ids.numel())
+            return hidden(ids)
+
+        model.hidden = slow_hidden
+        cap = 10_000.0 if rank == 0 else 1000.0
+        _, stats = tg.collect_hessians(args, model, [shard], rank, world_size, CPU,
+                                       time_left_ms=lambda: cap - 1000.0 * now[0])
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump([len(fed), stats["tokens"]], f)
+
+
+def test_collect_hessians_ranks_feed_the_same_pieces_by_the_least_time_left(tmp_path):
+    """The deadline is decided on the least time left of any rank: a rank whose clock says it has
+    time to spare must not feed pieces that the others wait for past their cap (rank 1: 1 s left,
+    two pieces of 300 ms, as one process would decide), and both ranks feed the same number."""
+    path = tmp_path / "fineweb_train_000000.bin"
+    synth.write_shard(str(path), list(np.random.default_rng(0).integers(0, 64, 400)))
+    mp.spawn(_calibration_worker, args=(2, free_port(), str(path), str(tmp_path)), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert got == [[2, 16], [2, 16]], got  # 8 tokens a piece
+
+
 def test_gptq_export_refuses_a_matrix_without_calibration(tmp_path):
     """With GPTQ=1 every int6 matrix must have a Hessian: one that is missing (a hook that never fired)
     stops the export before anything is written, instead of silently rounding that matrix."""
