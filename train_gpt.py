@@ -1970,6 +1970,27 @@ def setup_distributed(world_size: int) -> tuple[int, torch.device]:
     return rank, device
 
 
+def agree_on_inputs(args, train_files: list[str], val_tokens: Tensor, world_size: int,
+                    device: torch.device) -> None:
+    """Every rank listed and read its inputs alone: a shard that appeared between two ranks'
+    listings (a download still running) would have them read different streams, unreported."""
+    if world_size == 1:
+        return
+    digest = hashlib.blake2b(digest_size=7)
+    for path in train_files:
+        digest.update(f"{os.path.basename(path)}:{shard_num_tokens(path)};".encode())
+    digest.update(val_tokens.numpy())
+    if args.load_artifact:
+        digest.update(Path(args.load_artifact).read_bytes())
+    mine = int.from_bytes(digest.digest(), "little")
+    seen = torch.tensor([mine, -mine], dtype=torch.int64, device=device)
+    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+    if seen[0].item() != -seen[1].item():
+        raise ConfigError(f"the ranks read different inputs (DATA_PATH={args.data_path}"
+                          + (f", LOAD_ARTIFACT={args.load_artifact}" if args.load_artifact else "")
+                          + "): were files still being written? Start again once they are")
+
+
 def make_evaluate(args, base_model: GPT, sp, tokens: Tensor, compile_fn, log, rank: int, device):
     """evaluate(stride, ttt) -> (loss, bpb, targets, bytes), always of the same targets."""
     nll_fn = compile_fn(base_model.token_nll, dynamic=False)
@@ -2078,6 +2099,7 @@ def run(held: ExitStack) -> int:
                            if args.load_artifact
                            else ArtifactLock(args.artifact_path, True, "ARTIFACT_PATH"))
     rank, device = setup_distributed(world_size)
+    agree_on_inputs(args, train_files, val_tokens, world_size, device)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     log = RunLog(args.run_id, rank == 0)

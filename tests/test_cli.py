@@ -248,6 +248,24 @@ def test_ddp_ranks_train_one_model_when_their_clocks_differ(dataset, tmp_path):
     assert 0 < int(match.group(1)) <= 256 and int(match.group(3)) > 0 and int(match.group(4)) <= 3000, lines[0]
 
 
+def test_ranks_that_listed_different_shards_stop_before_anything_is_written(dataset, tmp_path):
+    """Each rank lists DATA_PATH alone. If a shard appears between two ranks' listings, they would
+    read different streams without a word; instead every rank stops with exit 2 and rank 0's one
+    error line, before the log or the artifact is written (tests/split_listing.py: rank 1 sees one
+    train shard fewer)."""
+    train = sorted(Path(dataset["data_path"]).glob("fineweb_train_*.bin"))
+    assert len(train) >= 2, train  # rank 1 still finds shards, only fewer
+    env = dict(dataset["env"], RUN_ID="split")
+    proc = trainer(tmp_path, env, nproc=2, script=SCRIPT.parent / "tests" / "split_listing.py")
+    assert proc.returncode != 0, describe(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: the ranks read different inputs (DATA_PATH={dataset['data_path']}): "
+                      "were files still being written? Start again once they are"], describe(proc)
+    assert "2" in re.findall(r"exitcode\s*: (-?\d+)", proc.stderr), describe(proc)  # torchrun's summary
+    assert "Traceback" not in proc.stderr.split("error:")[0], describe(proc)
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "final_model.int6.ptz").exists()
+
+
 def test_8_ranks_train_one_model_and_score_as_one_process(dataset, tmp_path):
     """The record's 8 ranks (gloo) on 3 layers with XSA and CoDA (19 Muon matrices: no shape's
     count divides 8), the clocks of ranks 1..7 fast by 1.5x..1.1x (tests/skewed_clock.py), under a
