@@ -1970,18 +1970,20 @@ def setup_distributed(world_size: int) -> tuple[int, torch.device]:
     return rank, device
 
 
-def agree_on_inputs(args, train_files: list[str], val_tokens: Tensor, world_size: int,
-                    device: torch.device) -> None:
+def agree_on_inputs(args, train_files: list[str], val_tokens: Tensor,
+                    weights: dict[str, Tensor] | None, world_size: int, device: torch.device):
     """Every rank listed and read its inputs alone: a shard that appeared between two ranks'
-    listings (a download still running) would have them read different streams, unreported."""
+    listings (a download still running) would have them read different streams, unreported.
+    The weights are hashed as loaded, not read again: a file replaced since would pass."""
     if world_size == 1:
         return
     digest = hashlib.blake2b(digest_size=7)
     for path in train_files:
         digest.update(f"{os.path.basename(path)}:{shard_num_tokens(path)};".encode())
     digest.update(val_tokens.numpy())
-    if args.load_artifact:
-        digest.update(Path(args.load_artifact).read_bytes())
+    for name, t in sorted((weights or {}).items()):
+        digest.update(name.encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
     mine = int.from_bytes(digest.digest(), "little")
     seen = torch.tensor([mine, -mine], dtype=torch.int64, device=device)
     dist.all_reduce(seen, op=dist.ReduceOp.MAX)
@@ -2099,7 +2101,7 @@ def run(held: ExitStack) -> int:
                            if args.load_artifact
                            else ArtifactLock(args.artifact_path, True, "ARTIFACT_PATH"))
     rank, device = setup_distributed(world_size)
-    agree_on_inputs(args, train_files, val_tokens, world_size, device)
+    agree_on_inputs(args, train_files, val_tokens, weights, world_size, device)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     log = RunLog(args.run_id, rank == 0)

@@ -248,6 +248,18 @@ def test_ddp_ranks_train_one_model_when_their_clocks_differ(dataset, tmp_path):
     assert 0 < int(match.group(1)) <= 256 and int(match.group(3)) > 0 and int(match.group(4)) <= 3000, lines[0]
 
 
+def test_load_artifact_on_two_ranks_prints_the_runs_final_lines(dataset, ddp_run, tmp_path):
+    """LOAD_ARTIFACT under torchrun: both ranks load the file, agree they hold the same weights,
+    and score them split over the ranks to the same final lines as the run that wrote it."""
+    env = dict(dataset["env"], CODA_NOISE_HEADS="1", CODA_HEAD_NORM="learned", PARALLEL_LAST_N="1",
+               RUN_ID="load2", LOAD_ARTIFACT=str(ddp_run["artifact"]))
+    proc = trainer(tmp_path, env, nproc=2)
+    assert proc.returncode == 0, describe(proc)
+    log = run_lines((tmp_path / "logs" / "load2.txt").read_text())
+    for key in ("roundtrip", "sliding", "val_tokens"):
+        assert contract_line(log, key).group(0) == contract_line(ddp_run["log"], key).group(0), key
+
+
 def test_ranks_that_listed_different_shards_stop_before_anything_is_written(dataset, tmp_path):
     """Each rank lists DATA_PATH alone. If a shard appears between two ranks' listings, they would
     read different streams without a word; instead every rank stops with exit 2 and rank 0's one
