@@ -92,6 +92,15 @@ def _env(name: str, default, cast=int):
     return value
 
 
+def _layers(name: str) -> tuple[int, ...]:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return tuple(int(part) for part in raw.split(",")) if raw else ()
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected layer indices separated by commas, "
+                          f"e.g. 4,5") from None
+
+
 def _flag(name: str, default: bool) -> bool:
     value = _env(name, int(default))
     if value not in (0, 1):
@@ -130,6 +139,8 @@ class Hyperparameters:
         self.ve_last_n = _env("VE_LAST_N", 0)
         self.ve_dim = _env("VE_DIM", 128)
         self.parallel_last_n = _env("PARALLEL_LAST_N", 0)
+        self.recur_layers = _layers("RECUR_LAYERS")
+        self.recur_start = _env("RECUR_START", 0.44, float)
         self.mlp_leaky_slope = _env("MLP_LEAKY_SLOPE", 0.5, float)
         self.ln_scale = _flag("LN_SCALE", False)
         self.late_qat = _env("LATE_QAT", 0.0, float)
@@ -219,6 +230,15 @@ class Hyperparameters:
             n = getattr(self, name.lower())
             need(0 <= n <= self.num_layers, f"{name}={n}: expected 0..{self.num_layers}")
         need(self.ve_last_n == 0 or self.ve_dim >= 1, f"VE_DIM={self.ve_dim}: expected >= 1")
+        r, lanes = self.recur_layers, self.num_layers - self.parallel_last_n
+        need(not r or (r == tuple(range(r[0], r[-1] + 1)) and 0 <= r[0] and r[-1] < self.num_layers),
+             f"RECUR_LAYERS={','.join(map(str, r))}: expected consecutive ascending layers in "
+             f"0..{self.num_layers - 1}")
+        need(not r or r[-1] < lanes or r[0] >= lanes,  # a block must see the stream it was built for
+             f"RECUR_LAYERS={','.join(map(str, r))}: expected all below or all within the parallel "
+             f"lanes (PARALLEL_LAST_N={self.parallel_last_n}: layers {lanes}..)")
+        need(0 <= self.recur_start < 1,
+             f"RECUR_START={self.recur_start}: expected a number in [0, 1) (a share of training)")
         group = self.num_heads // self.num_kv_heads
         need(self.coda_noise_heads >= 1 and group % self.coda_noise_heads == 0,
              f"CODA_NOISE_HEADS={self.coda_noise_heads}: expected a divisor of "
@@ -284,6 +304,8 @@ class Hyperparameters:
             shape.update(ve_last_n=self.ve_last_n, ve_dim=self.ve_dim)
         if self.parallel_last_n:
             shape.update(parallel_last_n=self.parallel_last_n)
+        if self.recur_layers:
+            shape.update(recur_layers=list(self.recur_layers))
         if self.coda_last_n and self.coda_noise_heads != self.num_heads // self.num_kv_heads:
             shape.update(coda_noise_heads=self.coda_noise_heads)  # likewise: only off the default
         if self.coda_last_n and self.coda_head_norm != "rms":
@@ -872,7 +894,8 @@ class GPT(nn.Module):
                  act_dtype: torch.dtype = torch.bfloat16, mlp_leaky_slope: float = 0.5,
                  ln_scale: bool = False, qat: bool = False, ve_last_n: int = 0, ve_dim: int = 128,
                  coda_noise_heads: int = 0, coda_head_norm: str = "rms",
-                 coda_lambda_init: float = CODA_LAMBDA_INIT, parallel_last_n: int = 0):
+                 coda_lambda_init: float = CODA_LAMBDA_INIT, parallel_last_n: int = 0,
+                 recur_layers: tuple[int, ...] = ()):
         super().__init__()
         self.logit_softcap, self.act_dtype = logit_softcap, act_dtype
         self.tok_emb = nn.Embedding(vocab_size, model_dim)
@@ -898,6 +921,12 @@ class GPT(nn.Module):
         # None with one layer: DDP fails on a parameter that never gets a gradient.
         self.skip_weights = (nn.Parameter(torch.ones(self.num_skips, model_dim))
                              if self.num_skips else None)
+        # Depth recurrence: the blocks of recur_layers run again right after their first pass. The
+        # skips pair the same blocks either way; training turns it on at RECUR_START.
+        r = tuple(recur_layers)
+        self.recur_order = (list(range(r[-1] + 1)) + list(r) + list(range(r[-1] + 1, num_layers))
+                            if r else list(range(num_layers)))
+        self.recurring = bool(r)
         self._init_weights(tied_embed_init_std)
         if qat:
             for name, module in self.named_modules():
@@ -925,12 +954,13 @@ class GPT(nn.Module):
             x = x + self.bigram(ids, self.act_dtype)
         x = self.smear(F.rms_norm(x, (x.size(-1),)))
         ve = self.value_embed(ids, self.act_dtype) if self.value_embed is not None else None
-        x0, skips = x, []
-        for i, block in enumerate(self.blocks):
-            if i >= len(self.blocks) - self.num_skips:
-                x = x + self.skip_weights[len(self.blocks) - 1 - i].to(x.dtype) * skips.pop()
-            x = block(x, x0, ve)
-            if i < self.num_skips:
+        order = self.recur_order if self.recurring else range(len(self.blocks))
+        x0, skips, n = x, [], len(order)
+        for v, i in enumerate(order):
+            if v >= n - self.num_skips:
+                x = x + self.skip_weights[n - 1 - v].to(x.dtype) * skips.pop()
+            x = self.blocks[i](x, x0, ve)
+            if v < self.num_skips:
                 skips.append(x)
         x = x.mean(0) if x.dim() == 4 else x  # parallel lanes end averaged
         return F.rms_norm(x, (x.size(-1),))
@@ -1430,7 +1460,8 @@ def write_artifact(path: str, packed: dict[str, tuple], shape: dict, compress=zs
     return digest
 
 
-LEGACY_SHAPE = {"rope_base": 10000.0, "logit_softcap": 30.0, "coda_head_norm": "rms"}
+LEGACY_SHAPE = {"rope_base": 10000.0, "logit_softcap": 30.0, "coda_head_norm": "rms",
+                "recur_layers": []}
 
 
 def read_artifact(path: str, shape: dict, variable: str = "LOAD_ARTIFACT",
@@ -1451,12 +1482,15 @@ def read_artifact(path: str, shape: dict, variable: str = "LOAD_ARTIFACT",
         written_shape, packed = deserialize(blob[head:])
     except (zstandard.ZstdError, ValueError, KeyError, TypeError):
         raise ConfigError(f"{variable}={path}: unreadable payload") from None
+    def shown(v):  # as the variable is written
+        return ",".join(map(str, v)) if isinstance(v, list) else v
+
     for key in [*shape, *(k for k in written_shape if k not in shape)]:
         old = LEGACY_SHAPE.get(key, 0)  # absent from older artifacts: the value they had (or off)
         if shape.get(key, old) != written_shape.get(key, old):
             raise ConfigError(f"{variable}={path} was written with "
-                              f"{key.upper()}={written_shape.get(key, old)}, "
-                              f"this run has {key.upper()}={shape.get(key, old)}")
+                              f"{key.upper()}={shown(written_shape.get(key, old))}, "
+                              f"this run has {key.upper()}={shown(shape.get(key, old))}")
     return dequantize_state(packed)
 
 
@@ -1762,7 +1796,8 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         initial_model = copy.deepcopy(base_model.state_dict())
         initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
         loader = DistributedTokenLoader(train_files, rank, world_size, device)
-        for _ in range(args.warmup_steps):
+        for k in range(args.warmup_steps):  # the later half with recurrence: its graph too
+            base_model.recurring = bool(args.recur_layers) and 2 * k >= args.warmup_steps
             run_step(loader)
         base_model.load_state_dict(initial_model)
         for opt, state in zip(optimizers, initial_opts):
@@ -1795,6 +1830,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         reserved_ms = GPTQ_MARGIN * (measured[0] + measured[1] + measured[2]).item()
     budget_ms = cap_ms - reserved_ms
     clock = AgreedClock(cap_ms, budget_ms, world_size, log)
+    base_model.recurring, recur_from = False, None  # (step, ms) where recurrence came on
     finish_id_check()
     if world_size > 1:
         dist.barrier()  # start the clocks together
@@ -1826,6 +1862,13 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
             base_model.set_qat(True)
             qat_on = True
             log(f"late_qat: int6 fake quantization on from step {step} (lr scale {scale:.3f})")
+        share = step / max(args.iterations, 1)  # of training done; under a cap, the agreed clock's
+        share = max(share, clock.at(step) / max(budget_ms, 1e-9)) if cap_ms > 0 else share
+        if args.recur_layers and recur_from is None and share >= args.recur_start:
+            base_model.recurring = True
+            recur_from = (step, train_ms + 1000.0 * (time.perf_counter() - t0))
+            log(f"recurrence: layers {','.join(map(str, args.recur_layers))} run twice from step "
+                f"{step} ({100 * share:.1f}% of training)")
         train_loss = run_step(loader)
         step += 1
         average.update(step, scale)
@@ -1842,6 +1885,13 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
             stop_at = step
     clock.finish()
     base_model.set_qat(False)  # evaluations and export see the plain weights
+    if recur_from is not None and step > recur_from[0]:  # its step cost, from the run itself
+        before = recur_from[1] / recur_from[0] if recur_from[0] else float("nan")
+        log(f"recurrence: step_avg {before:.2f}ms before step {recur_from[0]}, "
+            f"{(train_ms - recur_from[1]) / (step - recur_from[0]):.2f}ms from it")
+    if args.recur_layers and recur_from is None:  # as the artifact will be loaded
+        base_model.recurring = True
+        log("recurrence: the run ended before RECUR_START; evaluated and exported with it on")
     log_coda(step)
     log(f"weights for export: {average.apply()}")
     if not args.gptq:

@@ -120,10 +120,11 @@ def finished_run(cwd: Path, env: dict, run_id: str, nproc: int = 0) -> dict:
 @pytest.fixture(scope="module")
 def ddp_run(dataset, tmp_path_factory):
     """Two processes (gloo on CPU) with XSA and CoDA on, CoDA with one noise query per KV group, a learned
-    head norm and its statistics while training; the last layer's residuals parallel, Muon row-normalized
-    and a learning-rate floor (every parameter must still get a gradient under DDP)."""
+    head norm and its statistics while training; the last layer's residuals parallel, the first layer run
+    twice from half-way (depth recurrence), Muon row-normalized and a learning-rate floor (every parameter must
+    still get a gradient under DDP)."""
     env = dict(dataset["env"], CODA_STATS="1", CODA_NOISE_HEADS="1", CODA_HEAD_NORM="learned",
-               PARALLEL_LAST_N="1", MUON_ROW_NORM="1", LR_FLOOR="0.1")
+               PARALLEL_LAST_N="1", RECUR_LAYERS="0", RECUR_START="0.5", MUON_ROW_NORM="1", LR_FLOOR="0.1")
     run = finished_run(tmp_path_factory.mktemp("ddp"), env, "ddp", nproc=2)
     assert run["proc"].returncode == 0, describe(run["proc"])
     return run
@@ -220,6 +221,14 @@ def test_coda_stats_lines_after_training_and_with_coda_stats_every_train_log(sin
     assert lam > 0 and float(coda_stats_lines(single_run["log"])[0].group(8)) > 0
 
 
+def test_ddp_recurrence_comes_on_at_its_share_and_reports_its_step_cost(ddp_run):
+    """RECUR_START=0.5 of 30 steps: on before step 15's update, once, with the step times before and after."""
+    lines = [line for line in ddp_run["log"].splitlines() if line.startswith("recurrence:")]
+    assert lines[0] == "recurrence: layers 0 run twice from step 15 (50.0% of training)", lines
+    assert re.fullmatch(r"recurrence: step_avg \d+\.\d\dms before step 15, \d+\.\d\dms from it", lines[1]), lines
+    assert len(lines) == 2, lines
+
+
 def test_ddp_val_tokens_are_all_targets(ddp_run, dataset):
     match = contract_line(ddp_run["log"], "val_tokens")
     n_val = shard_tokens(os.path.join(dataset["data_path"], "fineweb_val_000000.bin"))
@@ -252,7 +261,7 @@ def test_load_artifact_on_two_ranks_prints_the_runs_final_lines(dataset, ddp_run
     """LOAD_ARTIFACT under torchrun: both ranks load the file, agree they hold the same weights,
     and score them split over the ranks to the same final lines as the run that wrote it."""
     env = dict(dataset["env"], CODA_NOISE_HEADS="1", CODA_HEAD_NORM="learned", PARALLEL_LAST_N="1",
-               RUN_ID="load2", LOAD_ARTIFACT=str(ddp_run["artifact"]))
+               RECUR_LAYERS="0", RUN_ID="load2", LOAD_ARTIFACT=str(ddp_run["artifact"]))
     proc = trainer(tmp_path, env, nproc=2)
     assert proc.returncode == 0, describe(proc)
     log = run_lines((tmp_path / "logs" / "load2.txt").read_text())

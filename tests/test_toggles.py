@@ -364,3 +364,88 @@ def test_coda_variants_refuse_bad_values(monkeypatch, env, message):
         monkeypatch.setenv(name, value)
     with pytest.raises(tg.ConfigError, match=f"^{message}"):
         tg.Hyperparameters(1)
+
+
+def test_recurrence_is_the_unrolled_model_with_its_blocks_shared():
+    """RECUR_LAYERS=1,2 on 5 layers runs blocks 0,1,2,1,2,3,4: the same as a 7-layer model holding copies of
+    those blocks, whose one extra skip (the middle pair) is 0; the skips pair blocks 0-4 and 1-3 either way. The
+    shared block's gradient is the sum of its two copies'; with recurrence off it is the 5-layer model."""
+    def model(num_layers, **kw):
+        torch.manual_seed(0)
+        m = tg.GPT(vocab_size=64, num_layers=num_layers, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2,
+                   max_seq_len=16, bigram_vocab_size=16, bigram_dim=8, xsa_last_n=2, act_dtype=torch.float32, **kw)
+        for module in m.modules():
+            if isinstance(module, tg.CastedLinear):
+                torch.nn.init.normal_(module.weight, std=0.2)
+        with torch.no_grad():
+            m.skip_weights.normal_(1.0, 0.3)  # the skips' pairing shows only when the weights differ
+        return m
+
+    shared, unrolled, plain = model(5, recur_layers=(1, 2)), model(7), model(5)
+    order = [0, 1, 2, 1, 2, 3, 4]
+    assert shared.recur_order == order and shared.recurring
+    plain.load_state_dict(shared.state_dict())
+    with torch.no_grad():
+        for v, i in enumerate(order):
+            unrolled.blocks[v].load_state_dict(shared.blocks[i].state_dict())
+        for name in ("tok_emb", "bigram", "smear"):
+            getattr(unrolled, name).load_state_dict(getattr(shared, name).state_dict())
+        unrolled.skip_weights.copy_(torch.cat((shared.skip_weights, torch.zeros(1, 32))))
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    loss_shared, loss_unrolled = shared(ids, ids), unrolled(ids, ids)
+    assert torch.allclose(loss_shared, loss_unrolled, atol=1e-6)
+    loss_shared.backward()
+    loss_unrolled.backward()
+    for name, p in shared.blocks[1].named_parameters():
+        copies = sum(dict(unrolled.blocks[v].named_parameters())[name].grad for v in (1, 3))
+        assert torch.allclose(p.grad, copies, atol=1e-6), name
+    shared.recurring = False
+    assert torch.equal(shared(ids, ids), plain(ids, ids))
+    assert not torch.allclose(plain(ids, ids), loss_unrolled)
+
+
+def test_recurrence_switch_takes_effect_inside_a_compiled_forward():
+    """Training turns recurrence on in the middle of a compiled run: the compiled forward must follow the flag
+    (recompile), not keep the graph traced first."""
+    model = tiny_gpt(recur_layers=(1,))
+    compiled = torch.compile(model, backend="eager", dynamic=False)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    for on in (False, True, False):
+        model.recurring = on
+        assert torch.equal(compiled(ids, ids), model(ids, ids)), on
+    model.recurring = False
+    off = model(ids, ids)
+    model.recurring = True
+    assert not torch.allclose(off, model(ids, ids))
+
+
+def test_recurrence_in_the_artifact_shape_only_when_on(monkeypatch):
+    monkeypatch.delenv("RECUR_LAYERS", raising=False)
+    monkeypatch.delenv("PARALLEL_LAST_N", raising=False)
+    assert "recur_layers" not in tg.Hyperparameters(1).shape
+    monkeypatch.setenv("RECUR_LAYERS", "4,5")
+    assert tg.Hyperparameters(1).shape["recur_layers"] == [4, 5]
+    monkeypatch.setenv("PARALLEL_LAST_N", "6")  # lanes from layer 5
+    with pytest.raises(tg.ConfigError, match=r"^RECUR_LAYERS=4,5: expected all below or all within the parallel"):
+        tg.Hyperparameters(1)
+    monkeypatch.setenv("PARALLEL_LAST_N", "7")
+    assert tg.Hyperparameters(1).recur_layers == (4, 5)
+
+
+@pytest.mark.parametrize("env,message", [
+    (dict(RECUR_LAYERS="4,6"), "RECUR_LAYERS=4,6: expected consecutive ascending layers in 0..10"),
+    (dict(RECUR_LAYERS="5,4"), "RECUR_LAYERS=5,4: expected consecutive ascending layers"),
+    (dict(RECUR_LAYERS="10,11"), "RECUR_LAYERS=10,11: expected consecutive ascending layers in 0..10"),
+    (dict(RECUR_LAYERS="-1"), "RECUR_LAYERS=-1: expected consecutive"),
+    (dict(RECUR_LAYERS="4;5"), "RECUR_LAYERS='4;5': expected layer indices separated by commas"),
+    (dict(RECUR_LAYERS="4,"), "RECUR_LAYERS='4,': expected layer indices separated by commas"),
+    (dict(RECUR_LAYERS="4", RECUR_START="1"), r"RECUR_START=1.0: expected a number in \[0, 1\)"),
+    (dict(RECUR_LAYERS="4", RECUR_START="-0.1"), r"RECUR_START=-0.1: expected a number in \[0, 1\)"),
+])
+def test_recurrence_refuses_bad_values(monkeypatch, env, message):
+    for name in ("NUM_LAYERS", "PARALLEL_LAST_N", "RECUR_LAYERS", "RECUR_START"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(tg.ConfigError, match=f"^{message}"):
+        tg.Hyperparameters(1)
