@@ -1482,6 +1482,7 @@ def read_artifact(path: str, shape: dict, variable: str = "LOAD_ARTIFACT",
         written_shape, packed = deserialize(blob[head:])
     except (zstandard.ZstdError, ValueError, KeyError, TypeError):
         raise ConfigError(f"{variable}={path}: unreadable payload") from None
+
     def shown(v):  # as the variable is written
         return ",".join(map(str, v)) if isinstance(v, list) else v
 
