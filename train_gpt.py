@@ -231,11 +231,13 @@ class Hyperparameters:
             need(0 <= n <= self.num_layers, f"{name}={n}: expected 0..{self.num_layers}")
         need(self.ve_last_n == 0 or self.ve_dim >= 1, f"VE_DIM={self.ve_dim}: expected >= 1")
         r, lanes = self.recur_layers, self.num_layers - self.parallel_last_n
-        need(not r or (r == tuple(range(r[0], r[-1] + 1)) and 0 <= r[0] and r[-1] < self.num_layers),
-             f"RECUR_LAYERS={','.join(map(str, r))}: expected consecutive ascending layers in "
+        shown = ",".join(map(str, r))
+        consecutive = r == tuple(range(r[0], r[-1] + 1)) if r else True
+        need(not r or (consecutive and 0 <= r[0] and r[-1] < self.num_layers),
+             f"RECUR_LAYERS={shown}: expected consecutive ascending layers in "
              f"0..{self.num_layers - 1}")
-        need(not r or r[-1] < lanes or r[0] >= lanes,  # a block must see the stream it was built for
-             f"RECUR_LAYERS={','.join(map(str, r))}: expected all below or all within the parallel "
+        need(not r or r[-1] < lanes or r[0] >= lanes,  # a block sees the stream it was built for
+             f"RECUR_LAYERS={shown}: expected all below or all within the parallel "
              f"lanes (PARALLEL_LAST_N={self.parallel_last_n}: layers {lanes}..)")
         need(0 <= self.recur_start < 1,
              f"RECUR_START={self.recur_start}: expected a number in [0, 1) (a share of training)")
