@@ -923,8 +923,8 @@ class GPT(nn.Module):
         # None with one layer: DDP fails on a parameter that never gets a gradient.
         self.skip_weights = (nn.Parameter(torch.ones(self.num_skips, model_dim))
                              if self.num_skips else None)
-        # Depth recurrence: the blocks of recur_layers run again right after their first pass. The
-        # skips pair the same blocks either way; training turns it on at RECUR_START.
+        # Depth recurrence: the blocks of recur_layers run again right after their first pass; the
+        # skips count passes, not blocks. Training turns it on at RECUR_START.
         r = tuple(recur_layers)
         self.recur_order = (list(range(r[-1] + 1)) + list(r) + list(range(r[-1] + 1, num_layers))
                             if r else list(range(num_layers)))
