@@ -357,8 +357,13 @@ def test_coda_variants_in_the_artifact_shape_only_when_on_and_off_default(monkey
     (dict(CODA_STATS="2"), "CODA_STATS=2: expected 0 or 1"),
 ])
 def test_coda_variants_refuse_bad_values(monkeypatch, env, message):
-    for name in ("NUM_HEADS", "NUM_KV_HEADS", "CODA_NOISE_HEADS", "CODA_HEAD_NORM", "CODA_LAMBDA_INIT", "CODA_LR",
-                 "CODA_STATS"):
+    assert_refused(monkeypatch, ("NUM_HEADS", "NUM_KV_HEADS", "CODA_NOISE_HEADS", "CODA_HEAD_NORM",
+                                 "CODA_LAMBDA_INIT", "CODA_LR", "CODA_STATS"), env, message)
+
+
+def assert_refused(monkeypatch, cleared, env, message):
+    """Hyperparameters with the names in cleared unset and env set raises ConfigError starting with message."""
+    for name in cleared:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -443,9 +448,4 @@ def test_recurrence_in_the_artifact_shape_only_when_on(monkeypatch):
     (dict(RECUR_LAYERS="4", RECUR_START="-0.1"), r"RECUR_START=-0.1: expected a number in \[0, 1\)"),
 ])
 def test_recurrence_refuses_bad_values(monkeypatch, env, message):
-    for name in ("NUM_LAYERS", "PARALLEL_LAST_N", "RECUR_LAYERS", "RECUR_START"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    with pytest.raises(tg.ConfigError, match=f"^{message}"):
-        tg.Hyperparameters(1)
+    assert_refused(monkeypatch, ("NUM_LAYERS", "PARALLEL_LAST_N", "RECUR_LAYERS", "RECUR_START"), env, message)
