@@ -101,6 +101,11 @@ def _layers(name: str) -> tuple[int, ...]:
                           f"e.g. 4,5") from None
 
 
+def layer_list(layers) -> str:
+    """4,5: layers as the environment spells them."""
+    return ",".join(map(str, layers))
+
+
 def _flag(name: str, default: bool) -> bool:
     value = _env(name, int(default))
     if value not in (0, 1):
@@ -231,7 +236,7 @@ class Hyperparameters:
             need(0 <= n <= self.num_layers, f"{name}={n}: expected 0..{self.num_layers}")
         need(self.ve_last_n == 0 or self.ve_dim >= 1, f"VE_DIM={self.ve_dim}: expected >= 1")
         r, lanes = self.recur_layers, self.num_layers - self.parallel_last_n
-        shown = ",".join(map(str, r))
+        shown = layer_list(r)
         consecutive = r == tuple(range(r[0], r[-1] + 1)) if r else True
         need(not r or (consecutive and 0 <= r[0] and r[-1] < self.num_layers),
              f"RECUR_LAYERS={shown}: expected consecutive ascending layers in "
@@ -241,6 +246,10 @@ class Hyperparameters:
              f"lanes (PARALLEL_LAST_N={self.parallel_last_n}: layers {lanes}..)")
         need(0 <= self.recur_start < 1,
              f"RECUR_START={self.recur_start}: expected a number in [0, 1) (a share of training)")
+        # One warm-up step compiles one graph; the other would compile inside the clock.
+        need(not r or self.warmup_steps != 1,
+             f"WARMUP_STEPS=1: with RECUR_LAYERS the warm-up compiles two graphs, one step each; "
+             f"expected 0 or at least 2")
         group = self.num_heads // self.num_kv_heads
         need(self.coda_noise_heads >= 1 and group % self.coda_noise_heads == 0,
              f"CODA_NOISE_HEADS={self.coda_noise_heads}: expected a divisor of "
@@ -1486,7 +1495,7 @@ def read_artifact(path: str, shape: dict, variable: str = "LOAD_ARTIFACT",
         raise ConfigError(f"{variable}={path}: unreadable payload") from None
 
     def shown(v):  # as the variable is written
-        return ",".join(map(str, v)) if isinstance(v, list) else v
+        return layer_list(v) if isinstance(v, list) else v
 
     for key in [*shape, *(k for k in written_shape if k not in shape)]:
         old = LEGACY_SHAPE.get(key, 0)  # absent from older artifacts: the value they had (or off)
@@ -1870,7 +1879,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         if args.recur_layers and recur_from is None and share >= args.recur_start:
             base_model.recurring = True
             recur_from = (step, train_ms + 1000.0 * (time.perf_counter() - t0))
-            log(f"recurrence: layers {','.join(map(str, args.recur_layers))} run twice from step "
+            log(f"recurrence: layers {layer_list(args.recur_layers)} run twice from step "
                 f"{step} ({100 * share:.1f}% of training)")
         train_loss = run_step(loader)
         step += 1

@@ -1,8 +1,9 @@
 """train_gpt.py as torchrun runs it, with the clocks of ranks 1..WORLD_SIZE-1 running fast, from
 1.5x (rank 1) down to 1.1x (the last rank; of 2 ranks, rank 1 at 1.5x), as if they had started
 earlier or their timers drifted. Each rank writes the sha256 of the weights it exports to
-weights_rank{RANK}.sha256 and the step its training stopped at to steps_rank{RANK}.txt in the
-working directory, so a test can check every rank trained the same model and stopped together.
+weights_rank{RANK}.sha256, the step its training stopped at to steps_rank{RANK}.txt and the first
+step it trained with depth recurrence on (or "none") to recur_rank{RANK}.txt in the working
+directory, so a test can check every rank trained the same model and stopped and switched together.
 """
 import hashlib
 import os
@@ -31,15 +32,23 @@ def export_and_hash(args, model, *rest):
     return _export(args, model, *rest)
 
 
-_train = tg.train
+_train, _train_step, recurring = tg.train, tg.train_step, []
+
+
+def train_step_and_record_recurrence(args, model, base_model, *rest):
+    recurring.append(base_model.recurring)
+    return _train_step(args, model, base_model, *rest)
 
 
 def train_and_record_steps(*args, **kwargs):
     steps, *rest = _train(*args, **kwargs)
     Path(f"steps_rank{RANK}.txt").write_text(str(steps))
+    loop = recurring[len(recurring) - steps:]  # after the warm-up's steps
+    Path(f"recur_rank{RANK}.txt").write_text(str(loop.index(True)) if True in loop else "none")
     return (steps, *rest)
 
 
 tg.export = export_and_hash
 tg.train = train_and_record_steps
+tg.train_step = train_step_and_record_recurrence
 tg.main()

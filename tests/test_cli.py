@@ -241,9 +241,12 @@ def test_ddp_ranks_train_one_model_when_their_clocks_differ(dataset, tmp_path):
     (tests/skewed_clock.py) both ranks must still end with the same weights: each rank reading its own
     clock gave each a different learning rate, and so a different model, which DDP never re-syncs.
     With GPTQ=1 the time reserved for its calibration (each rank measures its own) must be agreed as well,
-    and the calibration, summed over both ranks, must end inside the cap and reach the export."""
+    and the calibration, summed over both ranks, must end inside the cap and reach the export. Depth
+    recurrence comes on at 30% of the agreed clock's budget: a rank switching on its own clock would
+    train another model from its switch on."""
     env = dict(dataset["env"], RUN_ID="skew", ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="3",
-               WARMDOWN_ITERS="100000", EVAL_STRIDE="0", CODA_LAST_N="0", GPTQ="1")
+               WARMDOWN_ITERS="100000", EVAL_STRIDE="0", CODA_LAST_N="0", GPTQ="1",
+               RECUR_LAYERS="0", RECUR_START="0.3")
     proc = trainer(tmp_path, env, nproc=2, script=SCRIPT.parent / "tests" / "skewed_clock.py")
     assert proc.returncode == 0, describe(proc)
     hashes = [(tmp_path / f"weights_rank{rank}.sha256").read_text() for rank in (0, 1)]
@@ -255,6 +258,10 @@ def test_ddp_ranks_train_one_model_when_their_clocks_differ(dataset, tmp_path):
                          r"training time with it (\d+)ms of 3000ms", lines[0])
     assert match, lines[0]
     assert 0 < int(match.group(1)) <= 256 and int(match.group(3)) > 0 and int(match.group(4)) <= 3000, lines[0]
+    switched = [re.fullmatch(r"recurrence: layers 0 run twice from step (\d+) \((\d+\.\d)% of training\)", line)
+                for line in log.splitlines() if line.startswith("recurrence: layers")]
+    assert len(switched) == 1 and switched[0] and 30.0 <= float(switched[0].group(2)) < 50.0, log
+    assert [(tmp_path / f"recur_rank{rank}.txt").read_text() for rank in (0, 1)] == [switched[0].group(1)] * 2
 
 
 def test_load_artifact_on_two_ranks_prints_the_runs_final_lines(dataset, ddp_run, tmp_path):
@@ -338,6 +345,22 @@ def test_ddp_json_report_matches_log(ddp_run):
     roundtrip_bpb = float(contract_line(log, "roundtrip").group(2))
     assert math.isfinite(report["pre_quant_val_bpb"])
     assert report["pre_quant_val_bpb"] == pytest.approx(roundtrip_bpb, abs=0.05)
+
+
+def test_recurrence_that_never_came_on_is_evaluated_and_exported_on(dataset, tmp_path):
+    """RECUR_START=0.99 of 30 steps never switches (29/30 < 0.99): the run says so, and its final lines are
+    scored with the layer run twice, as LOAD_ARTIFACT builds the model, so a reload prints them again."""
+    env = dict(dataset["env"], RUN_ID="late", RECUR_LAYERS="0", RECUR_START="0.99", EVAL_STRIDE="0")
+    proc = trainer(tmp_path / "train", env)
+    assert proc.returncode == 0, describe(proc)
+    log = run_lines((tmp_path / "train" / "logs" / "late.txt").read_text())
+    assert [line for line in log.splitlines() if line.startswith("recurrence:")] == [
+        "recurrence: the run ended before RECUR_START; evaluated and exported with it on"], log
+    artifact = str(tmp_path / "train" / "final_model.int6.ptz")
+    loaded = trainer(tmp_path / "load", dict(env, RUN_ID="load", LOAD_ARTIFACT=artifact))
+    assert loaded.returncode == 0, describe(loaded)
+    load_log = run_lines((tmp_path / "load" / "logs" / "load.txt").read_text())
+    assert contract_line(load_log, "roundtrip").group(0) == contract_line(log, "roundtrip").group(0)
 
 
 def test_logging_and_artifact_switches(dataset, tmp_path):

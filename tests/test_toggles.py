@@ -446,6 +446,18 @@ def test_recurrence_in_the_artifact_shape_only_when_on(monkeypatch):
     (dict(RECUR_LAYERS="4,"), "RECUR_LAYERS='4,': expected layer indices separated by commas"),
     (dict(RECUR_LAYERS="4", RECUR_START="1"), r"RECUR_START=1.0: expected a number in \[0, 1\)"),
     (dict(RECUR_LAYERS="4", RECUR_START="-0.1"), r"RECUR_START=-0.1: expected a number in \[0, 1\)"),
+    (dict(RECUR_LAYERS="4", WARMUP_STEPS="1"), "WARMUP_STEPS=1: with RECUR_LAYERS the warm-up compiles two graphs"),
 ])
 def test_recurrence_refuses_bad_values(monkeypatch, env, message):
-    assert_refused(monkeypatch, ("NUM_LAYERS", "PARALLEL_LAST_N", "RECUR_LAYERS", "RECUR_START"), env, message)
+    assert_refused(monkeypatch, ("NUM_LAYERS", "PARALLEL_LAST_N", "RECUR_LAYERS", "RECUR_START", "WARMUP_STEPS"),
+                   env, message)
+
+
+@pytest.mark.parametrize("steps", ["0", "2"])
+def test_recurrence_takes_no_warm_up_or_one_that_reaches_both_graphs(monkeypatch, steps):
+    """WARMUP_STEPS=1 alone is refused with recurrence: 0 compiles nothing early, 2 one step per graph."""
+    monkeypatch.setenv("RECUR_LAYERS", "4,5")
+    monkeypatch.setenv("WARMUP_STEPS", steps)
+    monkeypatch.delenv("NUM_LAYERS", raising=False)
+    monkeypatch.delenv("PARALLEL_LAST_N", raising=False)
+    assert tg.Hyperparameters(1).warmup_steps == int(steps)
