@@ -11,6 +11,8 @@ figure); peak memory; the top CUDA kernels of a torch.profiler trace of a few st
 each generated (Triton) kernel followed by the source nodes and the launch line inductor wrote for it;
 and the time of one Muon step of this script (batched by shape) against torch.optim.Muon (one matrix at
 a time). PROFILE_MUON=0 skips the Muon comparison; PROFILE_TOP=N lists N kernels (default 25).
+With RECUR_LAYERS set, every step is timed with the recurrence on (as after RECUR_START) and the
+passes are printed; the steps before the switch cost what the same run without RECUR_LAYERS costs.
 """
 import importlib.util
 import inspect
@@ -68,6 +70,8 @@ def main() -> None:
     print(f"{os.path.basename(_script)}: xsa_layers:{[i for i, b in enumerate(base.blocks) if b.attn.xsa]} "
           f"coda_layers:{[i for i, b in enumerate(base.blocks) if b.attn.coda]} "
           f"ve_layers:{[i for i, b in enumerate(base.blocks) if b.attn.ve_scale is not None]}")
+    if getattr(base, "recurring", False):
+        print(f"recurrent steps: block passes {','.join(map(str, base.recur_order))}")
     model = torch.compile(base, dynamic=False)
     muon, optimizers = tg.make_optimizers(base, args, torch.compile(tg.newton_schulz, dynamic=False))
     loader = token_loader(tg.find_shards(args.data_path, "train", 1), args.vocab_size, 0, 1, device)
