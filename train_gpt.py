@@ -195,6 +195,7 @@ class Hyperparameters:
         self.ttt_momentum = _env("TTT_MOMENTUM", 0.9, float)
         self.ttt_freeze_blocks = _env("TTT_FREEZE_BLOCKS", 0)
         self.ttt_grad_clip = _env("TTT_GRAD_CLIP", 1.0, float)
+        self.ttt_max_seconds = _env("TTT_MAX_SECONDS", 450.0, float)
         self.world_size = world_size
         self._validate()
 
@@ -298,6 +299,8 @@ class Hyperparameters:
         need(0 <= self.ttt_freeze_blocks <= self.num_layers,
              f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks}: expected 0..{self.num_layers}")
         need(self.ttt_grad_clip >= 0, f"TTT_GRAD_CLIP={self.ttt_grad_clip}: expected >= 0 (0: off)")
+        need(self.ttt_max_seconds >= 0,
+             f"TTT_MAX_SECONDS={self.ttt_max_seconds}: expected >= 0 (0: no limit)")
 
     @property
     def micro_batch_tokens(self) -> int:
@@ -1101,6 +1104,7 @@ def test_time_train(ev: Evaluator, stride: int, model: GPT, nll_fn, args, log) -
         p.grad = torch.zeros_like(p)
     opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
     sums = torch.zeros(len(chunks), 3, dtype=torch.float64, device=ev.device)
+    stopped = False  # TTT_MAX_SECONDS: from then on chunks are scored, not trained on
     for c, (windows, n) in enumerate(zip(chunks, n_seqs)):
         sync()
         t1 = time.perf_counter()
@@ -1108,8 +1112,19 @@ def test_time_train(ev: Evaluator, stride: int, model: GPT, nll_fn, args, log) -
         sums[c] = ev.score(mine.to(ev.device), nll_fn, min(ev.max_batch, -(-max(counts) // world)))
         sync()
         score_s += time.perf_counter() - t1
-        if c == len(chunks) - 1 or n == 0:  # nothing is scored after the last chunk
+        if c == len(chunks) - 1 or n == 0 or stopped:  # nothing is scored after the last chunk
             continue
+        if args.ttt_max_seconds > 0:  # train on while the rest can be scored in time, at this rate
+            elapsed = time.perf_counter() - t0
+            rest = (elapsed - score_s) / max(c, 1) + score_s / (c + 1) * (len(chunks) - c - 1)
+            late = torch.tensor([elapsed + rest], dtype=torch.float64, device=ev.device)
+            if world > 1:  # the slowest rank's view: every rank stops at the same chunk
+                dist.all_reduce(late, op=dist.ReduceOp.MAX)
+            if stopped := late.item() >= args.ttt_max_seconds:
+                log(f"ttt_eval: training stopped after chunk {c + 1}/{len(chunks)} at "
+                    f"{elapsed:.1f}s (TTT_MAX_SECONDS={args.ttt_max_seconds:g}); "
+                    f"the rest is scored without updates")
+                continue
         for group in opt.param_groups:  # cosine decay over the chunks
             group["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(len(chunks) - 1, 1)))
         mine = bounds[c] + L * torch.arange(n * rank // world, n * (rank + 1) // world)

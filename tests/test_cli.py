@@ -856,6 +856,7 @@ BAD_INPUT = {
     "ttt_chunk_below_eval_seq_len": _env_only(["TTT_CHUNK_TOKENS", "EVAL_SEQ_LEN"], TTT_ENABLED="1",
                                               TTT_CHUNK_TOKENS="63"),
     "ttt_grad_clip_negative": _env_only(["TTT_GRAD_CLIP"], TTT_GRAD_CLIP="-1"),
+    "ttt_max_seconds_negative": _env_only(["TTT_MAX_SECONDS"], TTT_MAX_SECONDS="-1"),
 }
 
 

@@ -31,10 +31,11 @@ def val(tmp_path_factory):
     return tokens[:N + 1].clone(), tg.build_byte_luts(sp, CPU)
 
 
-def ttt_args(chunk=128, lr=0.05, epochs=2, freeze=0, micro_tokens=2 * L):
+def ttt_args(chunk=128, lr=0.05, epochs=2, freeze=0, micro_tokens=2 * L, max_seconds=0.0):
     """micro_tokens 2 L: a chunk's 3 or 4 sequences take two micro-batches, the last one padded."""
     return types.SimpleNamespace(ttt_chunk_tokens=chunk, ttt_epochs=epochs, ttt_lr=lr, ttt_momentum=0.9,
-                                 ttt_freeze_blocks=freeze, ttt_grad_clip=1.0, micro_batch_tokens=micro_tokens)
+                                 ttt_freeze_blocks=freeze, ttt_grad_clip=1.0, micro_batch_tokens=micro_tokens,
+                                 ttt_max_seconds=max_seconds)
 
 
 def per_row(model):
@@ -146,6 +147,20 @@ def test_nothing_is_trained_on_before_it_is_scored(chunk, stride):
     assert scored[-1] == N  # and the last chunk was scored after all training
 
 
+def test_a_time_limit_already_reached_scores_every_chunk_untrained(val):
+    """TTT_MAX_SECONDS: once the rest could no longer be scored in time, training stops and every later chunk
+    is still scored, once, by the last weights; a limit reached at the first chunk gives the plain score."""
+    tokens, luts = val
+    edges = chunk_edges(N, STRIDE, 128)
+    result, sums, logs = run_ttt(tokens, luts, ttt_args(max_seconds=1e-9))
+    assert sums[:, 0].tolist() == plain_chunk_sums(tokens, luts, STRIDE, edges)
+    assert result[2] == N and sums[:, 1].tolist() == [b - a for a, b in zip(edges, edges[1:])]
+    assert [line.split(" at ")[0] for line in logs if "stopped" in line] == [
+        f"ttt_eval: training stopped after chunk 1/{len(edges) - 1}"], logs
+    _, free, logs = run_ttt(tokens, luts, ttt_args(max_seconds=1e6))  # far away: as without a limit
+    assert torch.equal(free, run_ttt(tokens, luts, ttt_args())[1]) and not [x for x in logs if "stopped" in x]
+
+
 def test_frozen_blocks_keep_their_weights(val):
     tokens, luts = val
     model = tiny_gpt()
@@ -184,6 +199,41 @@ def _dist_worker(rank, world_size, port, tokens, luts, out_path):
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(out, f)
+
+
+def _late_rank_worker(rank, world_size, port, tokens, luts, out_path):
+    """Rank 1's clock runs 10^6 times fast: its limit of 1000 s passes at once, rank 0's never."""
+    import datetime
+    import os
+    import time
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if rank == 1:
+        real = time.perf_counter
+        tg.time = types.SimpleNamespace(**{**vars(time), "perf_counter": lambda: 1e6 * real()})
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    try:
+        _, sums, logs = run_ttt(tokens, luts, ttt_args(max_seconds=1000.0), tiny_gpt64(), rank=rank,
+                                world=world_size)
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump([sums.tolist(), logs], f)
+
+
+def test_ranks_stop_training_at_the_same_chunk_when_their_clocks_differ(val, tmp_path):
+    """The limit is judged by the slowest rank's clock: a rank stopping alone would leave the other waiting
+    in the gradient's all-reduce (here: a 60 s gloo timeout) or train the ranks apart."""
+    tokens, luts = val
+    out = tmp_path / "late.json"
+    mp.spawn(_late_rank_worker, args=(2, free_port(), tokens, luts, str(out)), nprocs=2, join=True)
+    sums, logs = json.loads(out.read_text())
+    assert [line.split(" at ")[0] for line in logs if "stopped" in line] == [
+        f"ttt_eval: training stopped after chunk 1/{len(sums)}"], logs
+    _, one, _ = run_ttt(tokens, luts, ttt_args(max_seconds=1e-9), tiny_gpt64())
+    assert [s[1:] for s in sums] == one[:, 1:].tolist()
+    assert [s[0] for s in sums] == pytest.approx(one[:, 0].tolist(), rel=1e-12, abs=0)
 
 
 def test_two_ranks_gloo_equal_one_process(val, tmp_path):
