@@ -1104,7 +1104,7 @@ def test_time_train(ev: Evaluator, stride: int, model: GPT, nll_fn, args, log) -
         p.grad = torch.zeros_like(p)
     opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
     sums = torch.zeros(len(chunks), 3, dtype=torch.float64, device=ev.device)
-    stopped = False  # TTT_MAX_SECONDS: from then on chunks are scored, not trained on
+    stopped, first = False, None  # TTT_MAX_SECONDS: from then on chunks are scored, not trained on
     for c, (windows, n) in enumerate(zip(chunks, n_seqs)):
         sync()
         t1 = time.perf_counter()
@@ -1115,8 +1115,12 @@ def test_time_train(ev: Evaluator, stride: int, model: GPT, nll_fn, args, log) -
         if c == len(chunks) - 1 or n == 0 or stopped:  # nothing is scored after the last chunk
             continue
         if args.ttt_max_seconds > 0:  # train on while the rest can be scored in time, at this rate
-            elapsed = time.perf_counter() - t0
-            rest = (elapsed - score_s) / max(c, 1) + score_s / (c + 1) * (len(chunks) - c - 1)
+            elapsed, rest = time.perf_counter() - t0, 0.0
+            if first is None and c > 0:  # the rates leave chunk 0 out: it carries the compiling
+                first = (c, elapsed, score_s)
+            elif first is not None:  # since then: k chunks trained, k scored
+                k, scored_s = c - first[0], score_s - first[2]
+                rest = (elapsed - first[1] - scored_s) / k + scored_s / k * (len(chunks) - c - 1)
             late = torch.tensor([elapsed + rest], dtype=torch.float64, device=ev.device)
             if world > 1:  # the slowest rank's view: every rank stops at the same chunk
                 dist.all_reduce(late, op=dist.ReduceOp.MAX)

@@ -2,6 +2,7 @@
 training on it; the first chunk scored by the untouched model; a later chunk's tokens cannot reach an
 earlier chunk's score; two ranks (gloo) agree with one process."""
 import json
+import time
 import types
 
 import pytest
@@ -159,6 +160,22 @@ def test_a_time_limit_already_reached_scores_every_chunk_untrained(val):
         f"ttt_eval: training stopped after chunk 1/{len(edges) - 1}"], logs
     _, free, logs = run_ttt(tokens, luts, ttt_args(max_seconds=1e6))  # far away: as without a limit
     assert torch.equal(free, run_ttt(tokens, luts, ttt_args())[1]) and not [x for x in logs if "stopped" in x]
+
+
+def test_the_first_chunks_compiling_is_not_taken_for_the_rate(val):
+    """A first scoring call 3 s slow (as compiling makes it) would project 3 s for each of the 4 chunks left,
+    over a 10 s limit; the rates come from the chunks after it, so TTT trains on every chunk."""
+    tokens, luts = val
+    model, calls = tiny_gpt(), []
+
+    def slow_first(x, y):
+        if not calls and not torch.is_grad_enabled():
+            time.sleep(3)
+        calls.append(1)
+        return per_row(model)(x, y)
+    _, sums, logs = run_ttt(tokens, luts, ttt_args(max_seconds=10.0), model, nll_fn=slow_first)
+    assert not [line for line in logs if "stopped" in line], logs
+    assert torch.equal(sums, run_ttt(tokens, luts, ttt_args())[1])
 
 
 def test_frozen_blocks_keep_their_weights(val):
