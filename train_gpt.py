@@ -1125,7 +1125,7 @@ def test_time_train(ev: Evaluator, stride: int, model: GPT, nll_fn, args, log) -
             if world > 1:  # the slowest rank's view: every rank stops at the same chunk
                 dist.all_reduce(late, op=dist.ReduceOp.MAX)
             if stopped := late.item() >= args.ttt_max_seconds:
-                log(f"ttt_eval: training stopped after chunk {c + 1}/{len(chunks)} at "
+                log(f"ttt_eval: training stopped at chunk {c + 1}/{len(chunks)} ({c} trained) at "
                     f"{elapsed:.1f}s (TTT_MAX_SECONDS={args.ttt_max_seconds:g}); "
                     f"the rest is scored without updates")
                 continue

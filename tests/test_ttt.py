@@ -156,8 +156,8 @@ def test_a_time_limit_already_reached_scores_every_chunk_untrained(val):
     result, sums, logs = run_ttt(tokens, luts, ttt_args(max_seconds=1e-9))
     assert sums[:, 0].tolist() == plain_chunk_sums(tokens, luts, STRIDE, edges)
     assert result[2] == N and sums[:, 1].tolist() == [b - a for a, b in zip(edges, edges[1:])]
-    assert [line.split(" at ")[0] for line in logs if "stopped" in line] == [
-        f"ttt_eval: training stopped after chunk 1/{len(edges) - 1}"], logs
+    assert [line.split(" at ")[:2] for line in logs if "stopped" in line] == [
+        ["ttt_eval: training stopped", f"chunk 1/{len(edges) - 1} (0 trained)"]], logs
     _, free, logs = run_ttt(tokens, luts, ttt_args(max_seconds=1e6))  # far away: as without a limit
     assert torch.equal(free, run_ttt(tokens, luts, ttt_args())[1]) and not [x for x in logs if "stopped" in x]
 
@@ -246,8 +246,8 @@ def test_ranks_stop_training_at_the_same_chunk_when_their_clocks_differ(val, tmp
     out = tmp_path / "late.json"
     mp.spawn(_late_rank_worker, args=(2, free_port(), tokens, luts, str(out)), nprocs=2, join=True)
     sums, logs = json.loads(out.read_text())
-    assert [line.split(" at ")[0] for line in logs if "stopped" in line] == [
-        f"ttt_eval: training stopped after chunk 1/{len(sums)}"], logs
+    assert [line.split(" at ")[:2] for line in logs if "stopped" in line] == [
+        ["ttt_eval: training stopped", f"chunk 1/{len(sums)} (0 trained)"]], logs
     _, one, _ = run_ttt(tokens, luts, ttt_args(max_seconds=1e-9), tiny_gpt64())
     assert [s[1:] for s in sums] == one[:, 1:].tolist()
     assert [s[0] for s in sums] == pytest.approx(one[:, 0].tolist(), rel=1e-12, abs=0)

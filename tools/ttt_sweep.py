@@ -13,6 +13,8 @@ artifact's weights are read back from the file and scored by legal score-first T
 delta is against the run's final_int6_sliding_window_exact (so run it with TTT_ENABLED=0). The
 compiled graphs are shared, so each setting costs its TTT time alone, not a compile and a sliding
 evaluation. Every setting is checked before anything runs: a bad one exits 2 like the run would.
+A setting that reaches TTT_MAX_SECONDS (450 by default) logs `ttt_eval: training stopped ...` above
+its line, and its score is then not the setting's own: compare settings with TTT_MAX_SECONDS=0.
 """
 import contextlib
 import importlib.util
