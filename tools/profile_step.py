@@ -71,7 +71,7 @@ def main() -> None:
           f"coda_layers:{[i for i, b in enumerate(base.blocks) if b.attn.coda]} "
           f"ve_layers:{[i for i, b in enumerate(base.blocks) if b.attn.ve_scale is not None]}")
     if getattr(base, "recurring", False):
-        print(f"recurrent steps: block passes {','.join(map(str, base.recur_order))}")
+        print(f"recurrent steps: block passes {tg.layer_list(base.recur_order)}")
     model = torch.compile(base, dynamic=False)
     muon, optimizers = tg.make_optimizers(base, args, torch.compile(tg.newton_schulz, dynamic=False))
     loader = token_loader(tg.find_shards(args.data_path, "train", 1), args.vocab_size, 0, 1, device)
