@@ -10,6 +10,7 @@ Every toggle is an environment variable read and checked once in Hyperparameters
 
 from __future__ import annotations
 
+import collections
 import copy
 import fcntl
 import fnmatch
@@ -72,6 +73,8 @@ CODA_HEAD_NORMS = ("rms", "learned", "none")
 CODA_LAMBDA_INIT = 1 / (1 + math.exp(6))
 # How the export fits the budget (the first is the default); see quantize_state.
 EXPORT_RULES = ("fill", "rate")
+# TTT's forms (the first is the default): full-weight SGD on stream chunks; LoRA per document.
+TTT_MODES = ("sgd", "lora")
 
 
 class ConfigError(Exception):
@@ -196,6 +199,11 @@ class Hyperparameters:
         self.ttt_freeze_blocks = _env("TTT_FREEZE_BLOCKS", 0)
         self.ttt_grad_clip = _env("TTT_GRAD_CLIP", 1.0, float)
         self.ttt_max_seconds = _env("TTT_MAX_SECONDS", 450.0, float)
+        self.ttt_mode = os.environ.get("TTT_MODE") or TTT_MODES[0]
+        self.ttt_lora_rank = _env("TTT_LORA_RANK", 96)
+        self.ttt_lora_lr = _env("TTT_LORA_LR", 3e-4, float)
+        self.ttt_lora_chunk = _env("TTT_LORA_CHUNK", 64)
+        self.ttt_lora_batch = _env("TTT_LORA_BATCH", 64)
         self.world_size = world_size
         self._validate()
 
@@ -291,7 +299,8 @@ class Hyperparameters:
              f"{self.train_seq_len} = {per_step}")
         need(self.artifact_limit_bytes >= 1,
              f"ARTIFACT_LIMIT_BYTES={self.artifact_limit_bytes}: expected >= 1")
-        need(not self.ttt_enabled or self.ttt_chunk_tokens >= self.eval_seq_len,
+        need(not self.ttt_enabled or self.ttt_mode != "sgd"
+             or self.ttt_chunk_tokens >= self.eval_seq_len,
              f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens}: below EVAL_SEQ_LEN={self.eval_seq_len}")
         need(self.ttt_epochs >= 1, f"TTT_EPOCHS={self.ttt_epochs}: expected a positive integer")
         need(self.ttt_lr > 0, f"TTT_LR={self.ttt_lr}: expected > 0")
@@ -301,6 +310,14 @@ class Hyperparameters:
         need(self.ttt_grad_clip >= 0, f"TTT_GRAD_CLIP={self.ttt_grad_clip}: expected >= 0 (0: off)")
         need(self.ttt_max_seconds >= 0,
              f"TTT_MAX_SECONDS={self.ttt_max_seconds}: expected >= 0 (0: no limit)")
+        need(self.ttt_mode in TTT_MODES,
+             f"TTT_MODE={self.ttt_mode!r}: expected {', '.join(TTT_MODES)}")
+        for name in ("TTT_LORA_RANK", "TTT_LORA_BATCH"):
+            need(getattr(self, name.lower()) >= 1,
+                 f"{name}={getattr(self, name.lower())}: expected a positive integer")
+        need(self.ttt_lora_lr > 0, f"TTT_LORA_LR={self.ttt_lora_lr}: expected > 0")
+        need(1 <= self.ttt_lora_chunk <= self.eval_seq_len,
+             f"TTT_LORA_CHUNK={self.ttt_lora_chunk}: expected 1..EVAL_SEQ_LEN={self.eval_seq_len}")
 
     @property
     def micro_batch_tokens(self) -> int:
@@ -583,6 +600,7 @@ class CastedLinear(nn.Linear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_buffer("qat", None, persistent=False)
+        self.lora: tuple[Tensor, Tensor] | None = None  # per-document TTT: (A, B), one per row
 
     def enable_qat(self) -> None:
         self.qat = torch.zeros((), device=self.weight.device)
@@ -595,7 +613,15 @@ class CastedLinear(nn.Linear):
         if out_scale is not None:
             w = w * out_scale.view(-1, 1)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, w.to(x.dtype), bias)
+        return lora_add(F.linear(x, w.to(x.dtype), bias), x, self.lora)
+
+
+def lora_add(out: Tensor, x: Tensor, lora: tuple[Tensor, Tensor] | None) -> Tensor:
+    """out + x A^T B^T, batch row b by its own pair (A [rows, r, in], B [rows, out, r])."""
+    if lora is None:
+        return out
+    a, b = lora
+    return out + (x @ a.to(x.dtype).mT) @ b.to(x.dtype).mT
 
 
 @torch.library.custom_op("train_gpt::cos_sin", mutates_args=())
@@ -912,6 +938,7 @@ class GPT(nn.Module):
                  recur_layers: tuple[int, ...] = ()):
         super().__init__()
         self.logit_softcap, self.act_dtype = logit_softcap, act_dtype
+        self.head_lora: tuple[Tensor, Tensor] | None = None  # per-document TTT, as CastedLinear's
         self.tok_emb = nn.Embedding(vocab_size, model_dim)
         self.bigram = (BigramHash(bigram_vocab_size, bigram_dim, model_dim)
                        if bigram_vocab_size else None)
@@ -981,7 +1008,9 @@ class GPT(nn.Module):
 
     def token_nll(self, ids: Tensor, targets: Tensor) -> Tensor:
         """Per-token negative log-likelihood (fp32), [B, T]."""
-        logits = F.linear(self.hidden(ids), self.tok_emb.weight.to(self.act_dtype)).float()
+        h = self.hidden(ids)
+        logits = lora_add(F.linear(h, self.tok_emb.weight.to(self.act_dtype)), h,
+                          self.head_lora).float()
         logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
         return nll.view_as(targets)
@@ -1158,6 +1187,146 @@ def test_time_train(ev: Evaluator, stride: int, model: GPT, nll_fn, args, log) -
     log(f"ttt_eval chunks:{len(chunks)} tokens:{result[2]} time:{total_s:.1f}s "
         f"score:{score_s:.1f}s train:{total_s - score_s:.1f}s")
     return result, sums
+
+
+def document_starts(tokens: Tensor, bos: int, num_targets: int) -> list[int]:
+    """The first target of each document: 0 and each BOS before the last target (a document's
+    targets run from its BOS, which predicts its first token, to the one that predicts the next
+    BOS)."""
+    at = torch.nonzero(tokens[1:num_targets] == bos).flatten() + 1 if bos >= 0 else tokens[:0]
+    return [0] + at.tolist()
+
+
+class DocAdapters:
+    """LoRA pairs on each block's attention projections and MLP input and on the head: one pair
+    per batch row, so each row's document adapts alone; Adam (beta1 = 0) with a step count per
+    row. B starts at zero: a fresh row scores as the artifact does."""
+
+    BETA2, EPS = 0.999, 1e-10
+
+    def __init__(self, model: GPT, rows: int, rank: int, device: torch.device):
+        hosts = [(m, "lora", m.in_features, m.out_features) for block in model.blocks
+                 for m in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.attn.proj,
+                           block.mlp.fc)]
+        dim, vocab = model.tok_emb.embedding_dim, model.tok_emb.num_embeddings
+        self.hosts = hosts + [(model, "head_lora", dim, vocab)]
+        gen = torch.Generator().manual_seed(0)  # one start for every document, on any rank
+        self.a0 = [(torch.rand(rank, n_in, generator=gen) * 2 - 1).div_(n_in ** 0.5).to(device)
+                   for _, _, n_in, _ in self.hosts]
+        self.pairs = [(a0.expand(rows, -1, -1).clone().requires_grad_(),
+                       torch.zeros(rows, n_out, rank, device=device, requires_grad=True))
+                      for a0, (_, _, _, n_out) in zip(self.a0, self.hosts)]
+        self.params = [p for pair in self.pairs for p in pair]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.steps = torch.zeros(rows, device=device)
+
+    def install(self, on: bool) -> None:
+        for (host, attr, _, _), pair in zip(self.hosts, self.pairs):
+            setattr(host, attr, pair if on else None)
+
+    @torch.no_grad()
+    def reset(self, rows: list[int]) -> None:
+        if rows:
+            idx = torch.tensor(rows, device=self.steps.device)
+            for (a, b), a0 in zip(self.pairs, self.a0):
+                a[idx], b[idx] = a0, 0.0
+            for v in self.v:
+                v[idx] = 0.0
+            self.steps[idx] = 0.0
+
+    @torch.no_grad()
+    def step(self, train: Tensor, lr: float) -> None:
+        """One Adam step on the rows where train is 1; the others keep weights and state."""
+        self.steps += train
+        correction = 1 - self.BETA2 ** self.steps.clamp_min(1)
+        for p, v in zip(self.params, self.v):
+            on = train.view(-1, *[1] * (p.dim() - 1)).bool()
+            v.copy_(torch.where(on, self.BETA2 * v + (1 - self.BETA2) * p.grad.square(), v))
+            c = correction.view_as(on)
+            p.copy_(torch.where(on, p - lr * p.grad / ((v / c).sqrt() + self.EPS), p))
+            p.grad = None
+
+
+def doc_test_time_train(ev: Evaluator, model: GPT, nll_fn, args, log, bos: int) -> tuple:
+    """Legal score-first TTT per document: its chunks of TTT_LORA_CHUNK targets in order, each
+    scored by the window of EVAL_SEQ_LEN tokens ending with it, then one step of the document's
+    own adapters on it; a row takes the next document when its own ends. Returns the result and
+    each target's nll (this rank's documents; 0 elsewhere)."""
+    rank, world, L, t0 = ev.rank, ev.world_size, ev.seq_len, time.perf_counter()
+    C, rows, N, dev = min(args.ttt_lora_chunk, L), args.ttt_lora_batch, ev.num_targets, ev.device
+    starts = document_starts(ev.tokens, bos, N)
+    ends = starts[1:] + [N]
+    # Longest first: rows then run out together at the end, and ranks get even shares.
+    order = sorted(range(len(starts)), key=lambda d: (starts[d] - ends[d], d))[rank::world]
+    queue = collections.deque(order)
+    left = sum(-(-(ends[d] - starts[d]) // C) for d in order)  # chunks of this rank's documents
+    doc, pos = [-1] * rows, [0] * rows
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapters = DocAdapters(model, rows, args.ttt_lora_rank, dev)
+    adapters.install(True)
+    sums = torch.zeros(3, dtype=torch.float64, device=dev)
+    nll_at = torch.zeros(N, device=dev)
+    steps, first, stopped, started, report = 0, None, False, 0, max(1, len(order) // 10)
+    while True:
+        fresh = [b for b in range(rows) if doc[b] < 0][:len(queue)]
+        for b in fresh:
+            doc[b] = queue.popleft()
+            pos[b] = starts[doc[b]]
+        if not any(d >= 0 for d in doc):
+            break
+        adapters.reset(fresh)
+        if started // report != (started + len(fresh)) // report:
+            log(f"ttt_docs:{started + len(fresh)}/{len(order)} "
+                f"time:{time.perf_counter() - t0:.1f}s")
+        started += len(fresh)
+        if args.ttt_max_seconds > 0 and not stopped:  # train on while the rest fits, at this rate
+            elapsed, rest = time.perf_counter() - t0, 0.0
+            if first is None and steps > 0:  # the rate leaves step 0 out: it holds the compiling
+                first = (steps, elapsed)
+            elif first is not None:
+                rest = (elapsed - first[1]) / (steps - first[0]) * -(-left // rows)
+            if stopped := elapsed + rest >= args.ttt_max_seconds:
+                log(f"ttt_eval: training stopped at step {steps + 1} ({started} of {len(order)} "
+                    f"documents started) at {elapsed:.1f}s (TTT_MAX_SECONDS="
+                    f"{args.ttt_max_seconds:g}); the rest is scored without updates")
+        active = [d >= 0 for d in doc]
+        lo = [pos[b] if active[b] else 0 for b in range(rows)]
+        hi = [min(pos[b] + C, ends[doc[b]]) if active[b] else 0 for b in range(rows)]
+        train = [active[b] and hi[b] < ends[doc[b]] and not stopped for b in range(rows)]
+        w = torch.tensor([max(0, h - L) for h in hi])
+        lo_t, hi_t = (torch.tensor(v).sub(w).to(dev)[:, None] for v in (lo, hi))
+        w = w.to(dev)[:, None]
+        window = ev.tokens[w + ev.offsets]
+        x, y = window[:, :-1], window[:, 1:]
+        scored = (ev.offsets[None, :-1] >= lo_t) & (ev.offsets[None, :-1] < hi_t)
+        nll = nll_fn(x, y)
+        with torch.no_grad():
+            mine = torch.where(scored, nll.detach(), 0.0)
+            nll_at.scatter_add_(0, (w + ev.offsets[None, :-1]).flatten(), mine.flatten())
+            sums += torch.stack((mine.double().sum(), scored.sum().double(),
+                                 torch.where(scored, token_bytes(x, y, ev.luts), 0).sum().double()))
+        if any(train):
+            t = torch.tensor(train, dtype=torch.float32, device=dev)
+            chunk_loss = torch.where(scored, nll, 0.0).sum(1) / (hi_t - lo_t).clamp_min(1)[:, 0]
+            (chunk_loss * t).sum().backward()
+            adapters.step(t, args.ttt_lora_lr)
+        del nll
+        steps += 1
+        for b in range(rows):
+            if active[b]:
+                pos[b], left = hi[b], left - 1
+                if hi[b] == ends[doc[b]]:
+                    doc[b] = -1
+    adapters.install(False)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if world > 1:
+        dist.all_reduce(sums)
+    result, total_s = ev.result(sums), time.perf_counter() - t0
+    log(f"ttt_eval chunks:{sum(-(-(e - s) // C) for s, e in zip(starts, ends))} "
+        f"tokens:{result[2]} time:{total_s:.1f}s docs:{len(starts)} steps:{steps}")
+    return result, nll_at
 
 
 # -----------------------------
@@ -2080,6 +2249,7 @@ def make_evaluate(args, base_model: GPT, sp, tokens: Tensor, compile_fn, log, ra
     luts, tokens = build_byte_luts(sp, device), tokens.to(device)  # one copy for all
     evaluators: dict[int, Evaluator] = {}
     counted: list[tuple[int, int]] = []
+    lora_fn: list = []
 
     def evaluate(stride: int | None = None, ttt: bool = False) -> tuple[float, float, int, int]:
         stride = stride or args.eval_seq_len
@@ -2087,7 +2257,12 @@ def make_evaluate(args, base_model: GPT, sp, tokens: Tensor, compile_fn, log, ra
             evaluators[stride] = Evaluator(tokens, args.eval_seq_len, stride, luts, device, rank,
                                            args.world_size)
         base_model.eval()
-        if ttt:
+        if ttt and args.ttt_mode == "lora":
+            if not lora_fn:  # its own graph: the adapters are inputs and need gradients
+                lora_fn.append(compile_fn(base_model.token_nll, dynamic=False))
+            result = doc_test_time_train(evaluators[stride], base_model, lora_fn[0], args, log,
+                                         sp.bos_id())[0]
+        elif ttt:
             result = test_time_train(evaluators[stride], stride, base_model, nll_fn, args, log)[0]
         else:
             result = evaluators[stride](nll_fn)

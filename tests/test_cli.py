@@ -49,7 +49,8 @@ CONTRACT = {
     "sliding": re.compile(rf"final_int6_sliding_window_exact val_loss:{FLOAT8} val_bpb:{FLOAT8}"),
     "val_tokens": re.compile(r"val_tokens:(\d+) val_bytes:(\d+)"),
     "ttt": re.compile(rf"legal_ttt_exact val_loss:{FLOAT8} val_bpb:{FLOAT8}"),
-    "ttt_eval": re.compile(r"ttt_eval chunks:(\d+) tokens:(\d+) time:\d+\.\ds score:\d+\.\ds train:\d+\.\ds"),
+    "ttt_eval": re.compile(r"ttt_eval chunks:(\d+) tokens:(\d+) time:\d+\.\ds "
+                           r"(?:score:\d+\.\ds train:\d+\.\ds|docs:(\d+) steps:(\d+))"),  # sgd | lora
 }
 CODA_STATS_LINE = re.compile(r"coda_stats step:(\d+) layer:(\d+) lambda_mean:(\d\.\d{5}) lambda_max:(\d\.\d{5}) "
                              r"theta_dev_mean:(\d+\.\d{4}) theta_dev_max:(\d+\.\d{4}) pre_norm_rms:(\d+\.\d{4}) "
@@ -474,6 +475,32 @@ def test_load_artifact_reproduces_the_ttt_line(ttt_run, dataset, tmp_path):
         assert contract_line(log, key).group(0) == contract_line(ttt_run["log"], key).group(0)
 
 
+def test_lora_ttt_from_the_artifact_scores_every_target_and_reproduces(ttt_run, dataset, tmp_path):
+    """TTT_MODE=lora by LOAD_ARTIFACT: the final_int6_* lines as trained, then the TTT lines once, over every
+    target and document, the report's score TTT's; the same setting swept after it (the weights read back
+    from the file) scores it to the last digit, another rate differently."""
+    lora = dict(TTT_ENABLED="1", TTT_MODE="lora", TTT_LORA_CHUNK="16", TTT_LORA_BATCH="4", TTT_LORA_RANK="4",
+                TTT_LORA_LR="0.01")
+    sweep = "TTT_MODE=lora TTT_LORA_CHUNK=16 TTT_LORA_BATCH=4 TTT_LORA_RANK=4 TTT_LORA_LR=0.01; " \
+            "TTT_MODE=lora TTT_LORA_CHUNK=16 TTT_LORA_BATCH=4 TTT_LORA_RANK=4 TTT_LORA_LR=0.001"
+    env = dict(dataset["env"], **lora, RUN_ID="lora", LOAD_ARTIFACT=str(ttt_run["artifact"]), TTT_SWEEP=sweep)
+    proc = trainer(tmp_path, env, script=SCRIPT.parent / "tools" / "ttt_sweep.py")
+    assert proc.returncode == 0, describe(proc)
+    log = run_lines((tmp_path / "logs" / "lora.txt").read_text())
+    own = log[:log.index("\n", log.index("legal_ttt_exact"))]  # the run's lines; the sweep's follow
+    for key in ("roundtrip", "sliding", "val_tokens"):
+        assert contract_line(own, key).group(0) == contract_line(ttt_run["log"], key).group(0)
+    ttt, ttt_eval = contract_line(own, "ttt"), contract_line(own, "ttt_eval")
+    tokens = np.fromfile(os.path.join(dataset["data_path"], "fineweb_val_000000.bin"), dtype="<u2", offset=1024)
+    docs = 1 + int((tokens[1:-1] == 1).sum())  # a document from each BOS (synth's id 1) that is not the last token
+    assert ttt_eval.group(2) == contract_line(log, "val_tokens").group(1) and int(ttt_eval.group(3)) == docs
+    assert ttt.groups() not in (contract_line(log, "sliding").groups(), contract_line(ttt_run["log"], "ttt").groups())
+    rows = re.findall(rf"ttt_sweep .+ val_loss:{FLOAT8} val_bpb:{FLOAT8} delta:", log)
+    assert rows[0] == ttt.groups() and rows[1] != rows[0]
+    report = json.loads((tmp_path / "logs" / "lora.json").read_text())
+    assert report["score"] == "legal_ttt_exact" and f"{report['ttt_val_bpb']:.8f}" == ttt.group(2)
+
+
 def test_ttt_sweep_scores_each_setting_from_the_artifact(ttt_run, dataset, tmp_path):
     """tools/ttt_sweep.py: the run's own TTT setting, swept after another setting has trained the
     weights, scores what the TTT run scored to the last digit (each setting starts from the file);
@@ -857,6 +884,12 @@ BAD_INPUT = {
                                               TTT_CHUNK_TOKENS="63"),
     "ttt_grad_clip_negative": _env_only(["TTT_GRAD_CLIP"], TTT_GRAD_CLIP="-1"),
     "ttt_max_seconds_negative": _env_only(["TTT_MAX_SECONDS"], TTT_MAX_SECONDS="-1"),
+    "ttt_mode_unknown": _env_only(["TTT_MODE"], TTT_MODE="doc"),
+    "ttt_lora_rank_zero": _env_only(["TTT_LORA_RANK"], TTT_LORA_RANK="0"),
+    "ttt_lora_lr_zero": _env_only(["TTT_LORA_LR"], TTT_LORA_LR="0"),
+    "ttt_lora_chunk_zero": _env_only(["TTT_LORA_CHUNK"], TTT_LORA_CHUNK="0"),
+    "ttt_lora_chunk_over_eval_seq_len": _env_only(["TTT_LORA_CHUNK", "EVAL_SEQ_LEN"], TTT_LORA_CHUNK="65"),
+    "ttt_lora_batch_zero": _env_only(["TTT_LORA_BATCH"], TTT_LORA_BATCH="0"),
 }
 
 

@@ -8,7 +8,7 @@ Runs train_gpt.py as the environment sets it (training too, without LOAD_ARTIFAC
 evaluation, for each `;`-separated setting of TTT_* variables (applied over the run's own), the
 artifact's weights are read back from the file and scored by legal score-first TTT, one line each:
 
-    ttt_sweep SETTING val_loss:X val_bpb:X delta:X time:Ys
+    ttt_sweep SETTING val_loss:X val_bpb:X delta:X time:Ys [peak_memory:ZMiB, on a GPU]
 
 delta is against the run's final_int6_sliding_window_exact (so run it with TTT_ENABLED=0). The
 compiled graphs are shared, so each setting costs its TTT time alone, not a compile and a sliding
@@ -71,14 +71,18 @@ def final_evaluation(args, base_model, evaluate, artifact_path, weights, code_by
     result = real_final_evaluation(args, base_model, evaluate, artifact_path, weights,
                                    code_bytes, log, digest)
     sliding = result["val_bpb"] if result["score"] == "final_int6_sliding_window_exact" else None
+    cuda = base_model.tok_emb.weight.is_cuda
     for label, overrides in SETTINGS:
         vars(args).update(ttt_fields(overrides, args.world_size))
         base_model.load_state_dict(tg.read_artifact(artifact_path, args.shape, "ttt_sweep", digest))
         t0 = time.perf_counter()
+        if cuda:
+            tg.torch.cuda.reset_peak_memory_stats()
         loss, bpb, _, _ = evaluate(args.eval_stride, ttt=True)
         delta = f"{bpb - sliding:.8f}" if sliding is not None else "n/a"
+        peak = f" peak_memory:{tg.torch.cuda.max_memory_allocated() >> 20}MiB" if cuda else ""
         log(f"ttt_sweep {label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} delta:{delta} "
-            f"time:{time.perf_counter() - t0:.1f}s")
+            f"time:{time.perf_counter() - t0:.1f}s{peak}")
     return result
 
 
