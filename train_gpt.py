@@ -73,8 +73,8 @@ CODA_HEAD_NORMS = ("rms", "learned", "none")
 CODA_LAMBDA_INIT = 1 / (1 + math.exp(6))
 # How the export fits the budget (the first is the default); see quantize_state.
 EXPORT_RULES = ("fill", "rate")
-# TTT's forms (the first is the default): full-weight SGD on stream chunks; LoRA per document.
-TTT_MODES = ("sgd", "lora")
+# TTT's forms (the first is the default): LoRA per document; full-weight SGD on stream chunks.
+TTT_MODES = ("lora", "sgd")
 
 
 class ConfigError(Exception):
@@ -176,7 +176,7 @@ class Hyperparameters:
         self.tied_embed_lr = _env("TIED_EMBED_LR", 0.035, float)
         self.tied_embed_init_std = _env("TIED_EMBED_INIT_STD", 0.005, float)
         self.muon_wd = _env("MUON_WD", 0.04, float)
-        self.muon_row_norm = _flag("MUON_ROW_NORM", False)
+        self.muon_row_norm = _flag("MUON_ROW_NORM", True)
         self.adam_wd = _env("ADAM_WD", 0.04, float)
         self.grad_clip_norm = _env("GRAD_CLIP_NORM", 0.3, float)
         self.muon_momentum = _env("MUON_MOMENTUM", 0.99, float)

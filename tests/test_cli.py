@@ -436,7 +436,7 @@ def test_load_artifact_reproduces_final_lines(single_run, dataset, tmp_path):
 # Legal score-first TTT
 # -----------------------------
 
-TTT = dict(TTT_ENABLED="1", TTT_CHUNK_TOKENS="512")  # 7 chunks of the ~3,200 targets
+TTT = dict(TTT_ENABLED="1", TTT_MODE="sgd", TTT_CHUNK_TOKENS="512")  # 7 chunks of the ~3,200 targets
 
 
 @pytest.fixture(scope="module")
@@ -508,7 +508,8 @@ def test_ttt_sweep_scores_each_setting_from_the_artifact(ttt_run, dataset, tmp_p
     exits 2 before anything runs."""
     line = re.compile(rf"ttt_sweep (.+) val_loss:{FLOAT8} val_bpb:{FLOAT8} delta:(-?\d+\.\d{{8}}) time:\d+\.\ds")
     sweep = "TTT_CHUNK_TOKENS=512 TTT_EPOCHS=1 TTT_LR=0.2; TTT_CHUNK_TOKENS=512"
-    env = dict(dataset["env"], RUN_ID="sweep", LOAD_ARTIFACT=str(ttt_run["artifact"]), TTT_SWEEP=sweep)
+    env = dict(dataset["env"], RUN_ID="sweep", LOAD_ARTIFACT=str(ttt_run["artifact"]), TTT_SWEEP=sweep,
+               TTT_MODE="sgd")
     proc = trainer(tmp_path, env, script=SCRIPT.parent / "tools" / "ttt_sweep.py")
     assert proc.returncode == 0, describe(proc)
     log = run_lines((tmp_path / "logs" / "sweep.txt").read_text())
@@ -881,7 +882,7 @@ BAD_INPUT = {
     "ttt_epochs_zero": _env_only(["TTT_EPOCHS"], TTT_EPOCHS="0"),
     "ttt_freeze_beyond_layers": _env_only(["TTT_FREEZE_BLOCKS"], TTT_FREEZE_BLOCKS="3"),
     "ttt_chunk_below_eval_seq_len": _env_only(["TTT_CHUNK_TOKENS", "EVAL_SEQ_LEN"], TTT_ENABLED="1",
-                                              TTT_CHUNK_TOKENS="63"),
+                                              TTT_MODE="sgd", TTT_CHUNK_TOKENS="63"),
     "ttt_grad_clip_negative": _env_only(["TTT_GRAD_CLIP"], TTT_GRAD_CLIP="-1"),
     "ttt_max_seconds_negative": _env_only(["TTT_MAX_SECONDS"], TTT_MAX_SECONDS="-1"),
     "ttt_mode_unknown": _env_only(["TTT_MODE"], TTT_MODE="doc"),
