@@ -316,7 +316,8 @@ class Hyperparameters:
             need(getattr(self, name.lower()) >= 1,
                  f"{name}={getattr(self, name.lower())}: expected a positive integer")
         need(self.ttt_lora_lr > 0, f"TTT_LORA_LR={self.ttt_lora_lr}: expected > 0")
-        need(1 <= self.ttt_lora_chunk <= self.eval_seq_len,
+        need(self.ttt_lora_chunk >= 1 and (not self.ttt_enabled or self.ttt_mode != "lora"
+                                           or self.ttt_lora_chunk <= self.eval_seq_len),
              f"TTT_LORA_CHUNK={self.ttt_lora_chunk}: expected 1..EVAL_SEQ_LEN={self.eval_seq_len}")
 
     @property
@@ -1300,7 +1301,7 @@ def doc_test_time_train(ev: Evaluator, model: GPT, nll_fn, args, log, bos: int) 
         window = ev.tokens[w + ev.offsets]
         x, y = window[:, :-1], window[:, 1:]
         scored = (ev.offsets[None, :-1] >= lo_t) & (ev.offsets[None, :-1] < hi_t)
-        nll = nll_fn(x, y)
+        nll = nll_fn(x, y)  # with gradients even when no row trains: no_grad compiles a new graph
         with torch.no_grad():
             mine = torch.where(scored, nll.detach(), 0.0)
             nll_at.scatter_add_(0, (w + ev.offsets[None, :-1]).flatten(), mine.flatten())

@@ -889,7 +889,8 @@ BAD_INPUT = {
     "ttt_lora_rank_zero": _env_only(["TTT_LORA_RANK"], TTT_LORA_RANK="0"),
     "ttt_lora_lr_zero": _env_only(["TTT_LORA_LR"], TTT_LORA_LR="0"),
     "ttt_lora_chunk_zero": _env_only(["TTT_LORA_CHUNK"], TTT_LORA_CHUNK="0"),
-    "ttt_lora_chunk_over_eval_seq_len": _env_only(["TTT_LORA_CHUNK", "EVAL_SEQ_LEN"], TTT_LORA_CHUNK="65"),
+    "ttt_lora_chunk_over_eval_seq_len": _env_only(["TTT_LORA_CHUNK", "EVAL_SEQ_LEN"], TTT_ENABLED="1",
+                                                  TTT_LORA_CHUNK="65"),
     "ttt_lora_batch_zero": _env_only(["TTT_LORA_BATCH"], TTT_LORA_BATCH="0"),
 }
 

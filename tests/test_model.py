@@ -894,7 +894,7 @@ def full_model(monkeypatch, **extra):
     env = dict(VOCAB_SIZE=VOCAB, NUM_LAYERS=2, MODEL_DIM=DIM, NUM_HEADS=HEADS, NUM_KV_HEADS=2, MLP_MULT=2,
                TRAIN_SEQ_LEN=SEQ, EVAL_SEQ_LEN=SEQ, EVAL_STRIDE=8, TRAIN_BATCH_TOKENS=SEQ * 8,
                GRAD_ACCUM_STEPS=1, BIGRAM_VOCAB_SIZE=16, BIGRAM_DIM=8, XSA_LAST_N=1, CODA_LAST_N=1,
-               ROPE_DIMS=4, VE_LAST_N=1, VE_DIM=8, **extra)
+               ROPE_DIMS=4, VE_LAST_N=1, VE_DIM=8, TTT_ENABLED=0, **extra)
     for k, v in env.items():
         monkeypatch.setenv(k, str(v))
     monkeypatch.delenv("CODA_ENABLED", raising=False)

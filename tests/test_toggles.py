@@ -141,7 +141,8 @@ def test_late_qat_switches_on_once_during_the_warmdown(tmp_path, floor, scale):
                NUM_KV_HEADS="2", MLP_MULT="2", TRAIN_SEQ_LEN="32", EVAL_SEQ_LEN="32", TRAIN_BATCH_TOKENS="128",
                GRAD_ACCUM_STEPS="1", ITERATIONS="8", MAX_WALLCLOCK_SECONDS="0", WARMDOWN_ITERS="8",
                WARMUP_STEPS="1", EVAL_STRIDE="0", BIGRAM_VOCAB_SIZE="0", LATE_QAT="0.5", LN_SCALE="1",
-               MLP_LEAKY_SLOPE="0.5", XSA_LAST_N="1", RUN_ID="qat", OMP_NUM_THREADS="1", LR_FLOOR=floor)
+               MLP_LEAKY_SLOPE="0.5", XSA_LAST_N="1", RUN_ID="qat", OMP_NUM_THREADS="1", LR_FLOOR=floor,
+               TTT_ENABLED="0")
     proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
