@@ -1248,6 +1248,11 @@ class DocAdapters:
             p.grad = None
 
 
+# A step that scores without training costs about a third of one that trains (no backward); a
+# half leaves a margin in TTT_MAX_SECONDS' projection.
+LORA_SCORE_SHARE = 0.5
+
+
 def doc_test_time_train(ev: Evaluator, model: GPT, nll_fn, args, log, bos: int) -> tuple:
     """Legal score-first TTT per document: its chunks of TTT_LORA_CHUNK targets in order, each
     scored by the window of EVAL_SEQ_LEN tokens ending with it, then one step of the document's
@@ -1285,8 +1290,9 @@ def doc_test_time_train(ev: Evaluator, model: GPT, nll_fn, args, log, bos: int) 
             elapsed, rest = time.perf_counter() - t0, 0.0
             if first is None and steps > 0:  # the rate leaves step 0 out: it holds the compiling
                 first = (steps, elapsed)
-            elif first is not None:
-                rest = (elapsed - first[1]) / (steps - first[0]) * -(-left // rows)
+            elif first is not None:  # one more step trained, the rest scored (no backward)
+                step_s = (elapsed - first[1]) / (steps - first[0])
+                rest = step_s + step_s * LORA_SCORE_SHARE * max(0, -(-left // rows) - 1)
             if stopped := elapsed + rest >= args.ttt_max_seconds:
                 log(f"ttt_eval: training stopped at step {steps + 1} ({started} of {len(order)} "
                     f"documents started) at {elapsed:.1f}s (TTT_MAX_SECONDS="

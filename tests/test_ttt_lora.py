@@ -156,3 +156,41 @@ def test_two_ranks_gloo_equal_one_process(val, tmp_path):
     assert tuple(result[2:]) == one[2:]
     assert result[:2] == pytest.approx(list(one[:2]), rel=1e-9, abs=0)
     assert nll_at == pytest.approx(one_at.tolist(), rel=1e-6, abs=0)
+
+
+def test_a_time_limit_reached_midway_trains_until_the_rest_only_fits_scored(val, monkeypatch):
+    """A clock of 0.5 s a forward and 0.5 s a training step: training goes on while one more trained step
+    plus the rest scored fits the limit, so a limit below the full run's time stops midway, not at once,
+    and the run ends within a step of it; documents begun after the stop score as untrained."""
+    tokens, luts = val
+    clock, model = [0.0], tiny_gpt()
+    monkeypatch.setattr(tg, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    real_step = tg.DocAdapters.step
+
+    def step(self, train, lr):
+        clock[0] += 0.5
+        real_step(self, train, lr)
+    monkeypatch.setattr(tg.DocAdapters, "step", step)
+
+    def ticking(x, y):
+        clock[0] += 0.5
+        return model.token_nll(x, y)
+
+    def run(**kw):
+        clock[0], logs = 0.0, []
+        ev = tg.Evaluator(tokens, L, L, luts, CPU, 0, 1)
+        result, nll_at = tg.doc_test_time_train(ev, model, ticking, lora_args(batch=2, **kw), logs.append, BOS)
+        return result, nll_at, logs
+    result, full, logs = run()
+    steps = int(logs[-1].split("steps:")[1])
+    _, untrained, _ = run(lr=1e-30)
+    limit = 0.75 * steps
+    got, at, logs = run(max_seconds=limit)
+    stop = [line for line in logs if "stopped" in line]
+    assert len(stop) == 1 and got[2:] == result[2:]
+    stop_step = int(stop[0].split("at step ")[1].split(" ")[0])
+    assert steps // 3 < stop_step < steps  # midway: the old projection stopped at step 3
+    assert clock[0] <= limit + 1
+    docs = documents(tokens)
+    assert not torch.equal(at, full) and not torch.equal(at, untrained)
+    assert any(torch.equal(at[s:e], untrained[s:e]) for s, e in docs)  # begun after the stop
