@@ -1099,11 +1099,14 @@ class Evaluator:
             chunk = self.tokens[w[:, :1] + self.offsets]
             x, y = chunk[:, :-1], chunk[:, 1:]
             scored = self.offsets[None, :-1] >= w[:, 1:]
-            nll = nll_fn(x, y)
-            sums[0] += torch.where(scored, nll.double(), 0.0).sum()
-            sums[1] += scored.sum()
-            sums[2] += torch.where(scored, token_bytes(x, y, self.luts), 0).sum()
+            self.add(sums, nll_fn(x, y), scored, x, y)
         return sums
+
+    def add(self, sums: Tensor, nll: Tensor, scored: Tensor, x: Tensor, y: Tensor) -> None:
+        """Adds the scored targets' nll, count and bytes to the float64 sums."""
+        sums[0] += torch.where(scored, nll.double(), 0.0).sum()
+        sums[1] += scored.sum()
+        sums[2] += torch.where(scored, token_bytes(x, y, self.luts), 0).sum()
 
     def result(self, sums: Tensor) -> tuple[float, float, int, int]:
         """(loss, bpb, targets, bytes) of the sums over all ranks."""
@@ -1265,7 +1268,8 @@ def doc_test_time_train(ev: Evaluator, model: GPT, nll_fn, args, log, bos: int) 
     # Longest first: rows then run out together at the end, and ranks get even shares.
     order = sorted(range(len(starts)), key=lambda d: (starts[d] - ends[d], d))[rank::world]
     queue = collections.deque(order)
-    left = sum(-(-(ends[d] - starts[d]) // C) for d in order)  # chunks of this rank's documents
+    chunks = [-(-(e - s) // C) for s, e in zip(starts, ends)]
+    left = sum(chunks[d] for d in order)  # the projection's count of this rank's steps to come
     doc, pos = [-1] * rows, [0] * rows
     for p in model.parameters():
         p.requires_grad_(False)
@@ -1311,8 +1315,7 @@ def doc_test_time_train(ev: Evaluator, model: GPT, nll_fn, args, log, bos: int) 
         with torch.no_grad():
             mine = torch.where(scored, nll.detach(), 0.0)
             nll_at.scatter_add_(0, (w + ev.offsets[None, :-1]).flatten(), mine.flatten())
-            sums += torch.stack((mine.double().sum(), scored.sum().double(),
-                                 torch.where(scored, token_bytes(x, y, ev.luts), 0).sum().double()))
+            ev.add(sums, mine, scored, x, y)
         if any(train):
             t = torch.tensor(train, dtype=torch.float32, device=dev)
             chunk_loss = torch.where(scored, nll, 0.0).sum(1) / (hi_t - lo_t).clamp_min(1)[:, 0]
@@ -1331,7 +1334,7 @@ def doc_test_time_train(ev: Evaluator, model: GPT, nll_fn, args, log, bos: int) 
     if world > 1:
         dist.all_reduce(sums)
     result, total_s = ev.result(sums), time.perf_counter() - t0
-    log(f"ttt_eval chunks:{sum(-(-(e - s) // C) for s, e in zip(starts, ends))} "
+    log(f"ttt_eval chunks:{sum(chunks)} "
         f"tokens:{result[2]} time:{total_s:.1f}s docs:{len(starts)} steps:{steps}")
     return result, nll_at
 
