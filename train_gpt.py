@@ -1254,6 +1254,9 @@ class DocAdapters:
 # A step that scores without training costs about a third of one that trains (no backward); a
 # half leaves a margin in TTT_MAX_SECONDS' projection.
 LORA_SCORE_SHARE = 0.5
+# A document is adapted in pieces of at most this many targets, each from a fresh start: a long
+# document (a stream without BOS is one) then holds a row for this / TTT_LORA_CHUNK steps at most.
+LORA_PIECE_TARGETS = 65536
 
 
 def doc_test_time_train(ev: Evaluator, model: GPT, nll_fn, args, log, bos: int) -> tuple:
@@ -1264,6 +1267,7 @@ def doc_test_time_train(ev: Evaluator, model: GPT, nll_fn, args, log, bos: int) 
     rank, world, L, t0 = ev.rank, ev.world_size, ev.seq_len, time.perf_counter()
     C, rows, N, dev = min(args.ttt_lora_chunk, L), args.ttt_lora_batch, ev.num_targets, ev.device
     starts = document_starts(ev.tokens, bos, N)
+    starts = [p for s, e in zip(starts, starts[1:] + [N]) for p in range(s, e, LORA_PIECE_TARGETS)]
     ends = starts[1:] + [N]
     # Longest first: rows then run out together at the end, and ranks get even shares.
     order = sorted(range(len(starts)), key=lambda d: (starts[d] - ends[d], d))[rank::world]

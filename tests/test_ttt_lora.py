@@ -110,6 +110,23 @@ def test_each_document_adapts_alone_whatever_the_rows(val, batch):
     assert got.tolist() == pytest.approx(ref.tolist(), rel=1e-6, abs=0)
 
 
+def test_a_long_document_adapts_in_pieces_each_from_a_fresh_start(val, monkeypatch):
+    """A stream without BOS is one document of 600 targets: in pieces of 48, each piece's first chunk
+    scores as untrained and its later ones are adapted, and the rows take the pieces at once, so the
+    steps are a piece's chunks, not the document's."""
+    tokens, luts = val
+    monkeypatch.setattr(tg, "LORA_PIECE_TARGETS", 48)
+    args = lora_args(lr=0.05, batch=16)
+    _, nll_at, logs = run_lora(tokens, luts, args, bos=-1)
+    _, untrained, _ = run_lora(tokens, luts, lora_args(lr=1e-30, batch=16), bos=-1)
+    for s in range(0, N, 48):
+        assert torch.equal(nll_at[s:s + 8], untrained[s:s + 8]), s
+        assert not torch.equal(nll_at[s + 8:s + 48], untrained[s + 8:s + 48]), s
+    assert " docs:13 steps:6" in logs[-1], logs[-1]  # 600 = 12 x 48 + 24: 13 pieces of <= 6 chunks
+    monkeypatch.setattr(tg, "LORA_PIECE_TARGETS", 10**9)  # one piece: one row, a step a chunk
+    assert " docs:1 steps:75" in run_lora(tokens, luts, args, bos=-1)[2][-1]
+
+
 def test_the_model_is_left_as_found(val):
     tokens, luts = val
     model = tiny_gpt()
