@@ -1260,14 +1260,15 @@ LORA_PIECE_TARGETS = 65536
 
 
 def doc_test_time_train(ev: Evaluator, model: GPT, nll_fn, args, log, bos: int) -> tuple:
-    """Legal score-first TTT per document: its chunks of TTT_LORA_CHUNK targets in order, each
-    scored by the window of EVAL_SEQ_LEN tokens ending with it, then one step of the document's
-    own adapters on it; a row takes the next document when its own ends. Returns the result and
-    each target's nll (this rank's documents; 0 elsewhere)."""
+    """Legal score-first TTT per document (a long one in pieces): its chunks of TTT_LORA_CHUNK
+    targets in order, each scored by the window of EVAL_SEQ_LEN tokens ending with it, then one
+    step of the document's own adapters on it; a row takes the next document when its own ends.
+    Returns the result and each target's nll (this rank's documents; 0 elsewhere)."""
     rank, world, L, t0 = ev.rank, ev.world_size, ev.seq_len, time.perf_counter()
     C, rows, N, dev = min(args.ttt_lora_chunk, L), args.ttt_lora_batch, ev.num_targets, ev.device
     starts = document_starts(ev.tokens, bos, N)
-    starts = [p for s, e in zip(starts, starts[1:] + [N]) for p in range(s, e, LORA_PIECE_TARGETS)]
+    piece = max(C, LORA_PIECE_TARGETS - LORA_PIECE_TARGETS % C)  # whole chunks
+    starts = [p for s, e in zip(starts, starts[1:] + [N]) for p in range(s, e, piece)]
     ends = starts[1:] + [N]
     # Longest first: rows then run out together at the end, and ranks get even shares.
     order = sorted(range(len(starts)), key=lambda d: (starts[d] - ends[d], d))[rank::world]
@@ -1300,7 +1301,9 @@ def doc_test_time_train(ev: Evaluator, model: GPT, nll_fn, args, log, bos: int) 
                 first = (steps, elapsed)
             elif first is not None:  # one more step trained, the rest scored (no backward)
                 step_s = (elapsed - first[1]) / (steps - first[0])
-                rest = step_s + step_s * LORA_SCORE_SHARE * max(0, -(-left // rows) - 1)
+                tail = max(-(-(ends[d] - pos[b]) // C) for b, d in enumerate(doc) if d >= 0)
+                more = max(-(-left // rows), tail)  # the even share, or the longest piece's rest
+                rest = step_s + step_s * LORA_SCORE_SHARE * max(0, more - 1)
             if stopped := elapsed + rest >= args.ttt_max_seconds:
                 log(f"ttt_eval: training stopped at step {steps + 1} ({started} of {len(order)} "
                     f"documents started) at {elapsed:.1f}s (TTT_MAX_SECONDS="

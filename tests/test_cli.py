@@ -499,6 +499,15 @@ def test_lora_ttt_from_the_artifact_scores_every_target_and_reproduces(ttt_run, 
     assert rows[0] == ttt.groups() and rows[1] != rows[0]
     report = json.loads((tmp_path / "logs" / "lora.json").read_text())
     assert report["score"] == "legal_ttt_exact" and f"{report['ttt_val_bpb']:.8f}" == ttt.group(2)
+    # tools/doc_lengths.py counts the documents and chunks the TTT logged, and its lower bound on the
+    # steps holds
+    tool = subprocess.run([sys.executable, str(SCRIPT.parent / "tools" / "doc_lengths.py"), dataset["data_path"],
+                           dataset["tokenizer_path"], "16", "4", "1"], capture_output=True, text=True, timeout=120)
+    assert tool.returncode == 0, tool.stderr
+    counted = re.search(r"documents:(\d+) .*\npieces:\d+ chunks:(\d+) .*even share (\d+), longest piece (\d+)",
+                        tool.stdout, re.S)
+    assert counted and (counted[1], counted[2]) == (str(docs), ttt_eval.group(1)), tool.stdout
+    assert int(ttt_eval.group(4)) >= max(int(counted[3]), int(counted[4]))
 
 
 def test_ttt_sweep_scores_each_setting_from_the_artifact(ttt_run, dataset, tmp_path):

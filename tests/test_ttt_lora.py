@@ -123,8 +123,26 @@ def test_a_long_document_adapts_in_pieces_each_from_a_fresh_start(val, monkeypat
         assert torch.equal(nll_at[s:s + 8], untrained[s:s + 8]), s
         assert not torch.equal(nll_at[s + 8:s + 48], untrained[s + 8:s + 48]), s
     assert " docs:13 steps:6" in logs[-1], logs[-1]  # 600 = 12 x 48 + 24: 13 pieces of <= 6 chunks
+    few = lora_args(lr=0.05, batch=4)  # rows taken again: each piece still starts fresh
+    _, again, logs = run_lora(tokens, luts, few, bos=-1)
+    assert " docs:13 steps:21" in logs[-1], logs[-1]  # three rounds of 6 steps, then 3 chunks
+    assert again.tolist() == pytest.approx(nll_at.tolist(), rel=1e-4, abs=1e-6)
     monkeypatch.setattr(tg, "LORA_PIECE_TARGETS", 10**9)  # one piece: one row, a step a chunk
     assert " docs:1 steps:75" in run_lora(tokens, luts, args, bos=-1)[2][-1]
+
+
+def test_pieces_start_at_each_document_start(val, monkeypatch):
+    """With BOS documents, pieces of 24 targets are counted from each document's start."""
+    tokens, luts = val
+    monkeypatch.setattr(tg, "LORA_PIECE_TARGETS", 24)
+    _, nll_at, logs = run_lora(tokens, luts, lora_args(lr=0.05, batch=16))
+    _, untrained, _ = run_lora(tokens, luts, lora_args(lr=1e-30, batch=16))
+    pieces = [p for s, e in documents(tokens) for p in range(s, e, 24)]
+    assert f" docs:{len(pieces)} " in logs[-1] and len(pieces) > len(documents(tokens))
+    for s, e in zip(pieces, pieces[1:] + [N]):
+        assert torch.equal(nll_at[s:s + 8], untrained[s:s + 8]), s
+        if e - s > 8:
+            assert not torch.equal(nll_at[s + 8:e], untrained[s + 8:e]), s
 
 
 def test_the_model_is_left_as_found(val):
@@ -211,3 +229,26 @@ def test_a_time_limit_reached_midway_trains_until_the_rest_only_fits_scored(val,
     docs = documents(tokens)
     assert not torch.equal(at, full) and not torch.equal(at, untrained)
     assert any(torch.equal(at[s:e], untrained[s:e]) for s, e in docs)  # begun after the stop
+
+
+def test_the_time_limit_projects_a_long_piece_not_only_the_even_share(val, monkeypatch):
+    """One document of 75 chunks and 16 rows: the rest is the piece's own chunks, not 1/16 of them. The
+    same clock; projecting only the even share would train on past the limit and end 9 s over it."""
+    tokens, luts = val
+    clock, model = [0.0], tiny_gpt()
+    monkeypatch.setattr(tg, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    real_step = tg.DocAdapters.step
+
+    def step(self, train, lr):
+        clock[0] += 0.5
+        real_step(self, train, lr)
+    monkeypatch.setattr(tg.DocAdapters, "step", step)
+
+    def ticking(x, y):
+        clock[0] += 0.5
+        return model.token_nll(x, y)
+    logs = []
+    ev = tg.Evaluator(tokens, L, L, luts, CPU, 0, 1)
+    tg.doc_test_time_train(ev, model, ticking, lora_args(batch=16, max_seconds=56.0), logs.append, -1)
+    assert " docs:1 steps:75" in logs[-1] and [line for line in logs if "stopped" in line]
+    assert 50.0 <= clock[0] <= 57.0
