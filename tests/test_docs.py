@@ -1,0 +1,33 @@
+"""The repository's figures against the logs behind them: submission.json's numbers each appear in a
+log it names, and every log the README and docs/ cite is in logs/."""
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CITED = re.compile(r"logs/([A-Za-z0-9_.\-]+\.(?:txt|json))")
+WRITTEN_BY_RUNS = {"demo.txt", "demo.json", "seed1337.txt", "seed1337.json"}  # the README's examples
+BARE = re.compile(r"`((?:proxy|cpu)_[A-Za-z0-9_]+)`")  # results tables name a log without logs/ and .txt
+
+
+def test_submission_figures_are_in_the_logs_it_names():
+    sub = json.loads((ROOT / "submission.json").read_text())
+    names = {sub["log"].removeprefix("logs/")} | set(CITED.findall(sub["figures_are"]))
+    text = "\n".join((ROOT / "logs" / n).read_text() for n in sorted(names))
+    for key in ("val_bpb", "val_loss", "sliding_val_bpb", "pre_quant_val_bpb", "roundtrip_val_bpb"):
+        assert f":{sub[key]:.8f}" in text, (key, sub[key], sorted(names))
+    assert f"Total submission size int6+zstd: {sub['bytes_total']} bytes" in text
+    assert f"Serialized model int6+zstd: {sub['bytes_model_int6_zstd']} bytes" in text
+    assert f"Code size: {sub['bytes_code']} bytes" in text
+    assert re.search(rf"^step:{sub['step']}/\d+ val_loss:.* step_avg:{sub['step_avg_ms']:.2f}ms$", text, re.M)
+    assert sub["score"] in ("legal_ttt_exact", "final_int6_sliding_window_exact", "final_int6_roundtrip_exact")
+    assert sub["bytes_total"] <= 16_000_000
+
+
+def test_every_cited_log_exists():
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    missing = {(d.name, n) for d in docs for n in CITED.findall(d.read_text())
+               if n not in WRITTEN_BY_RUNS and not (ROOT / "logs" / n).is_file()}
+    missing |= {(d.name, n) for d in docs for n in BARE.findall(d.read_text())
+                if not any((ROOT / "logs" / f"{n}{ext}").is_file() for ext in (".txt", ".json"))}
+    assert not missing, sorted(missing)
