@@ -1,5 +1,5 @@
 """The repository's figures against the logs behind them: submission.json's numbers each appear in a
-log it names, and every log the README and docs/ cite is in logs/."""
+log it names, every log the README and docs/ cite is in logs/, and every link to a heading finds it."""
 import json
 import re
 from pathlib import Path
@@ -31,3 +31,21 @@ def test_every_cited_log_exists():
     missing |= {(d.name, n) for d in docs for n in BARE.findall(d.read_text())
                 if not any((ROOT / "logs" / f"{n}{ext}").is_file() for ext in (".txt", ".json"))}
     assert not missing, sorted(missing)
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation but hyphens dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_into_the_docs_names_a_heading_there():
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    headings = {d: {anchor(line.lstrip("#")) for line in d.read_text().splitlines() if line.startswith("#")}
+                for d in docs}
+    broken = []
+    for d in docs:
+        for target, frag in re.findall(r"\]\(([A-Za-z0-9_./]*\.md)?#([^)\s]+)\)", d.read_text()):
+            dest = (d.parent / target).resolve() if target else d
+            if frag not in headings.get(dest, set()):
+                broken.append((d.name, target, frag))
+    assert not broken, broken
