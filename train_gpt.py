@@ -1201,6 +1201,14 @@ def document_starts(tokens: Tensor, bos: int, num_targets: int) -> list[int]:
     return [0] + at.tolist()
 
 
+def document_pieces(tokens: Tensor, bos: int, num_targets: int, chunk: int) -> list[int]:
+    """The first target of each piece TTT adapts alone: each document's start, then every
+    LORA_PIECE_TARGETS (in whole chunks) within a longer one."""
+    starts = document_starts(tokens, bos, num_targets)
+    piece = max(chunk, LORA_PIECE_TARGETS - LORA_PIECE_TARGETS % chunk)
+    return [p for s, e in zip(starts, starts[1:] + [num_targets]) for p in range(s, e, piece)]
+
+
 class DocAdapters:
     """LoRA pairs on each block's attention projections and MLP input and on the head: one pair
     per batch row, so each row's document adapts alone; Adam (beta1 = 0) with a step count per
@@ -1266,9 +1274,7 @@ def doc_test_time_train(ev: Evaluator, model: GPT, nll_fn, args, log, bos: int) 
     Returns the result and each target's nll (this rank's documents; 0 elsewhere)."""
     rank, world, L, t0 = ev.rank, ev.world_size, ev.seq_len, time.perf_counter()
     C, rows, N, dev = min(args.ttt_lora_chunk, L), args.ttt_lora_batch, ev.num_targets, ev.device
-    starts = document_starts(ev.tokens, bos, N)
-    piece = max(C, LORA_PIECE_TARGETS - LORA_PIECE_TARGETS % C)  # whole chunks
-    starts = [p for s, e in zip(starts, starts[1:] + [N]) for p in range(s, e, piece)]
+    starts = document_pieces(ev.tokens, bos, N, C)
     ends = starts[1:] + [N]
     # Longest first: rows then run out together at the end, and ranks get even shares.
     order = sorted(range(len(starts)), key=lambda d: (starts[d] - ends[d], d))[rank::world]

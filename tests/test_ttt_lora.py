@@ -193,11 +193,8 @@ def test_two_ranks_gloo_equal_one_process(val, tmp_path):
     assert nll_at == pytest.approx(one_at.tolist(), rel=1e-6, abs=0)
 
 
-def test_a_time_limit_reached_midway_trains_until_the_rest_only_fits_scored(val, monkeypatch):
-    """A clock of 0.5 s a forward and 0.5 s a training step: training goes on while one more trained step
-    plus the rest scored fits the limit, so a limit below the full run's time stops midway, not at once,
-    and the run ends within a step of it; documents begun after the stop score as untrained."""
-    tokens, luts = val
+def fake_clock(monkeypatch):
+    """TTT's clock advanced 0.5 s by each forward (through the returned nll_fn) and each training step."""
     clock, model = [0.0], tiny_gpt()
     monkeypatch.setattr(tg, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     real_step = tg.DocAdapters.step
@@ -210,6 +207,15 @@ def test_a_time_limit_reached_midway_trains_until_the_rest_only_fits_scored(val,
     def ticking(x, y):
         clock[0] += 0.5
         return model.token_nll(x, y)
+    return clock, model, ticking
+
+
+def test_a_time_limit_reached_midway_trains_until_the_rest_only_fits_scored(val, monkeypatch):
+    """A clock of 0.5 s a forward and 0.5 s a training step: training goes on while one more trained step
+    plus the rest scored fits the limit, so a limit below the full run's time stops midway, not at once,
+    and the run ends within a step of it; documents begun after the stop score as untrained."""
+    tokens, luts = val
+    clock, model, ticking = fake_clock(monkeypatch)
 
     def run(**kw):
         clock[0], logs = 0.0, []
@@ -235,18 +241,7 @@ def test_the_time_limit_projects_a_long_piece_not_only_the_even_share(val, monke
     """One document of 75 chunks and 16 rows: the rest is the piece's own chunks, not 1/16 of them. The
     same clock; projecting only the even share would train on past the limit and end 9 s over it."""
     tokens, luts = val
-    clock, model = [0.0], tiny_gpt()
-    monkeypatch.setattr(tg, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-    real_step = tg.DocAdapters.step
-
-    def step(self, train, lr):
-        clock[0] += 0.5
-        real_step(self, train, lr)
-    monkeypatch.setattr(tg.DocAdapters, "step", step)
-
-    def ticking(x, y):
-        clock[0] += 0.5
-        return model.token_nll(x, y)
+    clock, model, ticking = fake_clock(monkeypatch)
     logs = []
     ev = tg.Evaluator(tokens, L, L, luts, CPU, 0, 1)
     tg.doc_test_time_train(ev, model, ticking, lora_args(batch=16, max_seconds=56.0), logs.append, -1)

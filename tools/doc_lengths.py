@@ -22,11 +22,9 @@ def main(data_path: str, tokenizer: str, chunk: int = 64, rows: int = 64, ranks:
     tokens = tg.load_validation_tokens(files, 1 << 16)
     bos = spm.SentencePieceProcessor(model_file=tokenizer).bos_id()
     n = tokens.numel() - 1
-    starts = tg.document_starts(tokens, bos, n)
-    lengths = np.diff(starts + [n])
-    piece = max(chunk, tg.LORA_PIECE_TARGETS - tg.LORA_PIECE_TARGETS % chunk)
-    pieces = [min(piece, ln - p) for ln in lengths for p in range(0, ln, piece)]
-    chunks = sorted((-(-ln // chunk) for ln in pieces), reverse=True)
+    lengths = np.diff(tg.document_starts(tokens, bos, n) + [n])
+    pieces = np.diff(tg.document_pieces(tokens, bos, n, chunk) + [n])
+    chunks = sorted((-(-int(ln) // chunk) for ln in pieces), reverse=True)  # TTT's order
     share = max(-(-sum(chunks[r::ranks]) // rows) for r in range(ranks))
     print(f"targets:{n} documents:{len(lengths)} bos_id:{bos} mean:{lengths.mean():.1f} "
           f"longest:{', '.join(map(str, sorted(lengths)[::-1][:5]))}")
