@@ -258,7 +258,13 @@ def test_ddp_ranks_train_one_model_when_their_clocks_differ(dataset, tmp_path):
     match = re.fullmatch(r"gptq_calibration: (\d+) tokens in (\d+)ms \(reserved (\d+)ms\), "
                          r"training time with it (\d+)ms of 3000ms", lines[0])
     assert match, lines[0]
-    assert 0 < int(match.group(1)) <= 256 and int(match.group(3)) > 0 and int(match.group(4)) <= 3000, lines[0]
+    # The deadline forecasts the tail (a piece and the reduce) from pieces it has timed, which the fake
+    # clock of test_eval_export checks exactly; here a stall of the shared 2-core runner in that tail may
+    # run past it by a few ms (CI once ended at 3005ms). The calibration itself takes 20-50ms, so a
+    # calibration that ignored the deadline after an unreserved run still ends past the tolerance.
+    tolerance_ms = 15
+    assert 0 < int(match.group(1)) <= 256 and int(match.group(3)) > 0, lines[0]
+    assert int(match.group(4)) <= 3000 + tolerance_ms, lines[0]
     switched = [re.fullmatch(r"recurrence: layers 0 run twice from step (\d+) \((\d+\.\d)% of training\)", line)
                 for line in log.splitlines() if line.startswith("recurrence: layers")]
     assert len(switched) == 1 and switched[0] and 30.0 <= float(switched[0].group(2)) <= 100.0, log
