@@ -72,7 +72,7 @@ if hasattr(inductor_config.triton, "mix_order_reduction"):
 CODA_HEAD_NORMS = ("rms", "learned", "none")
 CODA_LAMBDA_INIT = 1 / (1 + math.exp(6))
 # How the export fits the budget (the first is the default); see quantize_state.
-EXPORT_RULES = ("fill", "rate")
+EXPORT_RULES = ("fisher", "fill", "rate")
 # TTT's forms (the first is the default): LoRA per document; full-weight SGD on stream chunks.
 TTT_MODES = ("lora", "sgd")
 
@@ -1418,6 +1418,19 @@ def gptq_codes(w: Tensor, scale: Tensor, qmax: int, hessian: Tensor,
     return codes[torch.argsort(order)].t()
 
 
+def stored_scales(scales: Tensor) -> Tensor:
+    """Scales as the file stores them: fp16, never 0."""
+    return scales.half().clamp_min(2 ** -24).float()
+
+
+def round_rows(w: Tensor, scales: Tensor, qmax: int, hessian: Tensor | None = None) -> Tensor:
+    """Codes of w's rows at their scales: GPTQ given a Hessian (if it factors), else nearest."""
+    codes = None if hessian is None else gptq_codes(w, scales, qmax, hessian)
+    if codes is None:
+        codes = torch.clamp(torch.round(w / scales[:, None]), -qmax, qmax)
+    return codes
+
+
 def row_options(w: Tensor, bits: int, quantiles=(1.0,),
                 hessian: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Each row at each |w| quantile clip: int8 codes (clip, row, col), fp16 scales and squared
@@ -1429,12 +1442,9 @@ def row_options(w: Tensor, bits: int, quantiles=(1.0,),
                                       dim=1) if inner else [])
     clips = torch.stack([w.abs().amax(dim=1) if quantile == 1.0 else next(inner_clips)
                          for quantile in quantiles])
-    scales = (clips / qmax).half().clamp_min(2 ** -24).float()  # as stored: fp16, never 0
-    codes = None
-    if hessian is not None:  # every clip at once: GPTQ's rows are independent
-        codes = gptq_codes(w.repeat(len(quantiles), 1), scales.flatten(), qmax, hessian)
-    if codes is None:
-        codes = torch.clamp(torch.round(w / scales[:, :, None]), -qmax, qmax)
+    scales = stored_scales(clips / qmax)
+    # every clip at once: GPTQ's rows are independent
+    codes = round_rows(w.repeat(len(quantiles), 1), scales.flatten(), qmax, hessian)
     codes = codes.view(len(quantiles), *w.shape)
     diff = codes * scales[:, :, None] - w
     err = diff.square().sum(-1) if hessian is None else ((diff @ hessian.float()) * diff).sum(-1)
@@ -1544,12 +1554,14 @@ class RateDistortion:
 
 def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf,
                    hessians: dict[str, Tensor] | None = None, shape: dict | None = None,
-                   compress=None, rule: str = EXPORT_RULES[0]) -> dict[str, tuple]:
+                   compress=None, rule: str = EXPORT_RULES[0],
+                   fisher: dict[str, Tensor] | None = None) -> dict[str, tuple]:
     """Packs a state dict, its artifact (written with shape) at most budget_bytes if it can be,
     sizes measured by compressing. Over budget, rule 'fill': int6 matrices drop to int5, largest
     saving first, until the file fits, then any whose int6 form fits the slack goes back, rows
     at their clip of least error; rule 'rate': rows' clips and matrices' widths of least error per
-    byte, one currency for all matrices (RateDistortion)."""
+    byte, one currency for all matrices (RateDistortion); rule 'fisher': every matrix int6, each
+    row's step set by its estimated cost in loss (fisher_steps), else (no calibration) 'fill'."""
     state = {name: t.detach().cpu() for name, t in state.items()}
     hessians, packed, options = hessians or {}, {}, {}
     for name, t in state.items():
@@ -1569,9 +1581,13 @@ def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf,
 
     if budget_bytes == math.inf or not options or (size := file_bytes(packed)) <= budget_bytes:
         return packed
+    if rule == "fisher" and fisher and all(n in fisher and n in hessians for n in options) and (
+            out := fisher_steps(state, packed, hessians, fisher, budget_bytes, size,
+                                file_bytes)) is not None:
+        return out
     for name, by_bits in options.items():  # both rules' int5 candidates, computed once
         by_bits[5] = row_options(state[name], 5, CLIP_QUANTILES, hessians.get(name))
-    if rule == "fill" and (out := fill_budget(packed, options, budget_bytes, file_bytes,
+    if rule != "rate" and (out := fill_budget(packed, options, budget_bytes, file_bytes,
                                                compress)) is not None:
         return out
     for by_bits in options.values():  # 'rate', or 'fill' with all-int5 over: coarser clips
@@ -1595,6 +1611,57 @@ def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf,
         offset = size - bits / 8
         aim -= max(size - budget_bytes, 0)  # over: aim lower for good
     return (best or least)[1]  # nothing fits: the smallest tried, for the caller to refuse
+
+
+def fisher_steps(state, packed, hessians, fisher, budget_bytes, size, file_bytes, trials=10):
+    """Rule 'fisher' of quantize_state: every int6 matrix stays int6, row r of matrix m at the step
+    s_r * clamp(c * t_r / s_r, 1, 64), s_r its step of least error, t_r = (F_r mean(diag H_m))^-1/2
+    and c the least that fits, found on measured sizes. To second order, rounding a row at step d
+    costs the loss about F_r mean(diag H_m) d^2 / 12 (F_r its output's summed squared gradient,
+    H_m its inputs' X^T X), so at one price per bit of an entropy-coded file the loss is least at
+    steps in proportion to t_r. None when no c tried fits."""
+    names = [n for n, v in packed.items() if v[0] == "int6"]
+    least = {n: packed[n][2].double() for n in names}
+    ratio = {}
+    for n in names:
+        energy = hessians[n].diagonal().double().mean().cpu()
+        t = (fisher[n].double().cpu() * energy).clamp_min(1e-300).rsqrt()
+        ratio[n] = (t / least[n]).clamp(2 ** -40, 2 ** 40)
+    counts = {n: least[n].numel() * state[n].size(1) for n in names}
+    params = sum(counts.values())
+    # t on the scale of s: c = 1 widens no row on a geometric average over the parameters
+    shift = sum(counts[n] * ratio[n].log2().mean() for n in names) / params
+
+    def stepped(lc: float) -> dict[str, tuple]:
+        out = dict(packed)
+        for n in names:
+            w = state[n].to(hessians[n].device, torch.float32)
+            factor = (ratio[n] * 2 ** (lc - shift)).clamp(1, 64)
+            scales = stored_scales((least[n] * factor).float().to(w.device))
+            out[n] = ("int6", round_rows(w, scales, 31, hessians[n]).to(torch.int8).cpu(),
+                      scales.half().cpu())
+        return out
+
+    aim, over, under, best = budget_bytes * (1 - 5e-4), None, None, None
+    lc, stride = 8 * (size - aim) / params, 0.5  # bits a parameter saves per doubling of its step
+    for _ in range(trials):
+        trial = stepped(lc)
+        trial_bytes = file_bytes(trial)
+        if trial_bytes > budget_bytes:
+            over = max(over or (-math.inf, 0), (lc, trial_bytes))
+        else:
+            under = min(under or (math.inf, 0), (lc, trial_bytes))
+            if best is None or trial_bytes > best[0]:
+                best = (trial_bytes, trial)
+            if trial_bytes >= budget_bytes * (1 - 1e-3):
+                break
+        if over is None or under is None:  # not yet bracketed: step out, farther each time
+            lc, stride = lc + (stride if under is None else -stride), 2 * stride
+            continue
+        (x0, s0), (x1, s1) = over, under  # regula falsi on log2 c, kept off the bracket's ends
+        x = x0 + (aim - s0) * (x1 - x0) / (s1 - s0) if s1 != s0 else (x0 + x1) / 2
+        lc = min(max(x, x0 + 0.1 * (x1 - x0)), x1 - 0.1 * (x1 - x0))
+    return best and best[1]
 
 
 def fill_budget(packed, options, budget_bytes, file_bytes, compress):
@@ -1880,29 +1947,54 @@ GPTQ_MARGIN = 1.25  # the loop stops this many calibrations (plus a piece) short
 @torch.no_grad()
 def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, world_size: int,
                      device: torch.device, time_left_ms=None,
-                     piece_ms: float = 0.0) -> tuple[dict, dict]:
-    """GPTQ's X^T X of each matrix's inputs over one step's tokens, within time_left_ms."""
+                     piece_ms: float = 0.0) -> tuple[dict, dict, dict]:
+    """GPTQ's X^T X of each matrix's inputs over one step's tokens, within time_left_ms; for
+    EXPORT_RULE=fisher also each output row's squared gradient of the tokens' summed loss."""
     linears = {f"{name}.weight": module for name, module in base_model.named_modules()
                if isinstance(module, CastedLinear)
                and is_gptq_matrix(f"{name}.weight", module.weight)}
     # Every key from the start: ranks that fed no piece still join each sum.
     hessians = {name: torch.zeros(m.in_features, m.in_features, device=device)
                 for name, m in linears.items()}
+    fisher = {name: torch.zeros(m.out_features, device=device) for name, m in linears.items()
+              } if args.export_rule == "fisher" else {}
+    outputs = []  # (name, output, the gain folded into its rows) of the piece's forward
 
     def accumulate(name: str):
         def hook(module, inputs):
-            x = inputs[0].flatten(0, -2).float()
+            x = inputs[0].detach().flatten(0, -2).float()
             hessians[name].addmm_(x.t(), x)
         return hook
 
+    def keep_output(name: str):
+        def hook(module, inputs, kwargs, out):
+            gain = kwargs.get("out_scale", inputs[1] if len(inputs) > 1 else None)
+            outputs.append((name, out, None if gain is None else gain.detach().float().view(-1)))
+        return hook
+
     hooks = [module.register_forward_pre_hook(accumulate(name)) for name, module in linears.items()]
+    if fisher:
+        hooks += [module.register_forward_hook(keep_output(name), with_kwargs=True)
+                  for name, module in linears.items()]
     loader = DistributedTokenLoader(train_files, rank, world_size, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def pieces():
         for _ in range(args.grad_accum_steps):
-            x = loader.next_batch(args.micro_batch_tokens, args.train_seq_len)[0]
-            yield from x.split(max(1, len(x) // CALIBRATION_PIECES))
+            x, y = loader.next_batch(args.micro_batch_tokens, args.train_seq_len)
+            yield from zip(*(t.split(max(1, len(x) // CALIBRATION_PIECES)) for t in (x, y)))
+
+    def feed(x: Tensor, y: Tensor):
+        if not fisher:
+            base_model.hidden(x)
+            return
+        with torch.enable_grad():  # gradients of the outputs alone: no weight's .grad is touched
+            grads = torch.autograd.grad(base_model.token_nll(x, y).sum(),
+                                        [out for _, out, _ in outputs])
+        for (name, _, gain), g in zip(outputs, grads):
+            g2 = g.float().square().flatten(0, -2).sum(0)
+            fisher[name].add_(g2 if gain is None else g2 * gain.square())
+        outputs.clear()
 
     def go_on(slowest_ms: float) -> bool:
         """Another piece fits: decided on the least time left and the slowest piece of all ranks,
@@ -1917,25 +2009,27 @@ def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, w
     base_model.eval()
     tokens, slowest_ms = 0, piece_ms
     try:
-        for piece in pieces():
+        for x, y in pieces():
             if not go_on(slowest_ms):
                 break
             t0 = time.perf_counter()
-            base_model.hidden(piece)
+            feed(x, y)
             sync()
             slowest_ms = max(slowest_ms, 1000.0 * (time.perf_counter() - t0))
-            tokens += piece.numel()
+            tokens += x.numel()
     finally:
         for hook in hooks:
             hook.remove()
+        outputs.clear()
         base_model.train()
     t0 = time.perf_counter()
     if world_size > 1:
-        for name in sorted(hessians):
-            dist.all_reduce(hessians[name])
+        for sums in (hessians, fisher):
+            for name in sorted(sums):
+                dist.all_reduce(sums[name])
     sync()
     reduce_ms = 1000.0 * (time.perf_counter() - t0)
-    return hessians, dict(tokens=tokens, piece_ms=slowest_ms, reduce_ms=reduce_ms)
+    return hessians, fisher, dict(tokens=tokens, piece_ms=slowest_ms, reduce_ms=reduce_ms)
 
 
 class AgreedClock:
@@ -2008,7 +2102,8 @@ def coda_logger(args, base_model: GPT, tokens: Tensor, log):
 
 def train(args, model, base_model, muon, optimizers, train_files, evaluate, log, rank, world_size,
           device, log_coda=lambda step: None):
-    """The loop under the cap: (steps, training ms, GPTQ's Hessians or None)."""
+    """The loop under the cap: (steps, training ms, GPTQ's Hessians and the Fisher rule's row
+    weights, each None without a calibration)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     run_step = lambda loader: train_step(args, model, base_model, optimizers, loader)  # noqa: E731
 
@@ -2029,12 +2124,12 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         log(f"warmup_steps:{args.warmup_steps} done in {time.perf_counter() - t0:.1f}s "
             f"(weights and optimizer state restored)")
 
-    def calibrate(time_left_ms=None, piece_ms: float = 0.0) -> tuple[dict[str, Tensor], dict]:
+    def calibrate(time_left_ms=None, piece_ms: float = 0.0) -> tuple[dict, dict, dict]:
         """collect_hessians' results, with the ms it took."""
         t0 = time.perf_counter()
-        hessians, stats = collect_hessians(args, base_model, train_files, rank, world_size, device,
-                                           time_left_ms, piece_ms)
-        return hessians, dict(stats, ms=1000.0 * (time.perf_counter() - t0))
+        hessians, fisher, stats = collect_hessians(args, base_model, train_files, rank,
+                                                   world_size, device, time_left_ms, piece_ms)
+        return hessians, fisher, dict(stats, ms=1000.0 * (time.perf_counter() - t0))
 
     loader = DistributedTokenLoader(train_files, rank, world_size, device)
     average = WeightAverage(base_model, args)
@@ -2044,7 +2139,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
     reserved_ms, measured = 0.0, torch.zeros(3, dtype=torch.float64, device=device)
     if args.gptq and cap_ms > 0:
         calibrate()
-        stats = calibrate()[1]
+        stats = calibrate()[2]
         measured = torch.tensor([stats["ms"], stats["piece_ms"], stats["reduce_ms"]],
                                 dtype=torch.float64, device=device)
         if world_size > 1:
@@ -2118,13 +2213,13 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
     log_coda(step)
     log(f"weights for export: {average.apply()}")
     if not args.gptq:
-        return step, train_ms, None
+        return step, train_ms, None, None
     started, (_, piece_ms, reduce_ms) = time.perf_counter(), measured.tolist()
 
     def time_left_ms() -> float:
         return cap_ms - train_ms - 1000.0 * (time.perf_counter() - started) - 2 * reduce_ms
 
-    hessians, stats = calibrate(time_left_ms if cap_ms > 0 else None, piece_ms)
+    hessians, fisher, stats = calibrate(time_left_ms if cap_ms > 0 else None, piece_ms)
     tokens = torch.tensor([stats["tokens"]], device=device)
     total_ms = torch.tensor([train_ms + stats["ms"]], dtype=torch.float64, device=device)
     if world_size > 1:  # all ranks' tokens; the slowest rank's clock
@@ -2135,8 +2230,8 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         + (f" of {cap_ms:.0f}ms" if cap_ms > 0 else ""))
     if tokens.item() == 0:  # no time left for any piece: the export rounds
         log("gptq_calibration: no time left inside the cap; exporting without GPTQ")
-        return step, train_ms, None
-    return step, train_ms, hessians
+        return step, train_ms, None, None
+    return step, train_ms, hessians, fisher
 
 
 def check_inputs(args: Hyperparameters):
@@ -2302,7 +2397,7 @@ def make_evaluate(args, base_model: GPT, sp, tokens: Tensor, compile_fn, log, ra
 
 
 def export(args, base_model: GPT, log, rank: int, code_bytes: int,
-           hessians: dict[str, Tensor] | None) -> bytes:
+           hessians: dict[str, Tensor] | None, fisher: dict[str, Tensor] | None = None) -> bytes:
     """Rank 0 writes the artifact, filling what the code leaves of the limit; the sha256 on every
     rank."""
     if rank == 0:
@@ -2314,7 +2409,8 @@ def export(args, base_model: GPT, log, rank: int, code_bytes: int,
                 raise RuntimeError(f"GPTQ calibration saw no inputs for {missing}")
         budget = args.artifact_limit_bytes - code_bytes
         compress = cached_zstd22()  # the write reuses the frames the fitting compressed
-        packed = quantize_state(state, budget, hessians, args.shape, compress, args.export_rule)
+        packed = quantize_state(state, budget, hessians, args.shape, compress, args.export_rule,
+                                fisher)
         written = write_artifact(args.artifact_path, packed, args.shape, compress)
         kinds = [v[0] for v in packed.values()]
         log(f"export: int6 matrices:{kinds.count('int6')} int5 matrices:{kinds.count('int5')} "
@@ -2408,9 +2504,9 @@ def run(held: ExitStack) -> int:
             model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
         muon, optimizers = make_optimizers(base_model, args,
                                            compile_fn(newton_schulz, dynamic=False))
-        steps, train_ms, hessians = train(args, model, base_model, muon, optimizers, train_files,
-                                          evaluate, log, rank, world_size, device,
-                                          coda_logger(args, base_model, val_tokens, log))
+        steps, train_ms, hessians, fisher = train(
+            args, model, base_model, muon, optimizers, train_files, evaluate, log, rank,
+            world_size, device, coda_logger(args, base_model, val_tokens, log))
         if cuda:
             log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
@@ -2418,7 +2514,7 @@ def run(held: ExitStack) -> int:
         log(f"pre_quant_average val_loss:{pre_loss:.8f} val_bpb:{pre_bpb:.8f}")
         report.update(step=steps, step_avg_ms=round(train_ms / max(steps, 1), 2),
                       pre_quant_val_bpb=pre_bpb)
-        digest = export(args, base_model, log, rank, code_bytes, hessians)
+        digest = export(args, base_model, log, rank, code_bytes, hessians, fisher)
     report.update(final_evaluation(args, base_model, evaluate, report["artifact"], weights,
                                    code_bytes, log, digest))
     return write_report(args, report, log, rank)

@@ -394,9 +394,10 @@ def test_logging_and_artifact_switches(dataset, tmp_path):
 
 
 def test_export_ab_scores_each_rule_as_the_run_scores_its_artifact(dataset, tmp_path):
-    """tools/export_ab.py under a limit all-int6 is over: one line per rule; both rules fit; the line of
-    the rule the run exported with reports the artifact's bytes and the run's own roundtrip score to the
-    last digit (the tool scores as the run does)."""
+    """tools/export_ab.py under a limit all-int6 is over: one line per rule; every rule fits, 'fill' and
+    'rate' with int5 matrices, 'fisher' (the default) with none; the line of the rule the run exported
+    with reports the artifact's bytes and the run's own roundtrip score to the last digit (the tool
+    scores as the run does)."""
     line = re.compile(r"export_ab rule:(\w+) int6:(\d+) int5:(\d+) bytes:(\d+) roundtrip val_bpb:(\d+\.\d{8}) "
                       r"gap:-?\d+\.\d{8}")
 
@@ -409,12 +410,13 @@ def test_export_ab_scores_each_rule_as_the_run_scores_its_artifact(dataset, tmp_
 
     _, ample = run("ab_ample")
     budget = int(0.97 * int(ample["int6"].group(4)))
-    log, rules = run("ab", EXPORT_RULE="rate", ARTIFACT_LIMIT_BYTES=str(budget + SCRIPT.stat().st_size))
-    assert set(rules) == set(ample) == {"fill", "rate", "int6"}, log[-3000:]
-    assert int(rules["int6"].group(4)) > budget >= max(int(rules[r].group(4)) for r in ("fill", "rate"))
+    log, rules = run("ab", ARTIFACT_LIMIT_BYTES=str(budget + SCRIPT.stat().st_size))
+    assert set(rules) == set(ample) == {"fisher", "fill", "rate", "int6"}, log[-3000:]
+    assert int(rules["int6"].group(4)) > budget >= max(int(rules[r].group(4)) for r in ("fisher", "fill", "rate"))
     assert int(rules["fill"].group(3)) > 0 and int(rules["rate"].group(3)) > 0
-    assert int(rules["rate"].group(4)) == int(contract_line(log, "serialized").group(1))
-    assert rules["rate"].group(5) == contract_line(log, "roundtrip").group(2)
+    assert int(rules["fisher"].group(3)) == 0 and rules["fisher"].group(2) == rules["int6"].group(2)
+    assert int(rules["fisher"].group(4)) == int(contract_line(log, "serialized").group(1))
+    assert rules["fisher"].group(5) == contract_line(log, "roundtrip").group(2)
 
 
 # -----------------------------
@@ -853,7 +855,7 @@ BAD_INPUT = {
     "coda_noise_heads_not_a_divisor": _env_only(["CODA_NOISE_HEADS", "NUM_HEADS/NUM_KV_HEADS=2"],
                                                 CODA_NOISE_HEADS="3"),
     "coda_head_norm_unknown": _env_only(["CODA_HEAD_NORM", "rms, learned, none"], CODA_HEAD_NORM="layernorm"),
-    "export_rule_unknown": _env_only(["EXPORT_RULE", "fill, rate"], EXPORT_RULE="greedy"),
+    "export_rule_unknown": _env_only(["EXPORT_RULE", "fisher, fill, rate"], EXPORT_RULE="greedy"),
     "coda_lambda_init_one": _env_only(["CODA_LAMBDA_INIT", "(0, 1)"], CODA_LAMBDA_INIT="1"),
     "coda_lr_negative": _env_only(["CODA_LR"], CODA_LR="-0.01"),
     "coda_stats_not_a_flag": _env_only(["CODA_STATS", "0 or 1"], CODA_STATS="2"),

@@ -546,12 +546,12 @@ def test_collect_hessians_sums_each_int6_products_inputs(tmp_path):
     path = tmp_path / "fineweb_train_000000.bin"
     synth.write_shard(str(path), list(np.random.default_rng(0).integers(0, 64, 200)))
     args = types.SimpleNamespace(vocab_size=64, train_batch_tokens=64, grad_accum_steps=2, train_seq_len=16,
-                                 micro_batch_tokens=32)
+                                 micro_batch_tokens=32, export_rule="fill")
     seen = {}
     capture = [m.register_forward_pre_hook(lambda mod, inp, n=n: seen.setdefault(n, []).append(inp[0].detach()))
                for n, m in model.named_modules() if isinstance(m, tg.CastedLinear)]
-    hessians, stats = tg.collect_hessians(args, model, [str(path)], 0, 1, CPU)
-    assert stats["tokens"] == 64
+    hessians, fisher, stats = tg.collect_hessians(args, model, [str(path)], 0, 1, CPU)
+    assert stats["tokens"] == 64 and fisher == {}
     for hook in capture:
         hook.remove()
     assert set(hessians) == parts.of_role(model, "matrix")
@@ -563,6 +563,53 @@ def test_collect_hessians_sums_each_int6_products_inputs(tmp_path):
     assert all(not m._forward_pre_hooks for m in model.modules()) and model.training
 
 
+def test_collect_hessians_weighs_each_output_row_by_its_squared_loss_gradient(tmp_path):
+    """EXPORT_RULE=fisher: per int6 matrix and output row, the squared gradient of the pieces' summed
+    token losses at that row's output, summed over tokens, times the square of the gain folded into
+    the row (out_scale), as autograd gives it on each piece alone; the Hessians are those of 'fill';
+    no weight's .grad is written and every hook is gone."""
+    torch.manual_seed(0)
+    model = tg.GPT(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2,
+                   max_seq_len=16, bigram_vocab_size=16, bigram_dim=8, xsa_last_n=1, act_dtype=torch.float32)
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    path = tmp_path / "fineweb_train_000000.bin"
+    synth.write_shard(str(path), list(np.random.default_rng(0).integers(0, 64, 200)))
+    args = types.SimpleNamespace(vocab_size=64, train_batch_tokens=64, grad_accum_steps=2, train_seq_len=16,
+                                 micro_batch_tokens=32, export_rule="fisher")
+    hessians, fisher, stats = tg.collect_hessians(args, model, [str(path)], 0, 1, CPU)
+    assert set(fisher) == set(hessians) == parts.of_role(model, "matrix") and stats["tokens"] == 64
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    assert all(torch.equal(h, want) for h, want in zip(
+        hessians.values(), tg.collect_hessians(dict_args(args, export_rule="fill"), model, [str(path)], 0, 1,
+                                               CPU)[0].values()))
+    want = {n: torch.zeros_like(f) for n, f in fisher.items()}
+    loader = tg.DistributedTokenLoader([str(path)], 0, 1, CPU)
+    for _ in range(2):
+        x, y = loader.next_batch(32, 16)
+        for xs, ys in zip(x.split(max(1, len(x) // tg.CALIBRATION_PIECES)),
+                          y.split(max(1, len(x) // tg.CALIBRATION_PIECES))):
+            outs = {}
+            hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: outs.update({n: (inp, out)}))
+                     for n, m in model.named_modules() if f"{n}.weight" in fisher]
+            loss = model.token_nll(xs, ys).sum()
+            for hook in hooks:
+                hook.remove()
+            grads = torch.autograd.grad(loss, [out for _, out in outs.values()])
+            for (n, (inp, _)), g in zip(outs.items(), grads):
+                gain = inp[1].detach().view(-1) if len(inp) > 1 and inp[1] is not None else 1.0
+                want[f"{n}.weight"] += g.square().flatten(0, -2).sum(0) * gain ** 2
+    assert any(len(inp) > 1 for inp, _ in outs.values())  # some matrix does fold a gain
+    for n in fisher:
+        assert torch.allclose(fisher[n], want[n], rtol=1e-4, atol=1e-12), n
+        assert (fisher[n] > 0).all(), n
+
+
+def dict_args(args, **changes):
+    return types.SimpleNamespace(**dict(vars(args), **changes))
+
+
 def test_collect_hessians_leaves_out_pieces_that_would_end_past_the_deadline(tmp_path, monkeypatch):
     """With a clock, a piece runs only while twice the slowest piece so far still fits: pieces of 300 ms
     against 1 s give two pieces (700 ms left after one, 400 ms after two), and their X^T X alone."""
@@ -572,7 +619,7 @@ def test_collect_hessians_leaves_out_pieces_that_would_end_past_the_deadline(tmp
     path = tmp_path / "fineweb_train_000000.bin"
     synth.write_shard(str(path), list(np.random.default_rng(0).integers(0, 64, 400)))
     args = types.SimpleNamespace(vocab_size=64, train_batch_tokens=128, grad_accum_steps=2, train_seq_len=8,
-                                 micro_batch_tokens=64)
+                                 micro_batch_tokens=64, export_rule="fill")
     now = [0.0]  # a fake clock in seconds: each piece takes 0.3 s of it
     monkeypatch.setattr(tg, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     hidden, seen = model.hidden, []
@@ -585,17 +632,17 @@ def test_collect_hessians_leaves_out_pieces_that_would_end_past_the_deadline(tmp
     monkeypatch.setattr(model, "hidden", slow_hidden)
     inputs = []
     capture = model.blocks[0].mlp.fc.register_forward_pre_hook(lambda mod, inp: inputs.append(inp[0].flatten(0, 1)))
-    hessians, stats = tg.collect_hessians(args, model, [str(path)], 0, 1, CPU,
-                                          time_left_ms=lambda: 1000.0 - 1000.0 * now[0])
+    hessians, _, stats = tg.collect_hessians(args, model, [str(path)], 0, 1, CPU,
+                                             time_left_ms=lambda: 1000.0 - 1000.0 * now[0])
     capture.remove()
     assert len(seen) == 2 and stats["tokens"] == sum(ids.numel() for ids in seen) == 16 and now[0] <= 1.0
     assert stats["piece_ms"] == pytest.approx(300.0)
     x = torch.cat(inputs)
     assert x.size(0) == 16 and torch.allclose(hessians["blocks.0.mlp.fc.weight"], x.t() @ x, rtol=1e-5, atol=1e-5)
-    assert tg.collect_hessians(args, model, [str(path)], 0, 1, CPU)[1]["tokens"] == 128 and len(seen) == 2 + 16
+    assert tg.collect_hessians(args, model, [str(path)], 0, 1, CPU)[2]["tokens"] == 128 and len(seen) == 2 + 16
     # a first piece that may not fit (its expected time given) is left out too: no tokens at all
-    empty, stats = tg.collect_hessians(args, model, [str(path)], 0, 1, CPU, time_left_ms=lambda: 500.0,
-                                       piece_ms=300.0)
+    empty, _, stats = tg.collect_hessians(args, model, [str(path)], 0, 1, CPU, time_left_ms=lambda: 500.0,
+                                          piece_ms=300.0)
     assert stats["tokens"] == 0 and len(seen) == 18 and not any(h.any() for h in empty.values())
 
 
@@ -609,7 +656,7 @@ def _calibration_worker(rank, world_size, port, shard, out_dir):
         model = tg.GPT(vocab_size=64, num_layers=1, model_dim=16, num_heads=2, num_kv_heads=1, mlp_mult=2,
                        max_seq_len=8, act_dtype=torch.float32)
         args = types.SimpleNamespace(vocab_size=64, train_batch_tokens=128, grad_accum_steps=2,
-                                     train_seq_len=8, micro_batch_tokens=32)
+                                     train_seq_len=8, micro_batch_tokens=32, export_rule="fill")
         now, fed = [0.0], []
         tg.time = types.SimpleNamespace(perf_counter=lambda: now[0])
         hidden = model.hidden
@@ -621,8 +668,8 @@ def _calibration_worker(rank, world_size, port, shard, out_dir):
 
         model.hidden = slow_hidden
         cap = 10_000.0 if rank == 0 else 1000.0
-        _, stats = tg.collect_hessians(args, model, [shard], rank, world_size, CPU,
-                                       time_left_ms=lambda: cap - 1000.0 * now[0])
+        _, _, stats = tg.collect_hessians(args, model, [shard], rank, world_size, CPU,
+                                          time_left_ms=lambda: cap - 1000.0 * now[0])
     finally:
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -840,6 +887,77 @@ def test_quantize_state_with_hessians_beats_largest_saving_first():
     assert file_bytes(packed) <= budget
     old = largest_saving_first(state, full, budget, hessians)
     assert int_error(state, packed, hessians) <= int_error(state, old, hessians)
+
+
+@pytest.fixture(scope="module")
+def fisher_case():
+    """A trained-like state under GPTQ, each matrix's rows weighted unequally (over 100x) and
+    matrices unequally: the Fisher rule's inputs, with a budget between all-int5 and all-int6."""
+    state = trained_like_state(num_layers=2, xsa_last_n=0, coda_last_n=0)
+    hessians, fisher = {}, {}
+    for i, (name, t) in enumerate(state.items()):
+        if tg.export_kind(name, t) == "int6":
+            x = correlated_inputs(i, 64, t.size(1))
+            hessians[name] = x.t() @ x
+            g = torch.Generator().manual_seed(100 + i)
+            fisher[name] = 10 ** (2 * torch.rand(t.size(0), generator=g, dtype=torch.float64) + i % 3 - 1)
+    full = tg.quantize_state(state, hessians=hessians)
+    floor = file_bytes(tg.quantize_state(state, 0, hessians, rule="fill"))
+    return state, hessians, fisher, full, (floor + file_bytes(full)) / 2
+
+
+def loss_estimate(state, packed, hessians, fisher):
+    """What the Fisher rule minimises: the second-order loss, sum of F_r d_r^T H d_r."""
+    deq, total = tg.dequantize_state(packed), 0.0
+    for name in fisher:
+        d = (deq[name] - state[name].float()).double()
+        total += float((fisher[name] * ((d @ hessians[name].double()) * d).sum(1)).sum())
+    return total
+
+
+def test_fisher_rule_fills_the_budget_all_int6_at_one_price_per_bit(fisher_case):
+    """Every int6 matrix stays int6 and the file fits within 0.1% under the budget; every row's step is
+    its least-error step s_r times clamp(c t_r / s_r, 1, 64), t_r = (F_r mean(diag H))^-1/2, with one c
+    for all rows of all matrices (rows the clamp holds at s_r would want a finer step than c t_r)."""
+    state, hessians, fisher, full, budget = fisher_case
+    packed = tg.quantize_state(state, budget, hessians, rule="fisher", fisher=fisher)
+    assert budget * (1 - 1e-3) <= file_bytes(packed) <= budget
+    assert {n for n, v in packed.items() if v[0] == "int6"} == {n for n, v in full.items() if v[0] == "int6"}
+    cs, held = [], 0
+    for name in fisher:
+        step, least = packed[name][2].double(), full[name][2].double()
+        t = (fisher[name] * hessians[name].diagonal().double().mean()).rsqrt()
+        wide = step > least * 1.002  # beyond fp16's rounding of the stored scale
+        cs.append(step[wide] / t[wide])
+        held += int((~wide).sum())
+    cs = torch.cat(cs)
+    assert len(cs) > 0.5 * sum(len(f) for f in fisher.values()) and held > 0
+    assert float(cs.max() / cs.min()) < 1.002, (float(cs.min()), float(cs.max()))
+
+
+def test_fisher_rule_beats_fill_and_one_factor_in_the_loss_it_estimates(fisher_case):
+    """At the same budget, the Fisher rule's second-order loss is well under 'fill's and under the rule
+    that widens every row's step by one factor (the Fisher rule with all F_r t_r^2 = s_r^-2)."""
+    state, hessians, fisher, full, budget = fisher_case
+    fisher_packed = tg.quantize_state(state, budget, hessians, rule="fisher", fisher=fisher)
+    fill = tg.quantize_state(state, budget, hessians, rule="fill")
+    energy = {n: hessians[n].diagonal().double().mean() for n in fisher}
+    uniform = {n: full[n][2].double() ** -2 / energy[n] for n in fisher}  # t_r = s_r
+    one_factor = tg.quantize_state(state, budget, hessians, rule="fisher", fisher=uniform)
+    assert max(file_bytes(p) for p in (fisher_packed, fill, one_factor)) <= budget
+    ours = loss_estimate(state, fisher_packed, hessians, fisher)
+    assert ours < 0.8 * loss_estimate(state, fill, hessians, fisher)
+    assert ours < 0.8 * loss_estimate(state, one_factor, hessians, fisher)
+
+
+def test_fisher_rule_without_calibration_packs_as_fill(fisher_case):
+    """No Fisher weights (GPTQ=0, or no time left for the calibration): exactly 'fill'."""
+    state, hessians, fisher, _, budget = fisher_case
+    fill = tg.quantize_state(state, budget, hessians, rule="fill")
+    for weights in (None, {}, dict(list(fisher.items())[1:])):
+        packed = tg.quantize_state(state, budget, hessians, rule="fisher", fisher=weights)
+        assert all(packed[n][0] == v[0] and all(torch.equal(a, b) for a, b in zip(packed[n][1:], v[1:]))
+                   for n, v in fill.items())
 
 
 @pytest.mark.parametrize("rule", tg.EXPORT_RULES)

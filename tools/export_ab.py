@@ -8,8 +8,9 @@ file's dequantized weights (the plain roundtrip evaluation, no sliding window), 
 
     export_ab rule:NAME int6:N int5:N bytes:FILE_BYTES roundtrip val_bpb:X gap:X-PRE
 
-- `fill`, `rate`: this script's quantize_state at its budget by each EXPORT_RULE (the run's
-  artifact holds the one EXPORT_RULE names);
+- `fisher`, `fill`, `rate`: this script's quantize_state at its budget by each EXPORT_RULE (the
+  run's artifact holds the one EXPORT_RULE names; `fisher` falls back to `fill` unless the run
+  calibrated with EXPORT_RULE=fisher, the default);
 - `old`: OLD_TRAIN_GPT's quantize_state (when set) called as that script called it, at 0.985 of
   the budget (a margin for zstd), packed into this script's file format;
 - `int6`: every matrix at int6, each row at its clip of least error, whatever its size.
@@ -36,10 +37,10 @@ tg = load(os.path.join(ROOT, "train_gpt.py"), "train_gpt")
 seen = {}
 
 
-def export(args, base_model, log, rank, code_bytes, hessians):
-    seen.update(args=args, code_bytes=code_bytes, hessians=hessians,
+def export(args, base_model, log, rank, code_bytes, hessians, fisher=None):
+    seen.update(args=args, code_bytes=code_bytes, hessians=hessians, fisher=fisher,
                 state={k: v.detach().clone() for k, v in base_model.state_dict().items()})
-    return real_export(args, base_model, log, rank, code_bytes, hessians)
+    return real_export(args, base_model, log, rank, code_bytes, hessians, fisher)
 
 
 def final_evaluation(args, base_model, evaluate, artifact_path, weights, code_bytes, log,
@@ -50,7 +51,8 @@ def final_evaluation(args, base_model, evaluate, artifact_path, weights, code_by
         pre = evaluate()[1]
         base_model.load_state_dict(state)
         rules = {rule: lambda rule=rule: tg.quantize_state(state, budget, hessians, args.shape,
-                                                           rule=rule) for rule in tg.EXPORT_RULES}
+                                                           rule=rule, fisher=seen["fisher"])
+                 for rule in tg.EXPORT_RULES}
         rules["int6"] = lambda: tg.quantize_state(state, float("inf"), hessians, args.shape)
         if os.environ.get("OLD_TRAIN_GPT"):
             old = load(os.environ["OLD_TRAIN_GPT"], "old_train_gpt")
