@@ -1990,8 +1990,10 @@ def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, w
             return
         with torch.enable_grad():  # gradients of the outputs alone: no weight's .grad is touched
             grads = torch.autograd.grad(base_model.token_nll(x, y).sum(),
-                                        [out for _, out, _ in outputs])
+                                        [out for _, out, _ in outputs], allow_unused=True)
         for (name, _, gain), g in zip(outputs, grads):
+            if g is None:  # an output the loss does not read: no weight on its rows
+                continue
             g2 = g.float().square().flatten(0, -2).sum(0)
             fisher[name].add_(g2 if gain is None else g2 * gain.square())
         outputs.clear()
