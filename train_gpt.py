@@ -1357,7 +1357,8 @@ def doc_test_time_train(ev: Evaluator, model: GPT, nll_fn, args, log, bos: int) 
 # -----------------------------
 # One code per byte: zstd takes the unused bits back.
 
-ARTIFACT_MAGIC = b"PGINT6\x00\x01"
+ARTIFACT_MAGIC = b"PGINT6\x00\x02"  # format 2: rows in scale_order
+ARTIFACT_MAGIC_V1 = b"PGINT6\x00\x01"
 CONTROL_PATTERNS = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "smear",
                     "bigram.scale", "coda_theta", "coda_gate.bias", "coda_norm", "ve_scale",
                     "lane_")
@@ -1693,10 +1694,17 @@ NUMPY_DTYPES = {"int5": np.int8, "int6": np.int8, "int8": np.int8, "fp16": np.fl
                 "fp32": np.float32}
 
 
+def scale_order(scales) -> np.ndarray:
+    """Rows by their stored scale: zstd's blocks then hold rows whose codes spread alike."""
+    return np.argsort(np.asarray(scales, dtype=np.float16), kind="stable")
+
+
 def serialize(packed: dict[str, tuple], shape: dict, compress=zstd22) -> bytes:
-    """JSON index, one zstd frame per tensor and one of all scales: each its own entropy tables."""
+    """JSON index, one zstd frame per tensor (rows in scale_order) and one of all scales: each
+    its own entropy tables."""
     names = sorted(packed)
-    chunks = [packed[n][1].numpy().tobytes() for n in names]
+    chunks = [(v[1].numpy()[scale_order(v[2])] if len(v := packed[n]) == 3 else v[1].numpy()
+               ).tobytes() for n in names]
     chunks.append(b"".join(packed[n][2].numpy().tobytes() for n in names if len(packed[n]) == 3))
     with ThreadPoolExecutor() as pool:  # zstd releases the GIL
         frames = list(pool.map(compress, chunks))
@@ -1707,7 +1715,8 @@ def serialize(packed: dict[str, tuple], shape: dict, compress=zstd22) -> bytes:
     return len(header).to_bytes(4, "little") + header + b"".join(frames)
 
 
-def deserialize(payload: bytes) -> tuple[dict, dict[str, tuple]]:
+def deserialize(payload: bytes, ordered: bool = True) -> tuple[dict, dict[str, tuple]]:
+    """ordered=False: an artifact of format 1, its rows in their own order."""
     size = int.from_bytes(payload[:4], "little")
     header = json.loads(zstandard.ZstdDecompressor().decompress(payload[4:4 + size]))
     frames, pos = [], 4 + size
@@ -1718,12 +1727,16 @@ def deserialize(payload: bytes) -> tuple[dict, dict[str, tuple]]:
         raise ValueError("frames do not match the index")
     packed, scale_pos = {}, 0
     for (name, kind, shape), raw in zip(header["tensors"], frames):
-        data = np.frombuffer(raw, dtype=NUMPY_DTYPES[kind], count=math.prod(shape))
-        packed[name] = (kind, torch.from_numpy(data.copy()).view(shape))
-        if kind.startswith("int"):
-            scales = np.frombuffer(frames[-1], dtype=np.float16, count=shape[0], offset=scale_pos)
-            packed[name] += (torch.from_numpy(scales.copy()),)
-            scale_pos += scales.nbytes
+        data = np.frombuffer(raw, dtype=NUMPY_DTYPES[kind], count=math.prod(shape)).reshape(shape)
+        if not kind.startswith("int"):
+            packed[name] = (kind, torch.from_numpy(data.copy()))
+            continue
+        scales = np.frombuffer(frames[-1], dtype=np.float16, count=shape[0], offset=scale_pos)
+        scale_pos += scales.nbytes
+        rows = data.copy()
+        if ordered:
+            rows[scale_order(scales)] = data
+        packed[name] = (kind, torch.from_numpy(rows), torch.from_numpy(scales.copy()))
     return header["shape"], packed
 
 
@@ -1761,14 +1774,14 @@ def read_artifact(path: str, shape: dict, variable: str = "LOAD_ARTIFACT",
     except OSError as e:
         raise ConfigError(f"{variable}={path}: cannot read it ({e.strerror})") from None
     head = len(ARTIFACT_MAGIC) + 32
-    if blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
+    if blob[:len(ARTIFACT_MAGIC)] not in (ARTIFACT_MAGIC, ARTIFACT_MAGIC_V1):
         raise ConfigError(f"{variable}={path}: not an artifact of this script")
     if len(blob) < head or hashlib.sha256(blob[head:]).digest() != blob[len(ARTIFACT_MAGIC):head]:
         raise ConfigError(f"{variable}={path}: truncated or corrupted (checksum mismatch)")
     if digest is not None and blob[len(ARTIFACT_MAGIC):head] != digest:
         raise ConfigError(f"{variable}={path}: not the artifact this run wrote (replaced since)")
     try:
-        written_shape, packed = deserialize(blob[head:])
+        written_shape, packed = deserialize(blob[head:], blob.startswith(ARTIFACT_MAGIC))
     except (zstandard.ZstdError, ValueError, KeyError, TypeError):
         raise ConfigError(f"{variable}={path}: unreadable payload") from None
 

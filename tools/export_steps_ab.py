@@ -20,8 +20,16 @@ matrix's input Hessian (GPTQ's); at one price per bit the least-loss step is pro
 - `fisher`: beta 0 (what became EXPORT_RULE=fisher); `fisher_half`: beta 0.5; `hessian`: beta
   0 with F_r = 1 (the matrix's input energy alone);
 - `rate_fisher`: EXPORT_RULE=rate with each row's error weighted by F_r;
-- `int6`: every row at its clip of least error, whatever its size.
+- `int6`: every row at its clip of least error, whatever its size;
+- `fisher_rule`: train_gpt's own EXPORT_RULE=fisher (on the run's calibrated Fisher sums);
+  `fisher_1mb`: the same at a budget 1,000,000 bytes larger (the price of bytes);
+  `fisher_q63`, `fisher_q127`: rows allowed finer steps, codes up to that bound (finer_steps);
+- `embeddings_exact`, `matrices_exact`: `fisher_rule`'s packing with the int8 embeddings, or the
+  int6 matrices, kept at fp16 (what each part's rounding costs).
+
+STEPS_AB_RULES=fisher_rule,fisher_1mb picks and orders the rules (default: the first seven).
 """
+import functools
 import importlib.util
 import math
 import os
@@ -119,14 +127,65 @@ def profile_rule(state, packed, hessians, shape, budget, profile, log):
     return best and best[1]
 
 
+def finer_steps(state, packed, hessians, fisher, budget_bytes, size, file_bytes, trials=10,
+                qmax=127):
+    """train_gpt.fisher_steps with codes up to qmax: a row whose Fisher step is finer than its
+    int6 step of least error gets it, down to the step at which its largest weight codes to qmax
+    (every row no coarser than under fisher_steps, whose clamp below is that int6 step)."""
+    names = [n for n, v in packed.items() if v[0] == "int6"]
+    least = {n: packed[n][2].double() for n in names}
+    ratio, finest = {}, {}
+    for n in names:
+        energy = hessians[n].diagonal().double().mean().cpu()
+        t = (fisher[n].double().cpu() * energy).clamp_min(1e-300).rsqrt()
+        ratio[n] = (t / least[n]).clamp(2 ** -40, 2 ** 40)
+        finest[n] = (state[n].double().abs().amax(1) / qmax / least[n]).clamp(max=1)
+    counts = {n: least[n].numel() * state[n].size(1) for n in names}
+    params = sum(counts.values())
+    shift = sum(counts[n] * ratio[n].log2().mean() for n in names) / params
+
+    def stepped(lc):
+        out = dict(packed)
+        for n in names:
+            w = state[n].to(hessians[n].device, torch.float32)
+            factor = torch.maximum(ratio[n] * 2 ** (lc - shift), finest[n]).clamp(max=64)
+            scales = tg.stored_scales((least[n] * factor).float().to(w.device))
+            out[n] = ("int6", tg.round_rows(w, scales, qmax, hessians[n]).to(torch.int8).cpu(),
+                      scales.half().cpu())
+        return out
+
+    aim, over, under, best = budget_bytes * (1 - 5e-4), None, None, None
+    lc, stride = 8 * (size - aim) / params, 0.5
+    for _ in range(trials):  # the search of fisher_steps
+        trial = stepped(lc)
+        trial_bytes = file_bytes(trial)
+        if trial_bytes > budget_bytes:
+            over = max(over or (-math.inf, 0), (lc, trial_bytes))
+        else:
+            under = min(under or (math.inf, 0), (lc, trial_bytes))
+            if best is None or trial_bytes > best[0]:
+                best = (trial_bytes, trial)
+            if trial_bytes >= budget_bytes * (1 - 1e-3):
+                break
+        if over is None or under is None:
+            lc, stride = lc + (stride if under is None else -stride), 2 * stride
+            continue
+        (x0, s0), (x1, s1) = over, under
+        x = x0 + (aim - s0) * (x1 - x0) / (s1 - s0) if s1 != s0 else (x0 + x1) / 2
+        lc = min(max(x, x0 + 0.1 * (x1 - x0)), x1 - 0.1 * (x1 - x0))
+    return best and best[1]
+
+
 def final_evaluation(args, base_model, evaluate, artifact_path, weights, code_bytes, log,
                      digest=None):
     state, hessians = seen["state"], seen["hessians"]
     budget = args.artifact_limit_bytes - code_bytes
     pre = evaluate()[1]
     device = next(base_model.parameters()).device
-    fisher = fisher_rows(base_model, tg.find_shards(args.data_path, "train", 1), device,
-                         args.train_batch_tokens, args.train_seq_len)
+    fisher = seen["fisher"] and {n: f.double().cpu() for n, f in seen["fisher"].items()}
+    if not fisher:  # the run calibrated no Fisher sums (EXPORT_RULE other than fisher)
+        fisher = fisher_rows(base_model, tg.find_shards(args.data_path, "train", 1), device,
+                             args.train_batch_tokens, args.train_seq_len)
     base_model.load_state_dict(state)
     log(f"steps_ab fisher rows done s:{time.perf_counter() - T0:.0f}")
     int6 = tg.quantize_state(state, math.inf, hessians, args.shape)
@@ -154,10 +213,37 @@ def final_evaluation(args, base_model, evaluate, artifact_path, weights, code_by
         finally:
             tg.RateDistortion.__init__ = real_init
 
+    def rule_fisher(qmax=31, extra=0):
+        @functools.cache  # the exact() variants reuse the default's packing
+        def pack():
+            real = tg.fisher_steps
+            tg.fisher_steps = real if qmax == 31 else functools.partial(finer_steps, qmax=qmax)
+            try:
+                return tg.quantize_state(state, budget + extra, hessians, args.shape,
+                                         rule="fisher", fisher=fisher)
+            finally:
+                tg.fisher_steps = real
+        return pack
+
+    def exact(names, rule):
+        """rule's packing with the tensors names picks kept as fp16: what their rounding costs."""
+        def pack():
+            out = rule()
+            return dict(out, **{n: ("fp16", state[n].half().cpu().contiguous())
+                                for n in out if names(n, out[n][0])})
+        return pack
+
     rules = {"fill": lambda: tg.quantize_state(state, budget, hessians, args.shape, rule="fill"),
              "fisher": by_profile(0.0), "clip": by_profile(1.0),
              "hessian": by_profile(0.0, use_fisher=False), "fisher_half": by_profile(0.5),
-             "rate_fisher": rate_fisher, "int6": lambda: int6}
+             "rate_fisher": rate_fisher, "int6": lambda: int6,
+             "fisher_rule": (default := rule_fisher()), "fisher_q63": rule_fisher(63),
+             "fisher_q127": rule_fisher(127), "fisher_1mb": rule_fisher(extra=1_000_000),
+             "fisher_q127_1mb": rule_fisher(127, extra=1_000_000),
+             "embeddings_exact": exact(lambda n, kind: kind == "int8", default),
+             "matrices_exact": exact(lambda n, kind: kind == "int6", default)}
+    chosen = os.environ.get("STEPS_AB_RULES") or ",".join(RULES[:7])
+    rules = {name: rules[name] for name in chosen.split(",")}
     path = f"{artifact_path}.ab"
     for name, rule in rules.items():
         if time.perf_counter() - T0 > STOP_AFTER_S:
@@ -180,11 +266,16 @@ def final_evaluation(args, base_model, evaluate, artifact_path, weights, code_by
 
 
 def export(args, base_model, log, rank, code_bytes, hessians, fisher=None):
-    seen.update(hessians=hessians,
+    seen.update(hessians=hessians, fisher=fisher,
                 state={k: v.detach().clone() for k, v in base_model.state_dict().items()})
     return real_export(args, base_model, log, rank, code_bytes, hessians, fisher)
 
 
+RULES = ("fill", "fisher", "clip", "hessian", "fisher_half", "rate_fisher", "int6", "fisher_rule",
+         "fisher_q63", "fisher_q127", "fisher_1mb", "fisher_q127_1mb", "embeddings_exact",
+         "matrices_exact")
+if unknown := set(filter(None, os.environ.get("STEPS_AB_RULES", "").split(","))) - set(RULES):
+    sys.exit(f"STEPS_AB_RULES: no rule {', '.join(sorted(unknown))}; rules: {', '.join(RULES)}")
 real_export, real_final_evaluation = tg.export, tg.final_evaluation
 tg.export, tg.final_evaluation = export, final_evaluation
 
