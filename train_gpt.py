@@ -1727,6 +1727,9 @@ def deserialize(payload: bytes, ordered: bool = True) -> tuple[dict, dict[str, t
         raise ValueError("frames do not match the index")
     packed, scale_pos = {}, 0
     for (name, kind, shape), raw in zip(header["tensors"], frames):
+        if not all(isinstance(d, int) and 0 <= d < 2 ** 32 for d in shape) or (
+                kind.startswith("int") and len(shape) != 2):
+            raise ValueError(f"{name}: shape {shape} is not one of a {kind} tensor")
         data = np.frombuffer(raw, dtype=NUMPY_DTYPES[kind], count=math.prod(shape)).reshape(shape)
         if not kind.startswith("int"):
             packed[name] = (kind, torch.from_numpy(data.copy()))

@@ -1112,6 +1112,18 @@ def test_artifact_bad_files(packed_state, tmp_path):
                           ("json", (2).to_bytes(4, "little") + b"{}")):
         expect_config_error(variant(f"{name}.ptz", tg.ARTIFACT_MAGIC + hashlib.sha256(payload).digest() + payload),
                             SHAPE, "unreadable")
+    # a valid checksum and index whose tensors' shapes cannot be a file's: refused, never a traceback
+    def indexed(tensors, frames):
+        index = tg.zstd22(json.dumps({"shape": SHAPE, "tensors": tensors, "frames": [len(f) for f in frames]}).encode())
+        return len(index).to_bytes(4, "little") + index + b"".join(frames)
+
+    codes, scales = tg.zstd22(bytes(12)), tg.zstd22(bytes(4))
+    for name, tensor in (("rank0", ["m", "int6", []]), ("rank3", ["m", "int6", [1, 2, 6]]),
+                         ("negative", ["m", "int6", [-1, 12]]), ("huge", ["m", "int6", [2 ** 40, 2 ** 40]]),
+                         ("fraction", ["m", "fp16", [1.5]]), ("few_scales", ["m", "int6", [3, 4]])):
+        payload = indexed([tensor], [codes, scales])
+        expect_config_error(variant(f"{name}.ptz", tg.ARTIFACT_MAGIC + hashlib.sha256(payload).digest() + payload),
+                            SHAPE, "unreadable")
     expect_config_error(tmp_path / "missing.ptz", SHAPE, "cannot read")
     expect_config_error(tmp_path, SHAPE, "cannot read")  # a directory
     # written for another model shape: names the variable and both values

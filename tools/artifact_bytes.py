@@ -9,7 +9,8 @@ Reads the artifact (format 1 or 2) and prints, over its quantized matrices' code
 - the codes' order-0 entropy per matrix and per row, and the code length under one Gaussian per
   row (each row's own variance): bounds for a coder that knew more than zstd's blocks do;
 - zstd-22 over rows grouped into K classes of spread (K = 4, 8), plus the classes' own bytes at
-  log2 K bits a row, a layout that would have to store the classes.
+  log2 K bits a row, a layout that would have to store the classes;
+- how many int6 rows reach a code of +-31 (rows whose step the grid, not the rule, bounds).
 
 The codes are unchanged by every layout: the artifact's state is the same in either format.
 """
@@ -47,10 +48,13 @@ def main(path: str) -> None:
     z = lambda a: len(tg.zstd22(np.ascontiguousarray(a).tobytes()))  # noqa: E731
     sums = dict(format1=0, format2=0, order0_matrix=0.0, order0_row=0.0, gaussian_row=0.0,
                 classes4=0.0, classes8=0.0)
+    rows, at_bound = 0, 0
     for name, (kind, codes, *scales) in sorted(packed.items()):
         if kind not in ("int6", "int5"):
             continue
         c = codes.numpy()
+        if kind == "int6":
+            rows, at_bound = rows + len(c), at_bound + int((np.abs(c).max(1) == 31).sum())
         sums["format1"] += z(c)
         sums["format2"] += z(c[tg.scale_order(scales[0])])
         sums["order0_matrix"] += entropy_bytes(c)
@@ -73,6 +77,7 @@ def main(path: str) -> None:
     print(f"artifact {path}: {len(blob)} bytes, format {1 if blob[7] == 1 else 2}")
     print(f"file format1:{files[1]} format2:{files[2]} saved:{files[1] - files[2]} "
           f"({1 - files[2] / files[1]:.2%})")
+    print(f"int6 rows:{rows} at_code_31:{at_bound}")
     base = sums["format1"]
     for key, value in sums.items():
         print(f"int_codes {key}:{value:.0f} ({value / base:.4f} of format1)")

@@ -91,9 +91,12 @@ def final_evaluation(args, base_model, evaluate, artifact_path, weights, code_by
                                  log, digest)
 
 
-RULES = (*tg.EXPORT_RULES, "int6", "fisher_format1", "old")
-if unknown := set(filter(None, os.environ.get("EXPORT_AB_RULES", "").split(","))) - set(RULES):
-    sys.exit(f"EXPORT_AB_RULES: no rule {', '.join(sorted(unknown))}; rules: {', '.join(RULES)}")
+RULES = (*tg.EXPORT_RULES, "int6", "fisher_format1",
+         *(["old"] if os.environ.get("OLD_TRAIN_GPT") else []))
+if os.environ.get("EXPORT_AB_RULES") and (
+        unknown := set(os.environ["EXPORT_AB_RULES"].split(",")) - set(RULES)):
+    sys.exit(f"EXPORT_AB_RULES: no rule {', '.join(sorted(unknown))}; rules: {', '.join(RULES)}"
+             f" (old with OLD_TRAIN_GPT)")
 real_export, real_final_evaluation = tg.export, tg.final_evaluation
 scale_order, magic = tg.scale_order, tg.ARTIFACT_MAGIC
 tg.export, tg.final_evaluation = export, final_evaluation

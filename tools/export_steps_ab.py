@@ -274,7 +274,8 @@ def export(args, base_model, log, rank, code_bytes, hessians, fisher=None):
 RULES = ("fill", "fisher", "clip", "hessian", "fisher_half", "rate_fisher", "int6", "fisher_rule",
          "fisher_q63", "fisher_q127", "fisher_1mb", "fisher_q127_1mb", "embeddings_exact",
          "matrices_exact")
-if unknown := set(filter(None, os.environ.get("STEPS_AB_RULES", "").split(","))) - set(RULES):
+if os.environ.get("STEPS_AB_RULES") and (
+        unknown := set(os.environ["STEPS_AB_RULES"].split(",")) - set(RULES)):
     sys.exit(f"STEPS_AB_RULES: no rule {', '.join(sorted(unknown))}; rules: {', '.join(RULES)}")
 real_export, real_final_evaluation = tg.export, tg.final_evaluation
 tg.export, tg.final_evaluation = export, final_evaluation
