@@ -1614,13 +1614,15 @@ def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf,
     return (best or least)[1]  # nothing fits: the smallest tried, for the caller to refuse
 
 
-def fisher_steps(state, packed, hessians, fisher, budget_bytes, size, file_bytes, trials=10):
+def fisher_steps(state, packed, hessians, fisher, budget_bytes, size, file_bytes, trials=10,
+                 qmax=31):
     """Rule 'fisher' of quantize_state: every int6 matrix stays int6, row r of matrix m at the step
     s_r * clamp(c * t_r / s_r, 1, 64), s_r its step of least error, t_r = (F_r mean(diag H_m))^-1/2
     and c the least that fits, found on measured sizes. To second order, rounding a row at step d
     costs the loss about F_r mean(diag H_m) d^2 / 12 (F_r its output's summed squared gradient,
     H_m its inputs' X^T X), so at one price per bit of an entropy-coded file the loss is least at
-    steps in proportion to t_r. None when no c tried fits."""
+    steps in proportion to t_r. None when no c tried fits. qmax above 31 (a study's, not the
+    rule's) lets a row finer than s_r, down to the step that codes its largest weight to qmax."""
     names = [n for n, v in packed.items() if v[0] == "int6"]
     least = {n: packed[n][2].double() for n in names}
     ratio = {}
@@ -1628,6 +1630,8 @@ def fisher_steps(state, packed, hessians, fisher, budget_bytes, size, file_bytes
         energy = hessians[n].diagonal().double().mean().cpu()
         t = (fisher[n].double().cpu() * energy).clamp_min(1e-300).rsqrt()
         ratio[n] = (t / least[n]).clamp(2 ** -40, 2 ** 40)
+    finest = {n: (state[n].double().abs().amax(1) / qmax / least[n]).clamp(max=1)
+              if qmax > 31 else torch.ones_like(least[n]) for n in names}
     counts = {n: least[n].numel() * state[n].size(1) for n in names}
     params = sum(counts.values())
     # t on the scale of s: c = 1 widens no row on a geometric average over the parameters
@@ -1637,9 +1641,9 @@ def fisher_steps(state, packed, hessians, fisher, budget_bytes, size, file_bytes
         out = dict(packed)
         for n in names:
             w = state[n].to(hessians[n].device, torch.float32)
-            factor = (ratio[n] * 2 ** (lc - shift)).clamp(1, 64)
+            factor = torch.maximum(ratio[n] * 2 ** (lc - shift), finest[n]).clamp(max=64)
             scales = stored_scales((least[n] * factor).float().to(w.device))
-            out[n] = ("int6", round_rows(w, scales, 31, hessians[n]).to(torch.int8).cpu(),
+            out[n] = ("int6", round_rows(w, scales, qmax, hessians[n]).to(torch.int8).cpu(),
                       scales.half().cpu())
         return out
 

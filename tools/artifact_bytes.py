@@ -44,7 +44,8 @@ def gaussian_bytes(codes: np.ndarray) -> float:
 def main(path: str) -> None:
     blob = Path(path).read_bytes()
     head = len(tg.ARTIFACT_MAGIC) + 32
-    shape, packed = tg.deserialize(blob[head:], blob.startswith(tg.ARTIFACT_MAGIC))
+    ordered = blob.startswith(tg.ARTIFACT_MAGIC)  # format 2; else format 1
+    shape, packed = tg.deserialize(blob[head:], ordered)
     z = lambda a: len(tg.zstd22(np.ascontiguousarray(a).tobytes()))  # noqa: E731
     sums = dict(format1=0, format2=0, order0_matrix=0.0, order0_row=0.0, gaussian_row=0.0,
                 classes4=0.0, classes8=0.0)
@@ -74,7 +75,7 @@ def main(path: str) -> None:
             files[fmt] = len(magic) + 32 + len(tg.serialize(packed, shape))
         finally:
             tg.scale_order = real
-    print(f"artifact {path}: {len(blob)} bytes, format {1 if blob[7] == 1 else 2}")
+    print(f"artifact {path}: {len(blob)} bytes, format {2 if ordered else 1}")
     print(f"file format1:{files[1]} format2:{files[2]} saved:{files[1] - files[2]} "
           f"({1 - files[2] / files[1]:.2%})")
     print(f"int6 rows:{rows} at_code_31:{at_bound}")

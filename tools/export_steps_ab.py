@@ -23,7 +23,8 @@ matrix's input Hessian (GPTQ's); at one price per bit the least-loss step is pro
 - `int6`: every row at its clip of least error, whatever its size;
 - `fisher_rule`: train_gpt's own EXPORT_RULE=fisher (on the run's calibrated Fisher sums);
   `fisher_1mb`: the same at a budget 1,000,000 bytes larger (the price of bytes);
-  `fisher_q63`, `fisher_q127`: rows allowed finer steps, codes up to that bound (finer_steps);
+  `fisher_q63`, `fisher_q127`: rows allowed finer steps, codes up to that bound (fisher_steps'
+  qmax);
 - `embeddings_exact`, `matrices_exact`: `fisher_rule`'s packing with the int8 embeddings, or the
   int6 matrices, kept at fp16 (what each part's rounding costs).
 
@@ -127,55 +128,6 @@ def profile_rule(state, packed, hessians, shape, budget, profile, log):
     return best and best[1]
 
 
-def finer_steps(state, packed, hessians, fisher, budget_bytes, size, file_bytes, trials=10,
-                qmax=127):
-    """train_gpt.fisher_steps with codes up to qmax: a row whose Fisher step is finer than its
-    int6 step of least error gets it, down to the step at which its largest weight codes to qmax
-    (every row no coarser than under fisher_steps, whose clamp below is that int6 step)."""
-    names = [n for n, v in packed.items() if v[0] == "int6"]
-    least = {n: packed[n][2].double() for n in names}
-    ratio, finest = {}, {}
-    for n in names:
-        energy = hessians[n].diagonal().double().mean().cpu()
-        t = (fisher[n].double().cpu() * energy).clamp_min(1e-300).rsqrt()
-        ratio[n] = (t / least[n]).clamp(2 ** -40, 2 ** 40)
-        finest[n] = (state[n].double().abs().amax(1) / qmax / least[n]).clamp(max=1)
-    counts = {n: least[n].numel() * state[n].size(1) for n in names}
-    params = sum(counts.values())
-    shift = sum(counts[n] * ratio[n].log2().mean() for n in names) / params
-
-    def stepped(lc):
-        out = dict(packed)
-        for n in names:
-            w = state[n].to(hessians[n].device, torch.float32)
-            factor = torch.maximum(ratio[n] * 2 ** (lc - shift), finest[n]).clamp(max=64)
-            scales = tg.stored_scales((least[n] * factor).float().to(w.device))
-            out[n] = ("int6", tg.round_rows(w, scales, qmax, hessians[n]).to(torch.int8).cpu(),
-                      scales.half().cpu())
-        return out
-
-    aim, over, under, best = budget_bytes * (1 - 5e-4), None, None, None
-    lc, stride = 8 * (size - aim) / params, 0.5
-    for _ in range(trials):  # the search of fisher_steps
-        trial = stepped(lc)
-        trial_bytes = file_bytes(trial)
-        if trial_bytes > budget_bytes:
-            over = max(over or (-math.inf, 0), (lc, trial_bytes))
-        else:
-            under = min(under or (math.inf, 0), (lc, trial_bytes))
-            if best is None or trial_bytes > best[0]:
-                best = (trial_bytes, trial)
-            if trial_bytes >= budget_bytes * (1 - 1e-3):
-                break
-        if over is None or under is None:
-            lc, stride = lc + (stride if under is None else -stride), 2 * stride
-            continue
-        (x0, s0), (x1, s1) = over, under
-        x = x0 + (aim - s0) * (x1 - x0) / (s1 - s0) if s1 != s0 else (x0 + x1) / 2
-        lc = min(max(x, x0 + 0.1 * (x1 - x0)), x1 - 0.1 * (x1 - x0))
-    return best and best[1]
-
-
 def final_evaluation(args, base_model, evaluate, artifact_path, weights, code_bytes, log,
                      digest=None):
     state, hessians = seen["state"], seen["hessians"]
@@ -217,7 +169,7 @@ def final_evaluation(args, base_model, evaluate, artifact_path, weights, code_by
         @functools.cache  # the exact() variants reuse the default's packing
         def pack():
             real = tg.fisher_steps
-            tg.fisher_steps = real if qmax == 31 else functools.partial(finer_steps, qmax=qmax)
+            tg.fisher_steps = functools.partial(real, qmax=qmax)
             try:
                 return tg.quantize_state(state, budget + extra, hessians, args.shape,
                                          rule="fisher", fisher=fisher)
