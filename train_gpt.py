@@ -73,6 +73,8 @@ CODA_HEAD_NORMS = ("rms", "learned", "none")
 CODA_LAMBDA_INIT = 1 / (1 + math.exp(6))
 # How the export fits the budget (the first is the default); see quantize_state.
 EXPORT_RULES = ("fisher", "fill", "rate")
+# The training data's order (the first is the default); see DistributedTokenLoader.
+DATA_ORDERS = ("stream", "strided")
 # TTT's forms (the first is the default): LoRA per document; full-weight SGD on stream chunks.
 TTT_MODES = ("lora", "sgd")
 
@@ -155,6 +157,7 @@ class Hyperparameters:
         self.gptq = _flag("GPTQ", True)
         self.export_rule = os.environ.get("EXPORT_RULE") or EXPORT_RULES[0]
         # Training.
+        self.data_order = os.environ.get("DATA_ORDER") or DATA_ORDERS[0]
         self.train_seq_len = _env("TRAIN_SEQ_LEN", 2048)
         self.eval_seq_len = _env("EVAL_SEQ_LEN", 2048)
         self.train_batch_tokens = _env("TRAIN_BATCH_TOKENS", 786_432)
@@ -265,6 +268,8 @@ class Hyperparameters:
              f"NUM_HEADS/NUM_KV_HEADS={group}")
         need(self.coda_head_norm in CODA_HEAD_NORMS,
              f"CODA_HEAD_NORM={self.coda_head_norm!r}: expected {', '.join(CODA_HEAD_NORMS)}")
+        need(self.data_order in DATA_ORDERS,
+             f"DATA_ORDER={self.data_order!r}: expected {', '.join(DATA_ORDERS)}")
         need(self.export_rule in EXPORT_RULES,
              f"EXPORT_RULE={self.export_rule!r}: expected {', '.join(EXPORT_RULES)}")
         need(0 < self.coda_lambda_init < 1,
@@ -461,17 +466,22 @@ def shard_num_tokens(path: str) -> int:
     return int(header[2])
 
 
+def check_ids(path: str, tokens: np.ndarray, vocab_size: int) -> None:
+    if (top := tokens.max(initial=0)) >= vocab_size:
+        raise ConfigError(f"{path}: token id {top} is outside VOCAB_SIZE={vocab_size}")
+
+
 def load_shard(path: str, vocab_size: int = 0) -> np.ndarray:
     """Memory-mapped: a reader reads only what it touches. With vocab_size, every id checked."""
     n = shard_num_tokens(path)  # mmap refuses an empty shard
     tokens = np.memmap(path, "<u2", "r", 4 * HEADER_INTS, (n,)) if n else np.zeros(0, "<u2")
-    if vocab_size and (top := tokens.max(initial=0)) >= vocab_size:
-        raise ConfigError(f"{path}: token id {top} is outside VOCAB_SIZE={vocab_size}")
+    if vocab_size:
+        check_ids(path, tokens, vocab_size)
     return tokens
 
 
-def find_shards(data_path: str, split: str, min_tokens: int) -> list[str]:
-    """The split's shards, every header checked, holding at least min_tokens in all."""
+def find_shards(data_path: str, split: str, min_tokens: int, why: str = "") -> list[str]:
+    """The split's shards, every header checked, holding at least min_tokens (why) in all."""
     if not os.path.isdir(data_path):
         raise ConfigError(f"DATA_PATH={data_path}: not a directory ({DOWNLOAD_HINT})")
     names = fnmatch.filter(os.listdir(data_path), f"fineweb_{split}_*.bin")  # glob misreads "[1]"
@@ -482,44 +492,108 @@ def find_shards(data_path: str, split: str, min_tokens: int) -> list[str]:
     total = sum(shard_num_tokens(f) for f in files)
     if total < min_tokens:
         raise ConfigError(f"DATA_PATH={data_path}: the {split} shards hold {total} tokens; "
-                          f"{min_tokens} needed")
+                          f"{min_tokens} needed{why}")
     return files
 
 
-class DistributedTokenLoader:
-    """Each micro-step takes a span of the looping stream; a rank reads only its slice."""
+@functools.lru_cache(maxsize=4)  # a batch reads one lap, or two where one ends
+def stride_walk(num_blocks: int, seed: int, lap: int) -> tuple[int, int]:
+    """A lap's start and stride over the blocks: the stride coprime to their count, so a lap
+    visits every block once; each lap its own, drawn from the seed."""
+    def mix(x: int) -> int:  # splitmix64: the same order on every numpy and machine
+        x = (x + 0x9E3779B97F4A7C15) % 2 ** 64
+        x = (x ^ x >> 30) * 0xBF58476D1CE4E5B9 % 2 ** 64
+        x = (x ^ x >> 27) * 0x94D049BB133111EB % 2 ** 64
+        return x ^ x >> 31
 
-    def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device):
+    key = seed << 32 | lap
+    start, stride = mix(key) % num_blocks, mix(mix(key)) % max(1, num_blocks - 1) + 1
+    while math.gcd(stride, num_blocks) != 1:
+        stride = stride % max(1, num_blocks - 1) + 1
+    return start, stride
+
+
+def read_spans(total: int, order: str, seed: int, call: int, rank: int, world_size: int,
+               local_tokens: int, seq_len: int) -> list[tuple[int, int]]:
+    """(start, length) in the looping stream of the shards, of what a rank's call-th micro-batch
+    reads: `stream`, one span of the stream for each rank in turn; `strided`, local_tokens //
+    seq_len blocks of seq_len + 1 tokens (block b starts at b * seq_len), the global batch taking
+    the next blocks of a lap of stride_walk."""
+    if order == "stream":
+        span = local_tokens + 1
+        return [((call * world_size + rank) * span % total, span)]
+    n, num_blocks = local_tokens // seq_len, (total - 1) // seq_len
+    spans = []
+    for entry in range((call * world_size + rank) * n, (call * world_size + rank + 1) * n):
+        lap, i = divmod(entry, num_blocks)
+        start, stride = stride_walk(num_blocks, seed, lap)
+        spans.append(((start + i * stride) % num_blocks * seq_len, seq_len + 1))
+    return spans
+
+
+class DistributedTokenLoader:
+    """Each micro-step's global batch is read_spans' reading of the shards (DATA_ORDER); a rank
+    reads only its share."""
+
+    def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device,
+                 order: str = DATA_ORDERS[0], seed: int = 0):
         self.shards = [load_shard(f) for f in files]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
-        self.pos, self.rank, self.world_size, self.device = 0, rank, world_size, device
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.order, self.seed, self.calls = order, seed, 0
 
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
-        span, total = local_tokens + 1, int(self.starts[-1])
-        local = torch.empty(span, dtype=torch.int64, pin_memory=self.device.type == "cuda")
-        out, pos, done = local.numpy(), (self.pos + self.rank * span) % total, 0
-        while done < span:
-            i = int(np.searchsorted(self.starts, pos, side="right")) - 1  # skips empty shards
-            k = min(span - done, int(self.starts[i + 1]) - pos)
-            out[done:done + k] = self.shards[i][pos - self.starts[i]:pos - self.starts[i] + k]
-            pos, done = (pos + k) % total, done + k
-        self.pos = (self.pos + span * self.world_size) % total
+        total = int(self.starts[-1])
+        spans = read_spans(total, self.order, self.seed, self.calls, self.rank, self.world_size,
+                           local_tokens, seq_len)
+        self.calls += 1
+        size = sum(length for _, length in spans)
+        local = torch.empty(size, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        out, done = local.numpy(), 0
+        for pos, length in spans:
+            end = done + length
+            while done < end:
+                i = int(np.searchsorted(self.starts, pos, side="right")) - 1  # skips empty shards
+                k = min(end - done, int(self.starts[i + 1]) - pos)
+                out[done:done + k] = self.shards[i][pos - self.starts[i]:pos - self.starts[i] + k]
+                pos, done = (pos + k) % total, done + k
         local = local.to(self.device, non_blocking=True)
-        return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+        if len(spans) == 1:  # one span: its rows follow on from each other
+            return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+        rows = local.view(len(spans), seq_len + 1)
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
-def read_before_clock(args: Hyperparameters, files: list[str]) -> list[str]:
-    """The train shards the warm-up and calibration read, so checked before them."""
-    steps = max(1, args.warmup_steps)  # calibration reads one step; a rank's span is its batch + 1
-    n = steps * (args.train_batch_tokens + args.world_size * args.grad_accum_steps)
+def read_before_clock(args: Hyperparameters, files: list[str]) -> list[tuple[str, int, int]]:
+    """(file, start, end) of each piece of a shard the warm-up and calibration read, so checked
+    before they read it; every shard is checked in full beside the warm-up (check_train_ids)."""
+    if not files:  # LOAD_ARTIFACT: no training
+        return []
+    steps = max(1, args.warmup_steps)  # calibration reads one step, the first of the warm-up's
     starts = np.cumsum([0] + [shard_num_tokens(f) for f in files])
-    return [f for f, a, b in zip(files, starts, starts[1:]) if a < n and b > a]
+    total, pieces = int(starts[-1]), set()
+    for call in range(steps * args.grad_accum_steps):
+        for rank in range(args.world_size):
+            for pos, length in read_spans(total, args.data_order, args.seed, call, rank,
+                                          args.world_size, args.micro_batch_tokens,
+                                          args.train_seq_len):
+                while length > 0:
+                    i = int(np.searchsorted(starts, pos, side="right")) - 1
+                    k = min(length, int(starts[i + 1]) - pos)
+                    pieces.add((i, pos - int(starts[i]), pos - int(starts[i]) + k))
+                    pos, length = (pos + k) % total, length - k
+    merged = []  # the stream's spans follow on from each other: one piece a shard
+    for i, a, b in sorted(pieces):
+        if merged and merged[-1][0] == i and a <= merged[-1][2]:
+            merged[-1][2] = max(merged[-1][2], b)
+        else:
+            merged.append([i, a, b])
+    return [(files[i], a, b) for i, a, b in merged]
 
 
 def check_train_ids(args, files: list[str], rank: int, world_size: int, device):
-    """Checks this rank's share of the later shards in a thread; the function returned waits."""
-    early = read_before_clock(args, files)
-    mine = [i for i in range(rank, len(files), world_size) if files[i] not in early]
+    """Checks this rank's share of the shards in a thread; the function returned waits."""
+    mine = list(range(rank, len(files), world_size))
 
     def bad(i: int) -> bool:  # an unreadable shard is bad too: every rank must reach the reduce
         try:
@@ -1996,7 +2070,8 @@ def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, w
     if fisher:
         hooks += [module.register_forward_hook(keep_output(name), with_kwargs=True)
                   for name, module in linears.items()]
-    loader = DistributedTokenLoader(train_files, rank, world_size, device)
+    loader = DistributedTokenLoader(train_files, rank, world_size, device, args.data_order,
+                                    args.seed)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def pieces():
@@ -2135,7 +2210,8 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         t0 = time.perf_counter()
         initial_model = copy.deepcopy(base_model.state_dict())
         initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        loader = DistributedTokenLoader(train_files, rank, world_size, device)
+        loader = DistributedTokenLoader(train_files, rank, world_size, device,
+                                        args.data_order, args.seed)
         for k in range(args.warmup_steps):  # the later half with recurrence: its graph too
             base_model.recurring = bool(args.recur_layers) and 2 * k >= args.warmup_steps
             run_step(loader)
@@ -2153,7 +2229,8 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
                                                    world_size, device, time_left_ms, piece_ms)
         return hessians, fisher, dict(stats, ms=1000.0 * (time.perf_counter() - t0))
 
-    loader = DistributedTokenLoader(train_files, rank, world_size, device)
+    loader = DistributedTokenLoader(train_files, rank, world_size, device, args.data_order,
+                                    args.seed)
     average = WeightAverage(base_model, args)
     cap_ms = 1000.0 * args.max_wallclock_seconds
     train_ms, step, stop_at, qat_on = 0.0, 0, None, False
@@ -2270,9 +2347,11 @@ def check_inputs(args: Hyperparameters):
     if sp.vocab_size() != args.vocab_size:
         raise ConfigError(f"VOCAB_SIZE={args.vocab_size} differs from the tokenizer's "
                           f"{sp.vocab_size()} ({args.tokenizer_path})")
-    train_files = [] if args.load_artifact else find_shards(args.data_path, "train", 1)
-    for path in read_before_clock(args, train_files):  # the others: check_train_ids
-        load_shard(path, args.vocab_size)
+    least, why = ((args.train_seq_len + 1, " (DATA_ORDER=strided: one block of TRAIN_SEQ_LEN + 1)")
+                  if args.data_order == "strided" else (1, ""))
+    train_files = [] if args.load_artifact else find_shards(args.data_path, "train", least, why)
+    for path, start, end in read_before_clock(args, train_files):  # all: check_train_ids
+        check_ids(path, load_shard(path)[start:end], args.vocab_size)
     val_tokens = load_validation_tokens(find_shards(args.data_path, "val", 2), args.vocab_size)
     artifact_dir = os.path.dirname(args.artifact_path) or "."
     if not os.path.isdir(artifact_dir):

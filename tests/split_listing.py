@@ -10,8 +10,8 @@ import train_gpt as tg  # noqa: E402
 _find_shards = tg.find_shards
 
 
-def fewer_shards(data_path, split, min_tokens):
-    files = _find_shards(data_path, split, min_tokens)
+def fewer_shards(data_path, split, min_tokens, why=""):
+    files = _find_shards(data_path, split, min_tokens, why)
     return files[:-1] if split == "train" else files
 
 

@@ -708,20 +708,23 @@ def ranks(cwd: Path, env: dict, world_size: int, timeout: float) -> list:
             for p, (out, err) in zip(procs, outputs)]
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("world_size,order", [(1, "stream"), (2, "stream"), (2, "strided")])
 def test_bad_id_in_the_second_train_shard_stops_every_rank_before_training(dataset, tmp_path,
-                                                                           world_size):
-    """An id outside the vocabulary in the second train shard (which this run's steps never reach;
-    with two ranks, rank 1 checks it) stops every rank before the first step, with one error line
-    naming the shard and the id (exit 2), and no artifact. The old loader found it only when the
-    stream reached the shard."""
+                                                                           world_size, order):
+    """An id outside the vocabulary in the second train shard (which the stream's steps never
+    reach; with two ranks, rank 1 checks it; DATA_ORDER=strided's warm-up may read it, so it is
+    found before that) stops every rank before the first step, with one error line naming the
+    shard and the id (exit 2), and no artifact. The old loader found it only when the stream
+    reached the shard."""
     data = tmp_path / "data"
     shutil.copytree(dataset["data_path"], data)
     path = data / "fineweb_train_000001.bin"
     tokens = np.fromfile(path, dtype="<u2", offset=1024)
-    tokens[len(tokens) // 2] = dataset["vocab_size"] + 7  # past the steps' reach
+    if order == "strided":  # every token: the warm-up's blocks in it too
+        tokens[:] = dataset["vocab_size"] + 7
+    tokens[len(tokens) // 2] = dataset["vocab_size"] + 7  # past the stream's steps' reach
     synth.write_shard(str(path), tokens)
-    env = dict(dataset["env"], DATA_PATH=str(data), RUN_ID="bad_id")
+    env = dict(dataset["env"], DATA_PATH=str(data), RUN_ID="bad_id", DATA_ORDER=order)
     procs = ranks(tmp_path / "cwd", env, world_size, timeout=BAD_INPUT_TIMEOUT_S)
     vocab = dataset["vocab_size"]
     for rank, proc in enumerate(procs):
@@ -731,8 +734,20 @@ def test_bad_id_in_the_second_train_shard_stops_every_rank_before_training(datas
         expected = [f"error: {path}: token id {vocab + 7} is outside VOCAB_SIZE={vocab}"]
         errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]  # not DDP's
         assert errors == ([] if rank else expected), describe(proc)  # rank 0 prints it
-    assert "step:" not in run_lines((tmp_path / "cwd" / "logs" / "bad_id.txt").read_text())
+    log = tmp_path / "cwd" / "logs" / "bad_id.txt"  # none where found before the log opens
+    assert not log.exists() or "step:" not in run_lines(log.read_text())
     assert not (tmp_path / "cwd" / "final_model.int6.ptz").exists()
+
+
+def test_strided_data_order_trains_and_says_so(dataset, tmp_path):
+    """DATA_ORDER=strided end to end: the warm-up, the loop and the export read its blocks."""
+    env = dict(dataset["env"], DATA_ORDER="strided", RUN_ID="strided", ITERATIONS="3",
+               EVAL_STRIDE="0")
+    proc = trainer(tmp_path / "cwd", env)
+    assert proc.returncode == 0, describe(proc)
+    assert re.search(r"^step:3/3 train_loss:", proc.stdout, re.M), describe(proc)
+    contract_line(proc.stdout, "roundtrip")
+    assert " data_order=strided " in (tmp_path / "cwd" / "logs" / "strided.txt").read_text()
 
 
 def test_data_path_with_glob_characters_trains(dataset, tmp_path):
@@ -793,6 +808,16 @@ def _third_shard(make):
         make(data / "fineweb_train_000002.bin", tmp)
         return dict(DATA_PATH=str(data)), ["fineweb_train_000002.bin"]
     return setup
+
+
+def _short_train(ds, tmp):
+    """One train shard of 3 tokens: a stream loops it, DATA_ORDER=strided has no block to read."""
+    data = tmp / "data"
+    shutil.copytree(ds["data_path"], data)
+    for path in data.glob("fineweb_train_*.bin"):
+        path.unlink()
+    synth.write_shard(str(data / "fineweb_train_000000.bin"), [1, 2, 3])
+    return dict(DATA_PATH=str(data), DATA_ORDER="strided"), ["hold 3 tokens", "DATA_ORDER=strided"]
 
 
 def _data_path_a_file(ds, tmp, artifact):
@@ -868,6 +893,8 @@ BAD_INPUT = {
                                                 CODA_NOISE_HEADS="3"),
     "coda_head_norm_unknown": _env_only(["CODA_HEAD_NORM", "rms, learned, none"], CODA_HEAD_NORM="layernorm"),
     "export_rule_unknown": _env_only(["EXPORT_RULE", "fisher, fill, rate"], EXPORT_RULE="greedy"),
+    "data_order_unknown": _env_only(["DATA_ORDER", "stream, strided"], DATA_ORDER="shuffled"),
+    "strided_train_shards_shorter_than_a_block": lambda ds, tmp, artifact: _short_train(ds, tmp),
     "coda_lambda_init_one": _env_only(["CODA_LAMBDA_INIT", "(0, 1)"], CODA_LAMBDA_INIT="1"),
     "coda_lr_negative": _env_only(["CODA_LR"], CODA_LR="-0.01"),
     "coda_stats_not_a_flag": _env_only(["CODA_STATS", "0 or 1"], CODA_STATS="2"),

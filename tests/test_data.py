@@ -54,30 +54,88 @@ def test_loader_batches_are_the_plain_streams_slices(tmp_path, seed):
                 np.testing.assert_array_equal(y.flatten().numpy(), expected[1:])
 
 
+def position_loaders(files, sizes, world, order, seed) -> list:
+    """Each rank's loader, its shards swapped for their tokens' positions in the stream, so a batch
+    says where it read."""
+    starts = np.cumsum([0] + sizes)
+    loaders = [tg.DistributedTokenLoader(files, r, world, CPU, order, seed) for r in range(world)]
+    for loader in loaders:
+        loader.shards = [np.arange(a, b) for a, b in zip(starts, starts[1:])]
+    return loaders
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_strided_order_reads_every_block_once_a_lap_and_each_rank_its_share(tmp_path, seed):
+    """DATA_ORDER=strided: each row of a batch is a block of the plain stream (x its tokens
+    [b*L, b*L + L), y the same shifted by one), never one across the stream's end; over a lap of
+    the N = (tokens - 1) // L blocks the ranks' rows are every block exactly once, whatever the
+    world size and rows per rank; the next lap is every block once again, in another order; and the
+    order is the seed's alone."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.choice([0, 1, 7, 50, 333, 1000], size=rng.integers(1, 6)).tolist() + [40]
+    stream = np.concatenate(write_shards(tmp_path, sizes, rng))
+    files = tg.find_shards(str(tmp_path), "train", 1)
+    seq_len = int(rng.choice([1, 4, 16]))
+    num_blocks = (len(stream) - 1) // seq_len
+    laps = {}
+    for world in (1, 2, 3, 8):
+        rows = int(rng.integers(1, 6))
+        calls = -(-2 * num_blocks // (world * rows))  # two laps at least
+        real = [tg.DistributedTokenLoader(files, r, world, CPU, "strided", seed) for r in range(world)]
+        read = []  # the global batches' blocks in order: call by call, rank by rank
+        for _ in range(calls):
+            for loader, where in zip(real, position_loaders(files, sizes, world, "strided", seed)):
+                where.calls = loader.calls
+                (x, y), (px, py) = loader.next_batch(rows * seq_len, seq_len), where.next_batch(
+                    rows * seq_len, seq_len)
+                assert x.shape == y.shape == (rows, seq_len) and x.is_contiguous() and y.is_contiguous()
+                assert (px[:, 0] % seq_len == 0).all()
+                np.testing.assert_array_equal(px.numpy(), px[:, :1].numpy() + np.arange(seq_len))
+                np.testing.assert_array_equal(py.numpy(), px.numpy() + 1)
+                np.testing.assert_array_equal(x.numpy(), stream[px.numpy()])
+                np.testing.assert_array_equal(y.numpy(), stream[py.numpy()])
+                read += (px[:, 0] // seq_len).tolist()
+        first, second = read[:num_blocks], read[num_blocks:2 * num_blocks]
+        assert sorted(first) == sorted(second) == list(range(num_blocks))
+        if num_blocks >= 8:
+            assert first != second
+        laps[world] = first
+    assert len(set(map(tuple, laps.values()))) == 1  # the seed's order, whatever the world
+    where = position_loaders(files, sizes, 1, "strided", seed + 1)[0]
+    other = [int(where.next_batch(seq_len, seq_len)[0][0, 0]) // seq_len for _ in range(num_blocks)]
+    assert sorted(other) == list(range(num_blocks)) and (num_blocks < 8 or other != laps[1])
+
+
+@pytest.mark.parametrize("order", tg.DATA_ORDERS)
 @pytest.mark.parametrize("seed", range(4))
-def test_read_before_clock_covers_what_warmup_and_calibration_read(tmp_path, monkeypatch, seed):
-    """Every shard a rank reads in the warm-up's steps (or the one step of GPTQ's calibration when
-    there is no warm-up) is one read_before_clock lists, and it lists no other: those are the shards
-    checked before the warm-up starts, the others only beside it."""
+def test_read_before_clock_covers_what_warmup_and_calibration_read(tmp_path, monkeypatch, seed, order):
+    """The pieces read_before_clock lists (checked before the warm-up) are exactly the tokens the
+    ranks' loaders read in the warm-up's steps (or the one step of GPTQ's calibration when there is
+    no warm-up), a shard's pieces in order and apart: none left unchecked, none checked unread."""
     rng = np.random.default_rng(seed)
     sizes = rng.choice([0, 100, 2000, 10_000], size=rng.integers(2, 7)).tolist() + [500]
     write_shards(tmp_path, sizes, rng)
-    starts, total = np.cumsum([0] + sizes), sum(sizes)
+    starts = np.cumsum([0] + sizes)
     files = tg.find_shards(str(tmp_path), "train", 1)
     world, accum, seq_len = int(rng.choice([1, 2, 8])), int(rng.choice([1, 2])), 8
     warmup = int(rng.choice([0, 1, 3, 20]))
     batch = world * accum * seq_len * int(rng.integers(1, 40))
     config = dict(TRAIN_BATCH_TOKENS=batch, GRAD_ACCUM_STEPS=accum, TRAIN_SEQ_LEN=seq_len,
-                  WARMUP_STEPS=warmup)
+                  WARMUP_STEPS=warmup, DATA_ORDER=order, SEED=seed)
     for name, value in config.items():
         monkeypatch.setenv(name, str(value))
     args = tg.Hyperparameters(world)
-    span, touched = args.micro_batch_tokens + 1, set()
-    for k in range(max(warmup, 1) * accum):
-        for rank in range(world):
-            positions = (k * world * span + rank * span + np.arange(span)) % total
-            touched |= {files[i] for i in np.searchsorted(starts, positions, side="right") - 1}
-    assert tg.read_before_clock(args, files) == sorted(touched)
+    read = set()
+    for loader in position_loaders(files, sizes, world, order, seed):
+        for _ in range(max(warmup, 1) * accum):
+            x, y = loader.next_batch(args.micro_batch_tokens, seq_len)
+            positions = np.union1d(x.numpy(), y.numpy())
+            shard = np.searchsorted(starts, positions, side="right") - 1
+            read |= set(zip(shard.tolist(), (positions - starts[shard]).tolist()))
+    listed = tg.read_before_clock(args, files)
+    assert {(files.index(f), j) for f, a, b in listed for j in range(a, b)} == read
+    keys = [(files.index(f), a, b) for f, a, b in listed]
+    assert keys == sorted(keys) and all(i != j or b < c for (i, _, b), (j, c, _) in zip(keys, keys[1:]))
 
 
 def test_find_shards_lists_a_folder_named_with_glob_characters(tmp_path):
@@ -113,7 +171,7 @@ def test_a_later_shard_that_fails_in_the_scan_is_one_config_error_after_the_redu
     monkeypatch.setenv("WARMUP_STEPS", "1")
     monkeypatch.setenv("VOCAB_SIZE", "512")
     args = tg.Hyperparameters(1)
-    assert tg.read_before_clock(args, files) == files[:1]
+    assert tg.read_before_clock(args, files) == [(files[0], 0, 257)]
     real = np.memmap
 
     def failing(path, *a, **kw):  # root reads past permissions: the read itself fails

@@ -545,7 +545,8 @@ def test_collect_hessians_sums_each_int6_products_inputs(tmp_path):
         p.data.add_(0.05 * torch.randn_like(p))
     path = tmp_path / "fineweb_train_000000.bin"
     synth.write_shard(str(path), list(np.random.default_rng(0).integers(0, 64, 200)))
-    args = types.SimpleNamespace(vocab_size=64, train_batch_tokens=64, grad_accum_steps=2, train_seq_len=16,
+    args = types.SimpleNamespace(data_order="stream", seed=0,
+                                 vocab_size=64, train_batch_tokens=64, grad_accum_steps=2, train_seq_len=16,
                                  micro_batch_tokens=32, export_rule="fill")
     seen = {}
     capture = [m.register_forward_pre_hook(lambda mod, inp, n=n: seen.setdefault(n, []).append(inp[0].detach()))
@@ -575,7 +576,8 @@ def test_collect_hessians_weighs_each_output_row_by_its_squared_loss_gradient(tm
         p.data.add_(0.05 * torch.randn_like(p))
     path = tmp_path / "fineweb_train_000000.bin"
     synth.write_shard(str(path), list(np.random.default_rng(0).integers(0, 64, 200)))
-    args = types.SimpleNamespace(vocab_size=64, train_batch_tokens=64, grad_accum_steps=2, train_seq_len=16,
+    args = types.SimpleNamespace(data_order="stream", seed=0,
+                                 vocab_size=64, train_batch_tokens=64, grad_accum_steps=2, train_seq_len=16,
                                  micro_batch_tokens=32, export_rule="fisher")
     hessians, fisher, stats = tg.collect_hessians(args, model, [str(path)], 0, 1, CPU)
     assert set(fisher) == set(hessians) == parts.of_role(model, "matrix") and stats["tokens"] == 64
@@ -618,7 +620,8 @@ def test_collect_hessians_leaves_out_pieces_that_would_end_past_the_deadline(tmp
                    max_seq_len=8, act_dtype=torch.float32)
     path = tmp_path / "fineweb_train_000000.bin"
     synth.write_shard(str(path), list(np.random.default_rng(0).integers(0, 64, 400)))
-    args = types.SimpleNamespace(vocab_size=64, train_batch_tokens=128, grad_accum_steps=2, train_seq_len=8,
+    args = types.SimpleNamespace(data_order="stream", seed=0,
+                                 vocab_size=64, train_batch_tokens=128, grad_accum_steps=2, train_seq_len=8,
                                  micro_batch_tokens=64, export_rule="fill")
     now = [0.0]  # a fake clock in seconds: each piece takes 0.3 s of it
     monkeypatch.setattr(tg, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
@@ -655,7 +658,8 @@ def _calibration_worker(rank, world_size, port, shard, out_dir):
         torch.manual_seed(0)
         model = tg.GPT(vocab_size=64, num_layers=1, model_dim=16, num_heads=2, num_kv_heads=1, mlp_mult=2,
                        max_seq_len=8, act_dtype=torch.float32)
-        args = types.SimpleNamespace(vocab_size=64, train_batch_tokens=128, grad_accum_steps=2,
+        args = types.SimpleNamespace(data_order="stream", seed=0,
+                                 vocab_size=64, train_batch_tokens=128, grad_accum_steps=2,
                                      train_seq_len=8, micro_batch_tokens=32, export_rule="fill")
         now, fed = [0.0], []
         tg.time = types.SimpleNamespace(perf_counter=lambda: now[0])

@@ -3,6 +3,7 @@
     DATA_PATH=... python tools/bench_loader.py                    # old = 05c4fb3, new = this checkout
     DATA_PATH=... python tools/bench_loader.py --old REV_OR_PATH --device cpu,cuda --out /big/disk/dir
     TRAIN_GPT=path/to/old/train_gpt.py DATA_PATH=... python tools/bench_loader.py
+    DATA_ORDER=strided DATA_PATH=... python tools/bench_loader.py --old train_gpt.py  # an order
 
 Builds FineWeb-sized train shards (--shards of --shard-tokens tokens, 100M each by default, the
 challenge's header) in a temporary folder (or --out, reused when it already holds them) by tiling the
@@ -106,7 +107,7 @@ def worker(files: list[str], device_name: str, calls: int, cold: bool) -> None:
     device = torch.device(device_name)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     set_page_cache(files, cold)
-    loader = token_loader(files, args.vocab_size, 0, WORLD_SIZE, device)
+    loader = token_loader(files, args.vocab_size, 0, WORLD_SIZE, device, args)
     times, digest = [], hashlib.blake2b(digest_size=16)
     for _ in range(calls):
         sync()

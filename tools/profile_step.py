@@ -29,10 +29,15 @@ tg = sys.modules["train_gpt"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tg)
 
 
-def token_loader(files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device):
-    """The script's DistributedTokenLoader (older copies took vocab_size as well)."""
-    takes_vocab = "vocab_size" in inspect.signature(tg.DistributedTokenLoader).parameters
-    return tg.DistributedTokenLoader(files, *[vocab_size][:takes_vocab], rank, world_size, device)
+def token_loader(files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device,
+                 args=None):
+    """The script's DistributedTokenLoader (older copies took vocab_size as well; newer ones
+    DATA_ORDER and SEED, from args when given)."""
+    params = inspect.signature(tg.DistributedTokenLoader).parameters
+    takes_vocab = "vocab_size" in params
+    order = (args.data_order, args.seed) if args is not None and "order" in params else ()
+    return tg.DistributedTokenLoader(files, *[vocab_size][:takes_vocab], rank, world_size, device,
+                                     *order)
 
 
 def timed_steps(step, n: int, host_sync: bool) -> float:
@@ -74,7 +79,8 @@ def main() -> None:
         print(f"recurrent steps: block passes {tg.layer_list(base.recur_order)}")
     model = torch.compile(base, dynamic=False)
     muon, optimizers = tg.make_optimizers(base, args, torch.compile(tg.newton_schulz, dynamic=False))
-    loader = token_loader(tg.find_shards(args.data_path, "train", 1), args.vocab_size, 0, 1, device)
+    loader = token_loader(tg.find_shards(args.data_path, "train", 1), args.vocab_size, 0, 1, device,
+                          args)
     step = lambda: tg.train_step(args, model, base, optimizers, loader)  # noqa: E731
     timed_steps(step, 15, True)  # compile and warm up
     print(f"step_ms with per-step host sync: {timed_steps(step, 30, True):.2f}")
