@@ -2350,8 +2350,11 @@ def check_inputs(args: Hyperparameters):
     least, why = ((args.train_seq_len + 1, " (DATA_ORDER=strided: one block of TRAIN_SEQ_LEN + 1)")
                   if args.data_order == "strided" else (1, ""))
     train_files = [] if args.load_artifact else find_shards(args.data_path, "train", least, why)
+    shards = {}  # each shard opened once: a strided warm-up reads thousands of pieces
     for path, start, end in read_before_clock(args, train_files):  # all: check_train_ids
-        check_ids(path, load_shard(path)[start:end], args.vocab_size)
+        if path not in shards:
+            shards[path] = load_shard(path)
+        check_ids(path, shards[path][start:end], args.vocab_size)
     val_tokens = load_validation_tokens(find_shards(args.data_path, "val", 2), args.vocab_size)
     artifact_dir = os.path.dirname(args.artifact_path) or "."
     if not os.path.isdir(artifact_dir):
