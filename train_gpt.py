@@ -496,6 +496,17 @@ def find_shards(data_path: str, split: str, min_tokens: int, why: str = "") -> l
     return files
 
 
+def shard_pieces(starts: np.ndarray, pos: int, length: int):
+    """(shard, offset, count) of each shard's piece of the looping stream's tokens
+    [pos, pos + length), starts being the shards' first positions (and the total last)."""
+    total = int(starts[-1])
+    while length > 0:
+        i = int(np.searchsorted(starts, pos, side="right")) - 1  # skips empty shards
+        k = min(length, int(starts[i + 1]) - pos)
+        yield i, pos - int(starts[i]), k
+        pos, length = (pos + k) % total, length - k
+
+
 @functools.lru_cache(maxsize=4)  # a batch reads one lap, or two where one ends
 def stride_walk(num_blocks: int, seed: int, lap: int) -> tuple[int, int]:
     """A lap's start and stride over the blocks: the stride coprime to their count, so a lap
@@ -551,12 +562,9 @@ class DistributedTokenLoader:
         local = torch.empty(size, dtype=torch.int64, pin_memory=self.device.type == "cuda")
         out, done = local.numpy(), 0
         for pos, length in spans:
-            end = done + length
-            while done < end:
-                i = int(np.searchsorted(self.starts, pos, side="right")) - 1  # skips empty shards
-                k = min(end - done, int(self.starts[i + 1]) - pos)
-                out[done:done + k] = self.shards[i][pos - self.starts[i]:pos - self.starts[i] + k]
-                pos, done = (pos + k) % total, done + k
+            for i, offset, k in shard_pieces(self.starts, pos, length):
+                out[done:done + k] = self.shards[i][offset:offset + k]
+                done += k
         local = local.to(self.device, non_blocking=True)
         if len(spans) == 1:  # one span: its rows follow on from each other
             return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
@@ -577,11 +585,7 @@ def read_before_clock(args: Hyperparameters, files: list[str]) -> list[tuple[str
             for pos, length in read_spans(total, args.data_order, args.seed, call, rank,
                                           args.world_size, args.micro_batch_tokens,
                                           args.train_seq_len):
-                while length > 0:
-                    i = int(np.searchsorted(starts, pos, side="right")) - 1
-                    k = min(length, int(starts[i + 1]) - pos)
-                    pieces.add((i, pos - int(starts[i]), pos - int(starts[i]) + k))
-                    pos, length = (pos + k) % total, length - k
+                pieces.update((i, a, a + k) for i, a, k in shard_pieces(starts, pos, length))
     merged = []  # the stream's spans follow on from each other: one piece a shard
     for i, a, b in sorted(pieces):
         if merged and merged[-1][0] == i and a <= merged[-1][2]:

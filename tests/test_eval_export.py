@@ -659,7 +659,7 @@ def _calibration_worker(rank, world_size, port, shard, out_dir):
         model = tg.GPT(vocab_size=64, num_layers=1, model_dim=16, num_heads=2, num_kv_heads=1, mlp_mult=2,
                        max_seq_len=8, act_dtype=torch.float32)
         args = types.SimpleNamespace(data_order="stream", seed=0,
-                                 vocab_size=64, train_batch_tokens=128, grad_accum_steps=2,
+                                     vocab_size=64, train_batch_tokens=128, grad_accum_steps=2,
                                      train_seq_len=8, micro_batch_tokens=32, export_rule="fill")
         now, fed = [0.0], []
         tg.time = types.SimpleNamespace(perf_counter=lambda: now[0])
