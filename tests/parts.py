@@ -10,7 +10,8 @@ def parameter_roles(model: tg.GPT) -> dict[str, str]:
     """name -> "matrix" (a product's weight), "embedding" (a lookup table), "coda" (CoDA's angle,
     gate and learned norm) or "control" (every other gain, mix or scale)."""
     coda = {id(p) for block in model.blocks if block.attn.coda
-            for p in (block.attn.coda_theta, *block.attn.coda_gate.parameters(), block.attn.coda_norm)
+            for p in (block.attn.coda_theta, *block.attn.coda_gate.parameters(),
+                      block.attn.coda_norm)
             if p is not None}
     roles = {}
     for module_name, module in model.named_modules():

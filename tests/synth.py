@@ -33,7 +33,8 @@ isn't""".split()
 NAMES = "London Mary Google Monday March Paris Alice Bob Python Europe Tuesday".split()
 # Rare enough to fall outside character_coverage, so they are encoded as byte pieces.
 # All are stable under the tokenizer's NFKC normalization, so decoding gives them back.
-RARE = ["café", "naïve", "Zürich", "résumé", "São Paulo", "東京", "Ελλάδα", "🙂", "🚀"]
+RARE = ["café", "naïve", "Zürich", "résumé", "São Paulo",
+        "東京", "Ελλάδα", "🙂", "🚀"]
 
 
 def _number(rng: random.Random) -> str:
@@ -51,7 +52,8 @@ def _sentence(rng: random.Random) -> str:
     words = []
     for _ in range(rng.randint(4, 14)):
         r = rng.random()
-        words.append(_number(rng) if r < 0.06 else rng.choice(NAMES) if r < 0.12 else rng.choice(WORDS))
+        words.append(_number(rng) if r < 0.06 else rng.choice(NAMES) if r < 0.12
+                     else rng.choice(WORDS))
     if rng.random() < 0.1:
         words.insert(rng.randrange(len(words) + 1), rng.choice(RARE))
     if rng.random() < 0.3:
@@ -80,7 +82,8 @@ def _write_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def train_tokenizer(texts, out_dir: str, vocab_size: int = VOCAB_SIZE, byte_fallback: bool = True) -> str:
+def train_tokenizer(texts, out_dir: str, vocab_size: int = VOCAB_SIZE,
+                    byte_fallback: bool = True) -> str:
     """Train a BPE model like the challenge's (same special ids, split digits, NFKC) into
     out_dir/tok.model and return its path. byte_fallback=False gives the challenge tokenizer's
     own behaviour, where uncovered characters become <unk>."""
@@ -96,7 +99,8 @@ def train_tokenizer(texts, out_dir: str, vocab_size: int = VOCAB_SIZE, byte_fall
 
 
 def write_shard(path: str, tokens) -> None:
-    """Challenge shard: 256 little-endian int32 (magic, version, token count, zeros), then uint16 tokens."""
+    """Challenge shard: 256 little-endian int32 (magic, version, token count, zeros), then uint16
+    tokens."""
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 1 << 16):
         raise ValueError(f"{path}: tokens must fit in uint16")
@@ -128,12 +132,14 @@ def make_dataset(out_dir: str, n_train_shards: int = 2, train_tokens_per_shard: 
 
     tokens = _token_stream(sp, chain(head, train_docs))
     for i in range(n_train_shards):
-        shard = np.fromiter(islice(tokens, train_tokens_per_shard), np.uint16, train_tokens_per_shard)
+        shard = np.fromiter(islice(tokens, train_tokens_per_shard), np.uint16,
+                            train_tokens_per_shard)
         write_shard(os.path.join(out_dir, f"fineweb_train_{i:06d}.bin"), shard)
 
     val_text = list(islice(_documents(random.Random(f"val/{seed}")), val_docs))
     write_shard(os.path.join(out_dir, "fineweb_val_000000.bin"), list(_token_stream(sp, val_text)))
-    return dict(data_path=out_dir, tokenizer_path=tokenizer_path, vocab_size=vocab_size, val_text=val_text)
+    return dict(data_path=out_dir, tokenizer_path=tokenizer_path, vocab_size=vocab_size,
+                val_text=val_text)
 
 
 if __name__ == "__main__":

@@ -81,14 +81,16 @@ def test_strided_order_reads_every_block_once_a_lap_and_each_rank_its_share(tmp_
     for world in (1, 2, 3, 8):
         rows = int(rng.integers(1, 6))
         calls = -(-2 * num_blocks // (world * rows))  # two laps at least
-        real = [tg.DistributedTokenLoader(files, r, world, CPU, "strided", seed) for r in range(world)]
+        real = [tg.DistributedTokenLoader(files, r, world, CPU, "strided", seed)
+                for r in range(world)]
         read = []  # the global batches' blocks in order: call by call, rank by rank
         for _ in range(calls):
             for loader, where in zip(real, position_loaders(files, sizes, world, "strided", seed)):
                 where.calls = loader.calls
                 (x, y), (px, py) = loader.next_batch(rows * seq_len, seq_len), where.next_batch(
                     rows * seq_len, seq_len)
-                assert x.shape == y.shape == (rows, seq_len) and x.is_contiguous() and y.is_contiguous()
+                assert (x.shape == y.shape == (rows, seq_len) and x.is_contiguous()
+                        and y.is_contiguous())
                 assert (px[:, 0] % seq_len == 0).all()
                 np.testing.assert_array_equal(px.numpy(), px[:, :1].numpy() + np.arange(seq_len))
                 np.testing.assert_array_equal(py.numpy(), px.numpy() + 1)
@@ -108,7 +110,8 @@ def test_strided_order_reads_every_block_once_a_lap_and_each_rank_its_share(tmp_
 
 @pytest.mark.parametrize("order", tg.DATA_ORDERS)
 @pytest.mark.parametrize("seed", range(4))
-def test_read_before_clock_covers_what_warmup_and_calibration_read(tmp_path, monkeypatch, seed, order):
+def test_read_before_clock_covers_what_warmup_and_calibration_read(tmp_path, monkeypatch, seed,
+                                                                   order):
     """The pieces read_before_clock lists (checked before the warm-up) are exactly the tokens the
     ranks' loaders read in the warm-up's steps (or the one step of GPTQ's calibration when there is
     no warm-up), a shard's pieces in order and apart: none left unchecked, none checked unread."""
@@ -135,7 +138,8 @@ def test_read_before_clock_covers_what_warmup_and_calibration_read(tmp_path, mon
     listed = tg.read_before_clock(args, files)
     assert {(files.index(f), j) for f, a, b in listed for j in range(a, b)} == read
     keys = [(files.index(f), a, b) for f, a, b in listed]
-    assert keys == sorted(keys) and all(i != j or b < c for (i, _, b), (j, c, _) in zip(keys, keys[1:]))
+    assert keys == sorted(keys) and all(i != j or b < c
+                                        for (i, _, b), (j, c, _) in zip(keys, keys[1:]))
 
 
 def test_find_shards_lists_a_folder_named_with_glob_characters(tmp_path):
@@ -159,10 +163,11 @@ def test_load_shard_checks_ids_only_when_asked(tmp_path):
     assert len(tg.load_shard(path, 512)) == 0
 
 
-def test_a_later_shard_that_fails_in_the_scan_is_one_config_error_after_the_reduce(tmp_path, monkeypatch):
-    """The background scan of the later shards must not raise in its thread: a rank whose read fails would
-    skip the all-reduce the other ranks wait in. It reports the shard as bad, and wait() turns the failure
-    into one ConfigError naming the shard."""
+def test_a_later_shard_that_fails_in_the_scan_is_one_config_error_after_the_reduce(tmp_path,
+                                                                                   monkeypatch):
+    """The background scan of the later shards must not raise in its thread: a rank whose read
+    fails would skip the all-reduce the other ranks wait in. It reports the shard as bad, and wait()
+    turns the failure into one ConfigError naming the shard."""
     files = [str(tmp_path / f"fineweb_train_{i:06d}.bin") for i in range(3)]
     write_shards(tmp_path, [4000, 4000, 4000], np.random.default_rng(0))
     monkeypatch.setenv("TRAIN_BATCH_TOKENS", "256")
@@ -180,5 +185,6 @@ def test_a_later_shard_that_fails_in_the_scan_is_one_config_error_after_the_redu
         return real(path, *a, **kw)
     monkeypatch.setattr(tg.np, "memmap", failing)
     wait = tg.check_train_ids(args, files, 0, 1, CPU)
-    with pytest.raises(tg.ConfigError, match="^" + re.escape(f"{files[2]}: cannot read it (Permission denied)")):
+    with pytest.raises(tg.ConfigError,
+                       match="^" + re.escape(f"{files[2]}: cannot read it (Permission denied)")):
         wait()

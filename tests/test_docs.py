@@ -1,13 +1,16 @@
 """The repository's figures against the logs behind them: submission.json's numbers each appear in a
-log it names, every log the README and docs/ cite is in logs/, and every link to a heading finds it."""
+log it names, every log the README and docs/ cite is in logs/, and every link to a heading finds
+it."""
 import json
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CITED = re.compile(r"logs/([A-Za-z0-9_.\-]+\.(?:txt|json))")
-WRITTEN_BY_RUNS = {"demo.txt", "demo.json", "seed1337.txt", "seed1337.json"}  # the README's examples
-BARE = re.compile(r"`((?:proxy|cpu)_[A-Za-z0-9_]+)`")  # results tables name a log without logs/ and .txt
+# the README's examples
+WRITTEN_BY_RUNS = {"demo.txt", "demo.json", "seed1337.txt", "seed1337.json"}
+# results tables name a log without logs/ and .txt
+BARE = re.compile(r"`((?:proxy|cpu)_[A-Za-z0-9_]+)`")
 
 
 def test_submission_figures_are_in_the_logs_it_names():
@@ -19,8 +22,10 @@ def test_submission_figures_are_in_the_logs_it_names():
     assert f"Total submission size int6+zstd: {sub['bytes_total']} bytes" in text
     assert f"Serialized model int6+zstd: {sub['bytes_model_int6_zstd']} bytes" in text
     assert f"Code size: {sub['bytes_code']} bytes" in text
-    assert re.search(rf"^step:{sub['step']}/\d+ val_loss:.* step_avg:{sub['step_avg_ms']:.2f}ms$", text, re.M)
-    assert sub["score"] in ("legal_ttt_exact", "final_int6_sliding_window_exact", "final_int6_roundtrip_exact")
+    assert re.search(rf"^step:{sub['step']}/\d+ val_loss:.* step_avg:{sub['step_avg_ms']:.2f}ms$",
+                     text, re.M)
+    assert sub["score"] in ("legal_ttt_exact", "final_int6_sliding_window_exact",
+                            "final_int6_roundtrip_exact")
     assert sub["bytes_total"] <= 16_000_000
 
 
@@ -34,13 +39,14 @@ def test_every_cited_log_exists():
 
 
 def anchor(heading: str) -> str:
-    """GitHub's anchor of a heading: lower case, punctuation but hyphens dropped, spaces to hyphens."""
+    """A heading's GitHub anchor: lower case, punctuation but hyphens dropped, spaces to hyphens."""
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
 def test_every_link_into_the_docs_names_a_heading_there():
     docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-    headings = {d: {anchor(line.lstrip("#")) for line in d.read_text().splitlines() if line.startswith("#")}
+    headings = {d: {anchor(line.lstrip("#")) for line in d.read_text().splitlines()
+                    if line.startswith("#")}
                 for d in docs}
     broken = []
     for d in docs:

@@ -33,9 +33,10 @@ def one_thread():
 
 def tiny_gpt(num_kv_heads=2, rope_dims=0, xsa_last_n=0, coda_last_n=0, seed=0, num_layers=2):
     torch.manual_seed(seed)
-    return tg.GPT(vocab_size=VOCAB, num_layers=num_layers, model_dim=DIM, num_heads=HEADS, num_kv_heads=num_kv_heads,
-                  mlp_mult=2, max_seq_len=SEQ, rope_dims=rope_dims, bigram_vocab_size=16, bigram_dim=8,
-                  xsa_last_n=xsa_last_n, coda_last_n=coda_last_n, act_dtype=torch.float32)
+    return tg.GPT(vocab_size=VOCAB, num_layers=num_layers, model_dim=DIM, num_heads=HEADS,
+                  num_kv_heads=num_kv_heads, mlp_mult=2, max_seq_len=SEQ, rope_dims=rope_dims,
+                  bigram_vocab_size=16, bigram_dim=8, xsa_last_n=xsa_last_n,
+                  coda_last_n=coda_last_n, act_dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -47,7 +48,8 @@ def perturb(module, std=0.05):
 
 def tokens(batch=2, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, VOCAB, (batch, SEQ), generator=g), torch.randint(0, VOCAB, (batch, SEQ), generator=g))
+    return (torch.randint(0, VOCAB, (batch, SEQ), generator=g),
+            torch.randint(0, VOCAB, (batch, SEQ), generator=g))
 
 
 # -----------------------------
@@ -79,8 +81,9 @@ def test_gpt_forward_backward(num_kv_heads, xsa_last_n, coda_last_n, rope_dims):
 
 
 def test_one_layer_model_has_no_parameter_without_gradient():
-    """With one layer there are no U-Net skips; an empty skip_weights parameter got no gradient, which DDP
-    refuses on its second step ("Expected to have finished reduction in the prior iteration")."""
+    """With one layer there are no U-Net skips; an empty skip_weights parameter got no gradient,
+    which DDP refuses on its second step ("Expected to have finished reduction in the prior
+    iteration")."""
     model = tiny_gpt(num_layers=1)
     perturb(model)
     model(*tokens()).backward()
@@ -91,8 +94,8 @@ def test_one_layer_model_has_no_parameter_without_gradient():
 @pytest.mark.parametrize("qat", [False, True])
 @pytest.mark.parametrize("gain_shape", [(6,), ()])
 def test_output_gain_folded_into_the_weight_equals_gain_after_the_product(qat, gain_shape):
-    """CastedLinear(x, s) computes x @ (s W)^T: the value and every gradient (x, W, s) equal s * (x @ W^T),
-    int6 fake quantization on or off."""
+    """CastedLinear(x, s) computes x @ (s W)^T: the value and every gradient (x, W, s) equal
+    s * (x @ W^T), int6 fake quantization on or off."""
     torch.manual_seed(0)
     lin = tg.CastedLinear(5, 6, bias=False).double()
     if qat:
@@ -112,8 +115,8 @@ def test_output_gain_folded_into_the_weight_equals_gain_after_the_product(qat, g
 
 @pytest.mark.parametrize("xsa,coda", [(False, False), (True, False), (True, True)])
 def test_block_applies_each_gain_to_its_own_branch(xsa, coda):
-    """The block's attn_scale and mlp_scale, folded into the two output products, give the block the value and
-    the gradients of the plain form x + attn_scale * attn(.) then + mlp_scale * mlp(.)."""
+    """The block's attn_scale and mlp_scale, folded into the two output products, give the block the
+    value and the gradients of the plain form x + attn_scale * attn(.) then + mlp_scale * mlp(.)."""
     model = tiny_gpt(xsa_last_n=int(xsa), coda_last_n=int(coda)).double()
     perturb(model)
     block = model.blocks[1]
@@ -135,7 +138,8 @@ def test_block_applies_each_gain_to_its_own_branch(xsa, coda):
     for (name, _), a, b in zip(block.named_parameters(), grads, ref_grads):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), name
 def test_gpt_is_causal():
-    """Changing token t must not change any earlier position's loss (attention, SmearGate, BigramHash)."""
+    """Changing token t must not change any earlier position's loss (attention, SmearGate,
+    BigramHash)."""
     model = tiny_gpt(num_kv_heads=2, rope_dims=4, xsa_last_n=2, coda_last_n=2)
     perturb(model)
     ids, targets = tokens()
@@ -151,12 +155,15 @@ def test_gpt_is_causal():
 # Attention: XSA and CoDA
 # -----------------------------
 
-def make_attention(num_kv_heads, xsa, coda, rope_dims=0, seed=0, value_embed=False, noise_heads=0, norm="rms"):
-    """A CausalSelfAttention whose output is taken before `proj`, with non-trivial gains, angles, gate and norm."""
+def make_attention(num_kv_heads, xsa, coda, rope_dims=0, seed=0, value_embed=False, noise_heads=0,
+                   norm="rms"):
+    """A CausalSelfAttention whose output is taken before `proj`, with non-trivial gains, angles,
+    gate and norm."""
     torch.manual_seed(seed)
     rotary = tg.Rotary(HEAD_DIM, rope_dims, 10000.0, SEQ)
-    attn = tg.CausalSelfAttention(DIM, HEADS, num_kv_heads, rotary, 1.5, xsa=xsa, coda=coda, value_embed=value_embed,
-                                  coda_noise_heads=noise_heads, coda_head_norm=norm)
+    attn = tg.CausalSelfAttention(DIM, HEADS, num_kv_heads, rotary, 1.5, xsa=xsa, coda=coda,
+                                  value_embed=value_embed, coda_noise_heads=noise_heads,
+                                  coda_head_norm=norm)
     attn.proj = OutputBeforeProj()
     with torch.no_grad():
         attn.q_gain.uniform_(0.5, 2.0)
@@ -189,16 +196,18 @@ def project_out_own_value(y, v, group):
 
 
 def reference_attention(attn, x):
-    """CoDA written the plain way: two SDPA calls (signal and noise queries against the same K, V), XSA on
-    each stream, then signal - sigmoid(gate(x)) * noise per head, before CoDA's head norm. Returns [B, T, H, D]."""
+    """CoDA written the plain way: two SDPA calls (signal and noise queries against the same K, V),
+    XSA on each stream, then signal - sigmoid(gate(x)) * noise per head, before CoDA's head norm.
+    Returns [B, T, H, D]."""
     signal, noise, lam = reference_streams(attn, x)
     return signal if noise is None else signal - lam * noise
 
 
 def reference_streams(attn, x):
-    """(signal, the noise each signal head subtracts, lambda [B, T, H, 1]); noise and lambda None without CoDA.
-    A noise head's query is the mean of the n signal queries it serves (consecutive heads of one KV group),
-    computed here head by head, then turned by its angles (noise_queries, on as many heads as it has angles)."""
+    """(signal, the noise each signal head subtracts, lambda [B, T, H, 1]); noise and lambda None
+    without CoDA. A noise head's query is the mean of the n signal queries it serves (consecutive
+    heads of one KV group), computed here head by head, then turned by its angles (noise_queries, on
+    as many heads as it has angles)."""
     B, T, _ = x.shape
     H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
     q = F.rms_norm(attn.c_q(x).view(B, T, H, D), (D,))
@@ -208,18 +217,21 @@ def reference_streams(attn, x):
     k = attn.rotary(k)
 
     def sdpa(queries):
-        y = F.scaled_dot_product_attention(queries.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, enable_gqa=True).transpose(1, 2)
+        y = F.scaled_dot_product_attention(queries.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2), is_causal=True,
+                                           enable_gqa=True).transpose(1, 2)
         return project_out_own_value(y, v, H // Hkv) if attn.xsa else y
 
     y = sdpa(q)
     if not attn.coda:
         return y, None, None
     serves = H // attn.coda_theta.size(0)
-    means = torch.stack([q[:, :, m * serves:(m + 1) * serves].mean(2) for m in range(H // serves)], dim=2)
+    means = torch.stack([q[:, :, m * serves:(m + 1) * serves].mean(2) for m in range(H // serves)],
+                        dim=2)
     noise_q = attn.noise_queries(means)
-    noise = F.scaled_dot_product_attention(noise_q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, enable_gqa=True).transpose(1, 2)
+    noise = F.scaled_dot_product_attention(noise_q.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2), is_causal=True,
+                                           enable_gqa=True).transpose(1, 2)
     if attn.xsa:
         noise = project_out_own_value(noise, v, noise_q.size(2) // Hkv)
     return y, noise.repeat_interleave(serves, dim=2), torch.sigmoid(attn.coda_gate(x))[..., None]
@@ -229,13 +241,14 @@ def head_norm(attn, combined):
     """CoDA's head norm written out: RMSNorm, times the learned weight, or nothing."""
     if attn.coda_head_norm == "none":
         return combined
-    y = combined / combined.pow(2).mean(-1, keepdim=True).add(torch.finfo(combined.dtype).eps).sqrt()
+    y = combined / (combined.pow(2).mean(-1, keepdim=True)
+                    .add(torch.finfo(combined.dtype).eps).sqrt())
     return y if attn.coda_norm is None else y * attn.coda_norm
 
 
 def own_value_dots(attn, x, ve=None, value=None):
-    """Per token and head: (output before proj) . (normalized value of the head's own KV head). The value is
-    the one the layer used (its value embedding ve included) unless `value` is given."""
+    """Per token and head: (output before proj) . (normalized value of the head's own KV head). The
+    value is the one the layer used (its value embedding ve included) unless `value` is given."""
     with torch.no_grad():
         y = heads(attn(x, ve)).float()
         if value is None:
@@ -248,8 +261,9 @@ def own_value_dots(attn, x, ve=None, value=None):
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
 @pytest.mark.parametrize("coda", [False, True])
 def test_xsa_output_orthogonal_to_own_value(num_kv_heads, coda):
-    """Token 0 attends only to itself, so XSA leaves exactly 0 there; with CoDA its RMSNorm then scales
-    the rounding residue (mostly along v_hat) up by 1/sqrt(eps): token 0 is checked for size instead."""
+    """Token 0 attends only to itself, so XSA leaves exactly 0 there; with CoDA its RMSNorm then
+    scales the rounding residue (mostly along v_hat) up by 1/sqrt(eps): token 0 is checked for size
+    instead."""
     x = torch.randn(2, 12, DIM)
     for xsa in (True, False):
         y, dots = own_value_dots(make_attention(num_kv_heads, xsa=xsa, coda=coda), x)
@@ -270,9 +284,9 @@ def test_xsa_removes_the_value_the_layer_used_embedding_included():
 
 
 def test_xsa_with_coda_in_bf16():
-    """In bf16 (training dtype) XSA's projection would leave ~2^-8 of y along v_hat, and CoDA's RMSNorm
-    (eps 0.0078 for bf16) scaled that back up: at token 0 the output was ~+-v_hat with RMS 0.4-1 where
-    exact arithmetic gives 0. XSA and the CoDA combination now run in fp32."""
+    """In bf16 (training dtype) XSA's projection would leave ~2^-8 of y along v_hat, and CoDA's
+    RMSNorm (eps 0.0078 for bf16) scaled that back up: at token 0 the output was ~+-v_hat with RMS
+    0.4-1 where exact arithmetic gives 0. XSA and the CoDA combination now run in fp32."""
     attn = make_attention(2, xsa=True, coda=True)
     y, dots = own_value_dots(attn, torch.randn(2, 12, DIM, dtype=torch.bfloat16))
     cos = dots / y.norm(dim=-1).clamp_min(1e-12)
@@ -280,10 +294,11 @@ def test_xsa_with_coda_in_bf16():
     assert cos[:, 1:].abs().max() < 0.05
 
 
-# The GPU kernels (Triton, run by its interpreter here: tests/conftest.py) against exclusive_reference in
-# float64. Row counts that are not multiples of XSA_ROWS, head sizes that are not powers of 2, and a zero
-# value (whose unit vector is 0 in both) exercise the masks.
-@pytest.mark.parametrize("shape", [(2, 37, 2, 2, 64), (1, 5, 1, 4, 48), (3, 11, 4, 1, 16), (1, 3, 2, 8, 8)])
+# The GPU kernels (Triton, run by its interpreter here: tests/conftest.py) against
+# exclusive_reference in float64. Row counts that are not multiples of XSA_ROWS, head sizes that are
+# not powers of 2, and a zero value (whose unit vector is 0 in both) exercise the masks.
+@pytest.mark.parametrize("shape", [(2, 37, 2, 2, 64), (1, 5, 1, 4, 48), (3, 11, 4, 1, 16),
+                                   (1, 3, 2, 8, 8)])
 def test_xsa_kernels_match_reference_float32(shape):
     torch.manual_seed(0)
     y, v = torch.randn(shape), torch.randn(shape[:3] + shape[4:])
@@ -303,9 +318,10 @@ def test_xsa_kernels_match_reference_float32(shape):
 
 
 def test_xsa_kernels_in_bf16_round_the_fp32_result():
-    """bf16 in, bf16 out, fp32 inside: the output is the reference's fp32 result rounded once, to within one
-    bf16 step (Triton's interpreter stores bf16 by truncation where the GPU rounds to nearest; tools/bench_xsa.py
-    measures the GPU's error), and the gradients come back in their inputs' dtypes."""
+    """bf16 in, bf16 out, fp32 inside: the output is the reference's fp32 result rounded once, to
+    within one bf16 step (Triton's interpreter stores bf16 by truncation where the GPU rounds to
+    nearest; tools/bench_xsa.py measures the GPU's error), and the gradients come back in their
+    inputs' dtypes."""
     torch.manual_seed(0)
     y = torch.randn(2, 40, 2, 2, 64, dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(2, 40, 2, 64, dtype=torch.bfloat16, requires_grad=True)
@@ -326,14 +342,15 @@ NOISE_SPLITS = [(4, 1), (2, 1), (2, 2), (1, 1), (1, 2), (1, 4)]
 @pytest.mark.parametrize("rope_dims", [0, 4])
 @pytest.mark.parametrize("norm", tg.CODA_HEAD_NORMS)
 def test_coda_one_call_equals_two_calls(num_kv_heads, noise_heads, xsa, rope_dims, norm):
-    """The module stacks signal and noise queries into one attention call; each stacked head must still
-    read its own KV head (stacking along H instead of the group axis would pair them wrongly). It also
-    combines the streams before XSA, which the reference applies to each: equal in exact arithmetic, but
-    the two orders round differently and RMSNorm scales that up by 1/RMS of its input, so differences
-    are compared at the scale of that input. With XSA, token 0 (attending only to itself) is RMSNorm of
-    rounding residue in both forms, so it is checked for size only. Without a norm the outputs are compared
-    as they are; the learned norm's weight is divided out."""
-    attn = make_attention(num_kv_heads, xsa=xsa, coda=True, rope_dims=rope_dims, noise_heads=noise_heads, norm=norm)
+    """The module stacks signal and noise queries into one attention call; each stacked head must
+    still read its own KV head (stacking along H instead of the group axis would pair them wrongly).
+    It also combines the streams before XSA, which the reference applies to each: equal in exact
+    arithmetic, but the two orders round differently and RMSNorm scales that up by 1/RMS of its
+    input, so differences are compared at the scale of that input. With XSA, token 0 (attending only
+    to itself) is RMSNorm of rounding residue in both forms, so it is checked for size only. Without
+    a norm the outputs are compared as they are; the learned norm's weight is divided out."""
+    attn = make_attention(num_kv_heads, xsa=xsa, coda=True, rope_dims=rope_dims,
+                          noise_heads=noise_heads, norm=norm)
     assert attn.coda_theta.shape == (num_kv_heads * noise_heads, HEAD_DIM // 2)
     x = torch.randn(2, 12, DIM)
     with torch.no_grad():
@@ -347,7 +364,8 @@ def test_coda_one_call_equals_two_calls(num_kv_heads, noise_heads, xsa, rope_dim
     if xsa and norm != "none":
         assert got[:, 0].abs().max() < 1e-2
     lam = torch.sigmoid(attn.coda_gate(x))
-    assert lam.min() < 0.3 and lam.max() > 0.7  # the gate is far from its init, so noise matters here
+    # the gate is far from its init, so noise matters here
+    assert lam.min() < 0.3 and lam.max() > 0.7
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
@@ -369,9 +387,10 @@ def test_coda_at_init_is_nearly_normalized_signal(num_kv_heads):
 @pytest.mark.parametrize("rope_dims", [0, 4])
 @pytest.mark.parametrize("num_kv_heads,noise_heads", [(2, 2), (2, 1), (1, 2), (1, 1)])
 def test_noise_rotation_commutes_with_rope(rope_dims, num_kv_heads, noise_heads):
-    """The noise query of a RoPE-rotated query is the rotated noise query, also when one noise query serves
-    several heads (the mean of queries at one position is rotated like each of them)."""
-    attn = make_attention(num_kv_heads, xsa=False, coda=True, rope_dims=rope_dims, noise_heads=noise_heads)
+    """The noise query of a RoPE-rotated query is the rotated noise query, also when one noise query
+    serves several heads (the mean of queries at one position is rotated like each of them)."""
+    attn = make_attention(num_kv_heads, xsa=False, coda=True, rope_dims=rope_dims,
+                          noise_heads=noise_heads)
     q = torch.randn(2, SEQ, HEADS, HEAD_DIM)
     with torch.no_grad():
         a = attn.rotary(attn.noise_queries(q))
@@ -382,8 +401,9 @@ def test_noise_rotation_commutes_with_rope(rope_dims, num_kv_heads, noise_heads)
 
 
 def test_cos_sin_op_equals_torch_value_and_gradient():
-    """CoDA's angle goes through cos_sin, an op with its own fake and backward: registration (opcheck), the
-    gradient's formula (gradcheck), and value and gradient traced by torch.compile without a graph break."""
+    """CoDA's angle goes through cos_sin, an op with its own fake and backward: registration
+    (opcheck), the gradient's formula (gradcheck), and value and gradient traced by torch.compile
+    without a graph break."""
     theta = (torch.rand(4, 6, dtype=torch.float64) * 8 - 4).requires_grad_()
     torch.library.opcheck(tg.cos_sin, (theta,))
     assert torch.autograd.gradcheck(tg.cos_sin, (theta,))
@@ -396,7 +416,8 @@ def test_cos_sin_op_equals_torch_value_and_gradient():
 
 
 def test_noise_rotation_pairs_half_split_planes():
-    """With ROPE_DIMS=4 of 8: RoPE planes (0,2), (1,3) use angles 0, 1; the rest (4,6), (5,7) use 2, 3."""
+    """With ROPE_DIMS=4 of 8: RoPE planes (0,2), (1,3) use angles 0, 1; the rest (4,6), (5,7)
+    use 2, 3."""
     attn = make_attention(1, xsa=False, coda=True, rope_dims=4)
     for pair, (i, j) in enumerate([(0, 2), (1, 3), (4, 6), (5, 7)]):
         with torch.no_grad():
@@ -413,12 +434,15 @@ def test_noise_rotation_pairs_half_split_planes():
     (2, 2, True, "rms"), (2, 1, False, "learned"), (1, 2, True, "none"), (1, 1, True, "learned"),
     (2, 1, True, "rms")])
 def test_coda_gradients_match_finite_differences(num_kv_heads, noise_heads, xsa, norm, monkeypatch):
-    """float64 gradcheck of the layer's output against its input and every CoDA parameter (angles, gate,
-    learned norm), for each noise-head split and head norm. With XSA token 0's output is the norm of rounding
-    residue (it attends only to itself), so outputs from token 1 on are checked. The layer's `.float()` (fp32
-    for bf16 activations) is kept from rounding float64 down, or finite differences would see fp32 steps."""
-    monkeypatch.setattr(torch.Tensor, "float", lambda t: t if t.dtype == torch.float64 else t.to(torch.float32))
-    attn = make_attention(num_kv_heads, xsa=xsa, coda=True, rope_dims=4, noise_heads=noise_heads, norm=norm).double()
+    """float64 gradcheck of the layer's output against its input and every CoDA parameter (angles,
+    gate, learned norm), for each noise-head split and head norm. With XSA token 0's output is the
+    norm of rounding residue (it attends only to itself), so outputs from token 1 on are checked.
+    The layer's `.float()` (fp32 for bf16 activations) is kept from rounding float64 down, or finite
+    differences would see fp32 steps."""
+    monkeypatch.setattr(torch.Tensor, "float",
+                        lambda t: t if t.dtype == torch.float64 else t.to(torch.float32))
+    attn = make_attention(num_kv_heads, xsa=xsa, coda=True, rope_dims=4, noise_heads=noise_heads,
+                          norm=norm).double()
     names = [n for n, _ in attn.named_parameters() if n.startswith("coda_")]
     assert ("coda_norm" in names) == (norm == "learned")
     x = torch.randn(1, 5, DIM, dtype=torch.float64, requires_grad=True)
@@ -431,8 +455,8 @@ def test_coda_gradients_match_finite_differences(num_kv_heads, noise_heads, xsa,
 
 
 def test_coda_lambda_init_sets_the_gate_and_default_bias_is_minus_six(monkeypatch):
-    """CODA_LAMBDA_INIT=0.3: lambda is 0.3 on every token and head at the start (the gate's weight is 0);
-    by default the bias is exactly -6, as before the variable existed."""
+    """CODA_LAMBDA_INIT=0.3: lambda is 0.3 on every token and head at the start (the gate's weight
+    is 0); by default the bias is exactly -6, as before the variable existed."""
     _, model = full_model(monkeypatch)
     assert torch.all(model.blocks[1].attn.coda_gate.bias == -6.0)
     _, model = full_model(monkeypatch, CODA_LAMBDA_INIT=0.3)
@@ -445,13 +469,14 @@ def test_coda_lambda_init_sets_the_gate_and_default_bias_is_minus_six(monkeypatc
 
 @pytest.mark.parametrize("noise_heads", [0, 1])
 def test_coda_stats_equal_an_independent_reference(noise_heads):
-    """Two CoDA layers (the deeper one with XSA) off their init: coda_stats' lambda, angle deviations and
-    RMS of the norm's input and of the signal alone equal the plain two-call computation on each layer's
-    input (captured by a hook); the model's output does not change and the capture is switched off after."""
+    """Two CoDA layers (the deeper one with XSA) off their init: coda_stats' lambda, angle
+    deviations and RMS of the norm's input and of the signal alone equal the plain two-call
+    computation on each layer's input (captured by a hook); the model's output does not change and
+    the capture is switched off after."""
     torch.manual_seed(0)
-    model = tg.GPT(vocab_size=VOCAB, num_layers=2, model_dim=DIM, num_heads=HEADS, num_kv_heads=2, mlp_mult=2,
-                   max_seq_len=SEQ, xsa_last_n=1, coda_last_n=2, act_dtype=torch.float32,
-                   coda_noise_heads=noise_heads)
+    model = tg.GPT(vocab_size=VOCAB, num_layers=2, model_dim=DIM, num_heads=HEADS, num_kv_heads=2,
+                   mlp_mult=2, max_seq_len=SEQ, xsa_last_n=1, coda_last_n=2,
+                   act_dtype=torch.float32, coda_noise_heads=noise_heads)
     perturb(model, 0.3)
     with torch.no_grad():
         for block in model.blocks:  # gates open, angles off pi/2
@@ -474,8 +499,9 @@ def test_coda_stats_equal_an_independent_reference(noise_heads):
         with torch.no_grad():
             signal, noise, lam = reference_streams(attn, inputs[i])
         dev = (attn.coda_theta - math.pi / 2).abs()
-        want = dict(lambda_mean=lam.mean().item(), lambda_max=lam.max().item(), theta_dev_mean=dev.mean().item(),
-                    theta_dev_max=dev.max().item(), pre_norm_rms=rms(signal - lam * noise), signal_rms=rms(signal))
+        want = dict(lambda_mean=lam.mean().item(), lambda_max=lam.max().item(),
+                    theta_dev_mean=dev.mean().item(), theta_dev_max=dev.max().item(),
+                    pre_norm_rms=rms(signal - lam * noise), signal_rms=rms(signal))
         assert got == pytest.approx(want, rel=1e-5), i
         assert 0.1 < want["lambda_mean"] < want["lambda_max"] and want["theta_dev_max"] > 0.1
         assert abs(want["pre_norm_rms"] - want["signal_rms"]) > 1e-3  # the noise stream counts here
@@ -602,7 +628,8 @@ def test_fa3_branch_gets_one_dtype_in_bf16(monkeypatch):
     fa3 = FA3StandIn()
     loss, _ = loss_and_grads(model, monkeypatch, fa3)
     assert fa3.dtypes == [(torch.bfloat16,) * 3] * len(model.blocks)
-    assert (loss - loss_and_grads(model, monkeypatch, None)[0]).abs() < 1e-3 * loss  # a wrong map: 4e-3
+    # a wrong map: 4e-3
+    assert (loss - loss_and_grads(model, monkeypatch, None)[0]).abs() < 1e-3 * loss
 
 
 # -----------------------------
@@ -635,9 +662,9 @@ def newton_schulz_reference(G, steps=5, eps=1e-7):
 
 
 def well_conditioned(rows, cols, seed):
-    """Random singular vectors, singular values spread over [0.05, 1]. A square Gaussian matrix has a
-    smallest singular value ~1/n of its norm, which five quintic steps cannot lift to 0.5 (measured:
-    0.06 on 64x64), so square inputs get a known spectrum instead."""
+    """Random singular vectors, singular values spread over [0.05, 1]. A square Gaussian matrix has
+    a smallest singular value ~1/n of its norm, which five quintic steps cannot lift to 0.5
+    (measured: 0.06 on 64x64), so square inputs get a known spectrum instead."""
     g = torch.Generator().manual_seed(seed)
     n = min(rows, cols)
     u, _ = torch.linalg.qr(torch.randn(rows, n, generator=g))
@@ -647,7 +674,8 @@ def well_conditioned(rows, cols, seed):
 
 
 def check_orthogonalized(G, out, dtype):
-    """out ~ U diag(d) V^T for G = U S V^T, with every d in [0.5, 1.5] and mean ~0.8-0.9 (measured)."""
+    """out ~ U diag(d) V^T for G = U S V^T, with every d in [0.5, 1.5] and mean ~0.8-0.9
+    (measured)."""
     assert out.shape == G.shape and out.dtype == dtype
     U, _, Vh = torch.linalg.svd(G, full_matrices=False)
     core = U.mT @ out.float() @ Vh.mT
@@ -665,7 +693,8 @@ def test_newton_schulz_singular_values(shape, compute_dtype):
         G = well_conditioned(*shape, seed) if shape[0] == shape[1] else torch.randn(*shape)
         out = tg.newton_schulz(G)
         check_orthogonalized(G, out, compute_dtype)
-        # Scale-free: the input is normalized first (a power of 2 keeps the bf16 rounding identical).
+        # Scale-free: the input is normalized first (a power of 2 keeps the bf16 rounding
+        # identical).
         assert torch.allclose(out, tg.newton_schulz(G * 1024), atol=1e-6)
         # bf16 products round at ~2^-9 and five iterations compound it (~4% of the norm, measured).
         tol = 1e-5 if compute_dtype == torch.float32 else 0.06
@@ -683,10 +712,12 @@ def test_newton_schulz_is_per_matrix_in_a_batch(compute_dtype):
 
 
 def test_newton_schulz_matches_torch():
-    """torch.optim.Muon's own iteration (always bf16): ours in bf16 or fp32 lands within bf16 noise."""
+    """torch.optim.Muon's own iteration (always bf16): ours in bf16 or fp32 lands within bf16
+    noise."""
     for shape in [(32, 16), (16, 48), (64, 64)]:
         G = torch.randn(shape)
-        theirs = torch.optim._muon._zeropower_via_newtonschulz(G, (3.4445, -4.7750, 2.0315), 5, 1e-7).float()
+        theirs = torch.optim._muon._zeropower_via_newtonschulz(G, (3.4445, -4.7750, 2.0315), 5,
+                                                               1e-7).float()
         assert (newton_schulz_reference(G) - theirs).norm() < 0.06 * theirs.norm(), shape
 
 
@@ -720,22 +751,25 @@ def test_muon_matches_torch_optim_muon(compute_dtype, monkeypatch):
     """torch.optim.Muon keeps its buffer in lerp form, B = mu B + (1 - mu) g, and steps along
     g.lerp(B, mu); ours is B = mu B + g and g + mu B, i.e. (1 - mu) times larger. Newton-Schulz
     normalizes its input, so the updates agree. Weight decay uses the unadjusted lr in both, and
-    adjust_lr_fn="original" is our sqrt(max(1, rows/cols)) scale. torch's iteration is always bf16: for
-    the fp32 case it is swapped for ours, so the comparison is exact up to fp32 rounding; two bf16
-    iterations differ by ~4% (measured)."""
+    adjust_lr_fn="original" is our sqrt(max(1, rows/cols)) scale. torch's iteration is always bf16:
+    for the fp32 case it is swapped for ours, so the comparison is exact up to fp32 rounding; two
+    bf16 iterations differ by ~4% (measured)."""
     if compute_dtype == torch.float32:
         monkeypatch.setattr(torch.optim._muon, "_zeropower_via_newtonschulz",
-                            lambda grad, coefficients, steps, eps: tg.newton_schulz(grad, steps, eps))
+                            lambda grad, coefficients, steps, eps:
+                                tg.newton_schulz(grad, steps, eps))
     params, grads = muon_problem(MUON_SHAPES, steps=3)
-    make_ours = lambda nesterov: lambda ps: tg.Muon(ps, lr=0.02, momentum=0.95, weight_decay=0.1,  # noqa: E731
-                                                    nesterov=nesterov)
-    theirs = run_optimizer(lambda ps: torch.optim.Muon(ps, lr=0.02, momentum=0.95, weight_decay=0.1, nesterov=True,
-                                                       adjust_lr_fn="original"), params, grads)
+    make_ours = lambda nesterov: lambda ps: tg.Muon(  # noqa: E731
+        ps, lr=0.02, momentum=0.95, weight_decay=0.1, nesterov=nesterov)
+    theirs = run_optimizer(lambda ps: torch.optim.Muon(ps, lr=0.02, momentum=0.95, weight_decay=0.1,
+                                                       nesterov=True, adjust_lr_fn="original"),
+                           params, grads)
     rtol = 1e-4 if compute_dtype == torch.float32 else 8e-2
     assert_same_updates(params, run_optimizer(make_ours(True), params, grads), theirs, rtol)
     # Without the Nesterov term the updates must disagree: the comparison can fail.
     with pytest.raises(AssertionError):
-        assert_same_updates(params, run_optimizer(make_ours(False), params, grads), theirs, 3 * rtol)
+        assert_same_updates(params, run_optimizer(make_ours(False), params, grads), theirs,
+                            3 * rtol)
 
 
 # On 3 ranks: 4 matrices of one shape, 1 of its transpose, 2 of a third (no count divides 3), and a
@@ -784,7 +818,8 @@ def test_muon_shared_across_ranks_equals_single_process(tmp_path, monkeypatch):
         for params, _ in ranks[1:]:
             for a, b in zip(ranks[0][0], params):
                 assert torch.equal(a, b)  # replicas stay identical
-        # Each matrix goes through the same iteration either way; only the batch it rides in differs.
+        # Each matrix goes through the same iteration either way; only the batch it rides in
+        # differs.
         rtol = 1e-5 if dtype == torch.float32 else 1e-2
         assert_same_updates(start, ranks[0][0], single, rtol)
         # Every step, each matrix is orthogonalized once: on one rank, in its batch of that shape.
@@ -891,10 +926,11 @@ def test_muon_plan_is_within_the_greedy_bound(seed):
 
 def full_model(monkeypatch, **extra):
     """A model with every kind of parameter: bigram, XSA, CoDA, value embedding, partial RoPE."""
-    env = dict(VOCAB_SIZE=VOCAB, NUM_LAYERS=2, MODEL_DIM=DIM, NUM_HEADS=HEADS, NUM_KV_HEADS=2, MLP_MULT=2,
-               TRAIN_SEQ_LEN=SEQ, EVAL_SEQ_LEN=SEQ, EVAL_STRIDE=8, TRAIN_BATCH_TOKENS=SEQ * 8,
-               GRAD_ACCUM_STEPS=1, BIGRAM_VOCAB_SIZE=16, BIGRAM_DIM=8, XSA_LAST_N=1, CODA_LAST_N=1,
-               ROPE_DIMS=4, VE_LAST_N=1, VE_DIM=8, TTT_ENABLED=0, **extra)
+    env = dict(VOCAB_SIZE=VOCAB, NUM_LAYERS=2, MODEL_DIM=DIM, NUM_HEADS=HEADS, NUM_KV_HEADS=2,
+               MLP_MULT=2, TRAIN_SEQ_LEN=SEQ, EVAL_SEQ_LEN=SEQ, EVAL_STRIDE=8,
+               TRAIN_BATCH_TOKENS=SEQ * 8, GRAD_ACCUM_STEPS=1, BIGRAM_VOCAB_SIZE=16, BIGRAM_DIM=8,
+               XSA_LAST_N=1, CODA_LAST_N=1, ROPE_DIMS=4, VE_LAST_N=1, VE_DIM=8, TTT_ENABLED=0,
+               **extra)
     for k, v in env.items():
         monkeypatch.setenv(k, str(v))
     monkeypatch.delenv("CODA_ENABLED", raising=False)
@@ -903,7 +939,8 @@ def full_model(monkeypatch, **extra):
     return args, tg.build_model(args, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("coda", [{}, dict(CODA_HEAD_NORM="learned", CODA_NOISE_HEADS=1, CODA_LR=0.031)])
+@pytest.mark.parametrize("coda", [{}, dict(CODA_HEAD_NORM="learned", CODA_NOISE_HEADS=1,
+                                           CODA_LR=0.031)])
 def test_each_parameter_is_trained_once_and_decays_at_its_groups_rate(monkeypatch, coda):
     """One optimizer step with zero gradients leaves only weight decay: every product's matrix
     (bigram's and the value embedding's too) shrinks at Muon's rate, the embeddings at Adam's
@@ -923,7 +960,8 @@ def test_each_parameter_is_trained_once_and_decays_at_its_groups_rate(monkeypatc
         id(p) for n, p in model.named_parameters() if roles[n] == "matrix"}
     assert ("blocks.1.attn.coda_norm" in roles) == bool(coda)
     coda_ids = {id(p) for n, p in model.named_parameters() if roles[n] == "coda"}
-    coda_groups = [g for opt in opts for g in opt.param_groups if {id(p) for p in g["params"]} == coda_ids]
+    coda_groups = [g for opt in opts for g in opt.param_groups
+                   if {id(p) for p in g["params"]} == coda_ids]
     assert [g["lr"] for g in coda_groups] == [coda.get("CODA_LR", 0.045)]
     with torch.no_grad():
         for p in model.parameters():
@@ -942,8 +980,9 @@ def test_each_parameter_is_trained_once_and_decays_at_its_groups_rate(monkeypatc
 
 def test_each_matrix_is_stored_int6_quantization_aware_and_calibrated(monkeypatch, tmp_path):
     """The products' matrices, and only they, are what Muon trains, what the export rounds to int6
-    (int5 under a budget), what LATE_QAT rounds in training and what GPTQ (and the Fisher rule) calibrates; embeddings are
-    stored int8, CoDA's gate matrix fp16, every other tensor (CoDA's learned norm too) fp32."""
+    (int5 under a budget), what LATE_QAT rounds in training and what GPTQ (and the Fisher rule)
+    calibrates; embeddings are stored int8, CoDA's gate matrix fp16, every other tensor (CoDA's
+    learned norm too) fp32."""
     args, model = full_model(monkeypatch, LATE_QAT=0.5, CODA_HEAD_NORM="learned")
     assert "blocks.1.attn.coda_norm" in parts.of_role(model, "coda")
     roles = parts.parameter_roles(model)

@@ -23,7 +23,8 @@ def dataset(tmp_path_factory):
 
 def test_shard_header_and_size(dataset):
     names = sorted(os.listdir(dataset["data_path"]))
-    assert names == ["fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin", "tok.model"]
+    assert names == ["fineweb_train_000000.bin", "fineweb_train_000001.bin",
+                     "fineweb_val_000000.bin", "tok.model"]
     for name in names[:3]:
         path = os.path.join(dataset["data_path"], name)
         header, tokens = read_shard(path)
@@ -61,7 +62,8 @@ def test_deterministic(dataset, tmp_path):
 def test_without_byte_fallback_rare_chars_are_unk(tmp_path):
     # The challenge's own tokenizer has no byte pieces: uncovered characters become <unk>.
     sp = spm.SentencePieceProcessor(
-        model_file=synth.train_tokenizer(synth.make_text(2000, seed=0), str(tmp_path), byte_fallback=False))
+        model_file=synth.train_tokenizer(synth.make_text(2000, seed=0), str(tmp_path),
+                                         byte_fallback=False))
     tokens = sp.encode(" ".join(synth.RARE))
     assert sp.unk_id() == 3 and sp.unk_id() in tokens
     assert not any(sp.is_byte(t) for t in range(sp.vocab_size()))

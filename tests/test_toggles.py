@@ -1,6 +1,6 @@
-"""The quality toggles: MLP_LEAKY_SLOPE, LN_SCALE, VE_LAST_N/VE_DIM, LATE_QAT, EMA and SWA. Each must really
-change the model; late QAT must take effect inside a compiled forward (one record's switch was constant-folded
-away)."""
+"""The quality toggles: MLP_LEAKY_SLOPE, LN_SCALE, VE_LAST_N/VE_DIM, LATE_QAT, EMA and SWA. Each
+must really change the model; late QAT must take effect inside a compiled forward (one record's
+switch was constant-folded away)."""
 import math
 import os
 import re
@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def tiny_gpt(**kw) -> tg.GPT:
     torch.manual_seed(0)
-    model = tg.GPT(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2,
-                   max_seq_len=16, bigram_vocab_size=16, bigram_dim=8, xsa_last_n=1, act_dtype=torch.float32, **kw)
+    model = tg.GPT(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2,
+                   mlp_mult=2, max_seq_len=16, bigram_vocab_size=16, bigram_dim=8, xsa_last_n=1,
+                   act_dtype=torch.float32, **kw)
     for module in model.modules():  # leave the zero init: outputs must depend on every layer
         if isinstance(module, tg.CastedLinear):
             torch.nn.init.normal_(module.weight, std=0.2)
@@ -52,17 +53,21 @@ def test_ln_scale_scales_each_layers_normalized_inputs():
 def test_value_embedding_goes_to_the_deepest_layers_and_starts_as_a_no_op():
     plain, ve = tiny_gpt(), tiny_gpt(ve_last_n=2, ve_dim=8)
     assert [b.attn.ve_scale is not None for b in ve.blocks] == [False, True, True]
-    assert plain.value_embed is None and ve.value_embed.proj.weight.shape == (16, 8)  # KV width: 2 heads x 8
-    torch.nn.init.zeros_(ve.value_embed.proj.weight)  # as GPT initializes it (tiny_gpt re-inits projections)
+    # KV width: 2 heads x 8
+    assert plain.value_embed is None and ve.value_embed.proj.weight.shape == (16, 8)
+    # as GPT initializes it (tiny_gpt re-inits projections)
+    torch.nn.init.zeros_(ve.value_embed.proj.weight)
     ve.load_state_dict(plain.state_dict(), strict=False)
     ids, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
     assert torch.equal(plain.hidden(ids), ve.hidden(ids))
-    assert torch.count_nonzero(tiny_gpt(ve_last_n=1).value_embed.proj.weight) > 0  # tiny_gpt's re-init
+    # tiny_gpt's re-init
+    assert torch.count_nonzero(tiny_gpt(ve_last_n=1).value_embed.proj.weight) > 0
     fresh = tg.GPT(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2,
                    mlp_mult=2, max_seq_len=16, ve_last_n=1)
     assert torch.count_nonzero(fresh.value_embed.proj.weight) == 0
     ve.value_embed.proj.weight.data.normal_(std=0.2)
-    assert (ve.hidden(ids) - plain.hidden(ids)).abs().max() > 1e-4  # the table starts small (std 0.01)
+    # the table starts small (std 0.01)
+    assert (ve.hidden(ids) - plain.hidden(ids)).abs().max() > 1e-4
     ve(ids, targets).backward()
     for p in (ve.value_embed.embed.weight, ve.value_embed.proj.weight, ve.blocks[1].attn.ve_scale,
               ve.blocks[2].attn.ve_scale):
@@ -71,8 +76,10 @@ def test_value_embedding_goes_to_the_deepest_layers_and_starts_as_a_no_op():
 
 def test_value_embedding_in_the_artifact_shape_only_when_on(monkeypatch):
     monkeypatch.delenv("VE_LAST_N", raising=False)
-    monkeypatch.setenv("VE_DIM", "64")  # ignored while off: an artifact without value embeddings still loads
-    assert "ve_last_n" not in tg.Hyperparameters(1).shape and "ve_dim" not in tg.Hyperparameters(1).shape
+    # ignored while off: an artifact without value embeddings still loads
+    monkeypatch.setenv("VE_DIM", "64")
+    assert ("ve_last_n" not in tg.Hyperparameters(1).shape
+            and "ve_dim" not in tg.Hyperparameters(1).shape)
     monkeypatch.setenv("VE_LAST_N", "2")
     shape = tg.Hyperparameters(1).shape
     assert shape["ve_last_n"] == 2 and shape["ve_dim"] == 64
@@ -80,14 +87,16 @@ def test_value_embedding_in_the_artifact_shape_only_when_on(monkeypatch):
 
 def test_value_embedding_export_kinds():  # optimizers: test_model's test_each_parameter_*
     model = tiny_gpt(ve_last_n=2)
-    kinds = {n: tg.export_kind(n, p) for n, p in model.named_parameters() if "value_embed" in n or "ve_scale" in n}
+    kinds = {n: tg.export_kind(n, p) for n, p in model.named_parameters()
+             if "value_embed" in n or "ve_scale" in n}
     assert kinds == {"value_embed.embed.weight": "int8", "value_embed.proj.weight": "int6",
                      "blocks.1.attn.ve_scale": "fp32", "blocks.2.attn.ve_scale": "fp32"}
 
 
 def test_qat_buffers_cover_the_int6_matrices_and_stay_out_of_the_state_dict():
     model = tiny_gpt(qat=True, coda_last_n=1)
-    with_qat = {n for n, m in model.named_modules() if isinstance(m, tg.CastedLinear) and m.qat is not None}
+    with_qat = {n for n, m in model.named_modules()
+                if isinstance(m, tg.CastedLinear) and m.qat is not None}
     int6 = {n.removesuffix(".weight") for n in parts.of_role(model, "matrix")}
     assert with_qat == int6 and "blocks.2.attn.coda_gate" not in with_qat
     assert not any("qat" in k for k in model.state_dict())
@@ -112,7 +121,8 @@ def test_qat_switch_takes_effect_in_a_compiled_forward_without_recompiling():
     assert len(compiles) == 1
     assert torch.equal(off, off_again) and not torch.allclose(off, on)
 
-    # "on" is exactly the model with its matrices rounded to the int6 grid, and gradients pass straight through
+    # "on" is exactly the model with its matrices rounded to the int6 grid, and gradients pass
+    # straight through
     reference = tiny_gpt()
     with torch.no_grad():
         for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
@@ -120,7 +130,8 @@ def test_qat_switch_takes_effect_in_a_compiled_forward_without_recompiling():
     assert torch.allclose(on, reference.token_nll(ids, ids), atol=1e-5)
     model.set_qat(True)
     model(ids, ids).backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".fc." in n)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in model.named_parameters() if ".fc." in n)
 
 
 def test_fake_int6_is_the_absmax_int6_grid():
@@ -134,20 +145,23 @@ def test_fake_int6_is_the_absmax_int6_grid():
 
 @pytest.mark.parametrize("floor,scale", [("0", "0.375"), ("0.2", "0.500")])
 def test_late_qat_switches_on_once_during_the_warmdown(tmp_path, floor, scale):
-    """LATE_QAT reads the warmdown's share left, so LR_FLOOR moves the learning rate, not the step."""
-    data = synth.make_dataset(str(tmp_path / "data"), n_train_shards=1, train_tokens_per_shard=20_000, val_docs=10)
+    """LATE_QAT reads the warmdown's share left, so LR_FLOOR moves the learning rate, not the
+    step."""
+    data = synth.make_dataset(str(tmp_path / "data"), n_train_shards=1,
+                              train_tokens_per_shard=20_000, val_docs=10)
     env = dict(os.environ, DATA_PATH=data["data_path"], TOKENIZER_PATH=data["tokenizer_path"],
                VOCAB_SIZE=str(data["vocab_size"]), NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="4",
-               NUM_KV_HEADS="2", MLP_MULT="2", TRAIN_SEQ_LEN="32", EVAL_SEQ_LEN="32", TRAIN_BATCH_TOKENS="128",
-               GRAD_ACCUM_STEPS="1", ITERATIONS="8", MAX_WALLCLOCK_SECONDS="0", WARMDOWN_ITERS="8",
-               WARMUP_STEPS="1", EVAL_STRIDE="0", BIGRAM_VOCAB_SIZE="0", LATE_QAT="0.5", LN_SCALE="1",
-               MLP_LEAKY_SLOPE="0.5", XSA_LAST_N="1", RUN_ID="qat", OMP_NUM_THREADS="1", LR_FLOOR=floor,
-               TTT_ENABLED="0")
+               NUM_KV_HEADS="2", MLP_MULT="2", TRAIN_SEQ_LEN="32", EVAL_SEQ_LEN="32",
+               TRAIN_BATCH_TOKENS="128", GRAD_ACCUM_STEPS="1", ITERATIONS="8",
+               MAX_WALLCLOCK_SECONDS="0", WARMDOWN_ITERS="8", WARMUP_STEPS="1", EVAL_STRIDE="0",
+               BIGRAM_VOCAB_SIZE="0", LATE_QAT="0.5", LN_SCALE="1", MLP_LEAKY_SLOPE="0.5",
+               XSA_LAST_N="1", RUN_ID="qat", OMP_NUM_THREADS="1", LR_FLOOR=floor, TTT_ENABLED="0")
     proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     log = (tmp_path / "logs" / "qat.txt").read_text()
-    # the share left, (8 - step) / 8, falls below 0.5 first at step 5; the lr scale is floor + (1 - floor) x that
+    # the share left, (8 - step) / 8, falls below 0.5 first at step 5; the lr scale is
+    # floor + (1 - floor) x that
     assert [line for line in log.splitlines() if line.startswith("late_qat:")] == [
         f"late_qat: int6 fake quantization on from step 5 (lr scale {scale})"]
     assert "final_int6_roundtrip_exact" in log
@@ -162,7 +176,8 @@ def averaging_args(monkeypatch, **env) -> tg.Hyperparameters:
 def test_ema_is_the_exponential_average_of_every_step(monkeypatch):
     model = torch.nn.Linear(3, 2)
     history = [p.detach().clone() for p in model.parameters()]
-    average = tg.WeightAverage(model, averaging_args(monkeypatch, EMA_ENABLED=1, EMA_DECAY=0.9, SWA_ENABLED=0))
+    average = tg.WeightAverage(model, averaging_args(monkeypatch, EMA_ENABLED=1, EMA_DECAY=0.9,
+                                                     SWA_ENABLED=0))
     expected = [h.clone() for h in history]
     for step in range(1, 6):
         with torch.no_grad():
@@ -201,12 +216,14 @@ def test_no_averaging_keeps_the_final_weights(monkeypatch):
 
 
 def readme_toggles() -> list[tuple[list[str], list[str], str]]:
-    """The README's toggles table: (variables of the first cell, defaults of the second, the whole row)."""
+    """The README's toggles table: (variables of the first cell, defaults of the second, the whole
+    row)."""
     text = (ROOT / "README.md").read_text()
     table = text[text.index("## Toggles"):].split("\n## ", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     return [(re.findall(r"`([A-Z0-9_]+)`", row.split("|")[1]),
-             [d.strip().strip("`*").strip() for d in row.split("|")[2].split(",")], row) for row in rows]
+             [d.strip().strip("`*").strip() for d in row.split("|")[2].split(",")], row)
+            for row in rows]
 
 
 def test_readme_toggles_table_gives_the_scripts_defaults_and_every_variable(monkeypatch):
@@ -232,10 +249,13 @@ def test_readme_toggles_table_gives_the_scripts_defaults_and_every_variable(monk
             elif default == "random uuid":
                 assert re.fullmatch(r"[0-9a-f-]{36}", value), name
             elif name == "GRAD_ACCUM_STEPS":
-                assert [tg.Hyperparameters(w).grad_accum_steps for w in (1, 2, 8, 16)] == [8, 4, 1, 1]
-            elif re.fullmatch(r"[A-Z_]+(`/`[A-Z_]+)?", default):  # another variable's value, or a ratio
+                assert ([tg.Hyperparameters(w).grad_accum_steps for w in (1, 2, 8, 16)]
+                        == [8, 4, 1, 1])
+            # another variable's value, or a ratio
+            elif re.fullmatch(r"[A-Z_]+(`/`[A-Z_]+)?", default):
                 a, _, b = default.partition("`/`")
-                assert value == getattr(args, a.lower()) / (getattr(args, b.lower()) if b else 1), name
+                assert value == (getattr(args, a.lower())
+                                 / (getattr(args, b.lower()) if b else 1)), name
             elif default.startswith("sigmoid("):
                 assert value == 1 / (1 + math.exp(-float(default[8:-1]))), (name, value, default)
             elif re.fullmatch(r"-?[0-9.]+", default):
@@ -247,20 +267,21 @@ def test_readme_toggles_table_gives_the_scripts_defaults_and_every_variable(monk
 
 
 def test_parallel_block_with_unit_gains_is_the_serial_block():
-    """With residual gain 1 and every write 1 both lanes hold the serial stream, so their mean is the serial
-    block's output: the lanes add nothing until their gains move."""
+    """With residual gain 1 and every write 1 both lanes hold the serial stream, so their mean is
+    the serial block's output: the lanes add nothing until their gains move."""
     serial, parallel = tiny_gpt(), tiny_gpt(parallel_last_n=2)
     parallel.load_state_dict(serial.state_dict(), strict=False)
     for block in parallel.blocks[1:]:
         block.lane_resid.data.fill_(1.0)
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     assert torch.allclose(parallel.hidden(ids), serial.hidden(ids), atol=1e-5)
-    assert not parallel.blocks[0].parallel and parallel.blocks[1].parallel and parallel.blocks[2].parallel
+    assert (not parallel.blocks[0].parallel and parallel.blocks[1].parallel
+            and parallel.blocks[2].parallel)
 
 
 def test_parallel_lanes_route_only_through_their_writes():
-    """Attention writes into the MLP's lane by lane_write[0][1] alone: at 0 the MLP's input (and so the MLP lane's
-    output) ignores the attention; at its init of 1 it does not."""
+    """Attention writes into the MLP's lane by lane_write[0][1] alone: at 0 the MLP's input (and so
+    the MLP lane's output) ignores the attention; at its init of 1 it does not."""
     model = tiny_gpt(parallel_last_n=1)
     block, x0 = model.blocks[2], torch.randn(2, 16, 32)
     x = torch.randn(2, 2, 16, 32)
@@ -291,8 +312,8 @@ def test_parallel_lanes_in_the_artifact_shape_only_when_on_and_stored_fp32(monke
 
 
 def test_muon_row_norm_makes_the_update_blind_to_each_rows_scale():
-    """MuonEq-R: scaling a row of the gradient changes nothing (it is normalized away before Newton-Schulz);
-    plain Muon's update does change."""
+    """MuonEq-R: scaling a row of the gradient changes nothing (it is normalized away before
+    Newton-Schulz); plain Muon's update does change."""
     g = torch.randn(24, 16, generator=torch.Generator().manual_seed(0))
     rows = torch.linspace(0.1, 10.0, 24)[:, None]
 
@@ -321,10 +342,11 @@ def test_lr_floor_ends_the_warmdown_at_the_floor(monkeypatch, cap):
 
 
 def test_coda_variants_in_the_artifact_shape_only_when_on_and_off_default(monkeypatch):
-    """CODA_NOISE_HEADS and CODA_HEAD_NORM change the model only with CoDA on and off their defaults:
-    only then are they recorded, so artifacts written before they existed still load; build_model
-    gets them through the shape."""
-    for name in ("CODA_LAST_N", "CODA_ENABLED", "CODA_NOISE_HEADS", "CODA_HEAD_NORM", "NUM_HEADS", "NUM_KV_HEADS"):
+    """CODA_NOISE_HEADS and CODA_HEAD_NORM change the model only with CoDA on and off their
+    defaults: only then are they recorded, so artifacts written before they existed still load;
+    build_model gets them through the shape."""
+    for name in ("CODA_LAST_N", "CODA_ENABLED", "CODA_NOISE_HEADS", "CODA_HEAD_NORM", "NUM_HEADS",
+                 "NUM_KV_HEADS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CODA_NOISE_HEADS", "1")
     monkeypatch.setenv("CODA_HEAD_NORM", "none")
@@ -337,14 +359,16 @@ def test_coda_variants_in_the_artifact_shape_only_when_on_and_off_default(monkey
     monkeypatch.setenv("CODA_HEAD_NORM", "learned")
     args = tg.Hyperparameters(1)
     assert args.shape["coda_noise_heads"] == 1 and args.shape["coda_head_norm"] == "learned"
-    for name, value in dict(NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, XSA_LAST_N=1).items():
+    for name, value in dict(NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2,
+                            XSA_LAST_N=1).items():
         monkeypatch.setenv(name, str(value))
     attn = tg.build_model(tg.Hyperparameters(1), torch.device("cpu")).blocks[1].attn
     assert attn.coda_theta.shape == (2, 4) and attn.coda_norm.shape == (8,)
 
 
 @pytest.mark.parametrize("env,message", [
-    (dict(CODA_NOISE_HEADS="3"), "CODA_NOISE_HEADS=3: expected a divisor of NUM_HEADS/NUM_KV_HEADS=2"),
+    (dict(CODA_NOISE_HEADS="3"),
+     "CODA_NOISE_HEADS=3: expected a divisor of NUM_HEADS/NUM_KV_HEADS=2"),
     (dict(CODA_NOISE_HEADS="0"), "CODA_NOISE_HEADS=0: expected a divisor"),
     (dict(CODA_NOISE_HEADS="-2"), "CODA_NOISE_HEADS=-2: expected a divisor"),
     (dict(CODA_NOISE_HEADS="one"), "CODA_NOISE_HEADS='one': expected an integer"),
@@ -363,7 +387,8 @@ def test_coda_variants_refuse_bad_values(monkeypatch, env, message):
 
 
 def assert_refused(monkeypatch, cleared, env, message):
-    """Hyperparameters with the names in cleared unset and env set raises ConfigError starting with message."""
+    """Hyperparameters with the names in cleared unset and env set raises ConfigError starting with
+    message."""
     for name in cleared:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -373,18 +398,21 @@ def assert_refused(monkeypatch, cleared, env, message):
 
 
 def test_recurrence_is_the_unrolled_model_with_its_blocks_shared():
-    """RECUR_LAYERS=1,2 on 5 layers runs blocks 0,1,2,1,2,3,4: the same as a 7-layer model holding copies of
-    those blocks, whose one extra skip (the middle pair) is 0; the skips pair blocks 0-4 and 1-3 either way. The
-    shared block's gradient is the sum of its two copies'; with recurrence off it is the 5-layer model."""
+    """RECUR_LAYERS=1,2 on 5 layers runs blocks 0,1,2,1,2,3,4: the same as a 7-layer model holding
+    copies of those blocks, whose one extra skip (the middle pair) is 0; the skips pair blocks 0-4
+    and 1-3 either way. The shared block's gradient is the sum of its two copies'; with recurrence
+    off it is the 5-layer model."""
     def model(num_layers, **kw):
         torch.manual_seed(0)
-        m = tg.GPT(vocab_size=64, num_layers=num_layers, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2,
-                   max_seq_len=16, bigram_vocab_size=16, bigram_dim=8, xsa_last_n=2, act_dtype=torch.float32, **kw)
+        m = tg.GPT(vocab_size=64, num_layers=num_layers, model_dim=32, num_heads=4, num_kv_heads=2,
+                   mlp_mult=2, max_seq_len=16, bigram_vocab_size=16, bigram_dim=8, xsa_last_n=2,
+                   act_dtype=torch.float32, **kw)
         for module in m.modules():
             if isinstance(module, tg.CastedLinear):
                 torch.nn.init.normal_(module.weight, std=0.2)
         with torch.no_grad():
-            m.skip_weights.normal_(1.0, 0.3)  # the skips' pairing shows only when the weights differ
+            # the skips' pairing shows only when the weights differ
+            m.skip_weights.normal_(1.0, 0.3)
         return m
 
     shared, unrolled, plain = model(5, recur_layers=(1, 2)), model(7), model(5)
@@ -411,8 +439,8 @@ def test_recurrence_is_the_unrolled_model_with_its_blocks_shared():
 
 
 def test_recurrence_switch_takes_effect_inside_a_compiled_forward():
-    """Training turns recurrence on in the middle of a compiled run: the compiled forward must follow the flag
-    (recompile), not keep the graph traced first."""
+    """Training turns recurrence on in the middle of a compiled run: the compiled forward must
+    follow the flag (recompile), not keep the graph traced first."""
     model = tiny_gpt(recur_layers=(1,))
     compiled = torch.compile(model, backend="eager", dynamic=False)
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -432,7 +460,8 @@ def test_recurrence_in_the_artifact_shape_only_when_on(monkeypatch):
     monkeypatch.setenv("RECUR_LAYERS", "4,5")
     assert tg.Hyperparameters(1).shape["recur_layers"] == [4, 5]
     monkeypatch.setenv("PARALLEL_LAST_N", "6")  # lanes from layer 5
-    with pytest.raises(tg.ConfigError, match=r"^RECUR_LAYERS=4,5: expected all below or all within the parallel"):
+    with pytest.raises(tg.ConfigError,
+                       match=r"^RECUR_LAYERS=4,5: expected all below or all within the parallel"):
         tg.Hyperparameters(1)
     monkeypatch.setenv("PARALLEL_LAST_N", "7")
     assert tg.Hyperparameters(1).recur_layers == (4, 5)
@@ -441,22 +470,26 @@ def test_recurrence_in_the_artifact_shape_only_when_on(monkeypatch):
 @pytest.mark.parametrize("env,message", [
     (dict(RECUR_LAYERS="4,6"), "RECUR_LAYERS=4,6: expected consecutive ascending layers in 0..10"),
     (dict(RECUR_LAYERS="5,4"), "RECUR_LAYERS=5,4: expected consecutive ascending layers"),
-    (dict(RECUR_LAYERS="10,11"), "RECUR_LAYERS=10,11: expected consecutive ascending layers in 0..10"),
+    (dict(RECUR_LAYERS="10,11"),
+     "RECUR_LAYERS=10,11: expected consecutive ascending layers in 0..10"),
     (dict(RECUR_LAYERS="-1"), "RECUR_LAYERS=-1: expected consecutive"),
     (dict(RECUR_LAYERS="4;5"), "RECUR_LAYERS='4;5': expected layer indices separated by commas"),
     (dict(RECUR_LAYERS="4,"), "RECUR_LAYERS='4,': expected layer indices separated by commas"),
     (dict(RECUR_LAYERS="4", RECUR_START="1"), r"RECUR_START=1.0: expected a number in \[0, 1\)"),
-    (dict(RECUR_LAYERS="4", RECUR_START="-0.1"), r"RECUR_START=-0.1: expected a number in \[0, 1\)"),
-    (dict(RECUR_LAYERS="4", WARMUP_STEPS="1"), "WARMUP_STEPS=1: with RECUR_LAYERS the warm-up compiles two graphs"),
+    (dict(RECUR_LAYERS="4", RECUR_START="-0.1"),
+     r"RECUR_START=-0.1: expected a number in \[0, 1\)"),
+    (dict(RECUR_LAYERS="4", WARMUP_STEPS="1"),
+     "WARMUP_STEPS=1: with RECUR_LAYERS the warm-up compiles two graphs"),
 ])
 def test_recurrence_refuses_bad_values(monkeypatch, env, message):
-    assert_refused(monkeypatch, ("NUM_LAYERS", "PARALLEL_LAST_N", "RECUR_LAYERS", "RECUR_START", "WARMUP_STEPS"),
-                   env, message)
+    assert_refused(monkeypatch, ("NUM_LAYERS", "PARALLEL_LAST_N", "RECUR_LAYERS", "RECUR_START",
+                                 "WARMUP_STEPS"), env, message)
 
 
 @pytest.mark.parametrize("steps", ["0", "2"])
 def test_recurrence_takes_no_warm_up_or_one_that_reaches_both_graphs(monkeypatch, steps):
-    """WARMUP_STEPS=1 alone is refused with recurrence: 0 compiles nothing early, 2 one step per graph."""
+    """WARMUP_STEPS=1 alone is refused with recurrence: 0 compiles nothing early, 2 one step per
+    graph."""
     monkeypatch.setenv("RECUR_LAYERS", "4,5")
     monkeypatch.setenv("WARMUP_STEPS", steps)
     monkeypatch.delenv("NUM_LAYERS", raising=False)

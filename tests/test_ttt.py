@@ -1,6 +1,6 @@
-"""Legal score-first test-time training (test_time_train) on CPU: every target scored once, before any
-training on it; the first chunk scored by the untouched model; a later chunk's tokens cannot reach an
-earlier chunk's score; two ranks (gloo) agree with one process."""
+"""Legal score-first test-time training (test_time_train) on CPU: every target scored once, before
+any training on it; the first chunk scored by the untouched model; a later chunk's tokens cannot
+reach an earlier chunk's score; two ranks (gloo) agree with one process."""
 import json
 import time
 import types
@@ -25,8 +25,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def val(tmp_path_factory):
-    ds = synth.make_dataset(str(tmp_path_factory.mktemp("ttt")), n_train_shards=1, train_tokens_per_shard=1000,
-                            val_docs=10)
+    ds = synth.make_dataset(str(tmp_path_factory.mktemp("ttt")), n_train_shards=1,
+                            train_tokens_per_shard=1000, val_docs=10)
     tokens, sp = dataset_tokens(ds)
     assert tokens.numel() > N + 1
     return tokens[:N + 1].clone(), tg.build_byte_luts(sp, CPU)
@@ -34,19 +34,20 @@ def val(tmp_path_factory):
 
 def ttt_args(chunk=128, lr=0.05, epochs=2, freeze=0, micro_tokens=2 * L, max_seconds=0.0):
     """micro_tokens 2 L: a chunk's 3 or 4 sequences take two micro-batches, the last one padded."""
-    return types.SimpleNamespace(ttt_chunk_tokens=chunk, ttt_epochs=epochs, ttt_lr=lr, ttt_momentum=0.9,
-                                 ttt_freeze_blocks=freeze, ttt_grad_clip=1.0, micro_batch_tokens=micro_tokens,
-                                 ttt_max_seconds=max_seconds)
+    return types.SimpleNamespace(ttt_chunk_tokens=chunk, ttt_epochs=epochs, ttt_lr=lr,
+                                 ttt_momentum=0.9, ttt_freeze_blocks=freeze, ttt_grad_clip=1.0,
+                                 micro_batch_tokens=micro_tokens, ttt_max_seconds=max_seconds)
 
 
 def per_row(model):
     """nll_fn (with gradients when enabled) that runs one window at a time: no batch effects."""
-    return lambda x, y: torch.cat([model.token_nll(x[i:i + 1], y[i:i + 1]) for i in range(x.size(0))])
+    return lambda x, y: torch.cat([model.token_nll(x[i:i + 1], y[i:i + 1])
+                                   for i in range(x.size(0))])
 
 
 def tiny_gpt64():
-    """tiny_gpt in float64: its float32 per-token nll then no longer carries float32 rounding of weights
-    trained in another order (summed over ranks vs in one process)."""
+    """tiny_gpt in float64: its float32 per-token nll then no longer carries float32 rounding of
+    weights trained in another order (summed over ranks vs in one process)."""
     model = tiny_gpt().double()
     model.act_dtype = torch.float64
     return model
@@ -56,7 +57,8 @@ def run_ttt(tokens, luts, args, model=None, stride=STRIDE, rank=0, world=1, nll_
     model = model if model is not None else tiny_gpt()
     ev = tg.Evaluator(tokens, L, stride, luts, CPU, rank, world, batch_tokens=3 * L)
     logs = []
-    result, sums = tg.test_time_train(ev, stride, model, nll_fn or per_row(model), args, logs.append)
+    result, sums = tg.test_time_train(ev, stride, model, nll_fn or per_row(model), args,
+                                      logs.append)
     return result, sums, logs
 
 
@@ -82,17 +84,20 @@ def plain_chunk_sums(tokens, luts, stride, edges):
 
 @pytest.mark.parametrize("chunk,stride", [(128, 8), (100, 8), (96, 32), (40, 16), (1000, 8)])
 def test_every_target_scored_once_in_chunks_cut_at_window_edges(val, chunk, stride):
-    """100 and 40 are not multiples of the stride, 96 and 40 not of the window: chunks still end at window
-    edges; 1000 is one chunk (no training)."""
+    """100 and 40 are not multiples of the stride, 96 and 40 not of the window: chunks still end at
+    window edges; 1000 is one chunk (no training)."""
     tokens, luts = val
     edges = chunk_edges(N, stride, chunk)
     result, sums, logs = run_ttt(tokens, luts, ttt_args(chunk=chunk), stride=stride)
     plain = tg.Evaluator(tokens, L, stride, luts, CPU, 0, 1)(per_row(tiny_gpt()))
     assert result[2:] == plain[2:] and result[2] == N  # the same targets, the same bytes
-    assert sums[:, 1].tolist() == [b - a for a, b in zip(edges, edges[1:])]  # each chunk's own targets
+    # each chunk's own targets
+    assert sums[:, 1].tolist() == [b - a for a, b in zip(edges, edges[1:])]
     assert sums[:, 2].sum().item() == result[3]
-    assert logs[-1] == f"ttt_eval chunks:{len(edges) - 1} tokens:{N} " + logs[-1].split(f"tokens:{N} ")[1]
-    assert (result[0] == plain[0]) == (len(edges) == 2)  # one chunk: nothing trained, the plain score
+    assert (logs[-1] == f"ttt_eval chunks:{len(edges) - 1} tokens:{N} "
+            + logs[-1].split(f"tokens:{N} ")[1])
+    # one chunk: nothing trained, the plain score
+    assert (result[0] == plain[0]) == (len(edges) == 2)
 
 
 def test_first_chunk_is_scored_by_the_untouched_model_and_training_changes_the_rest(val):
@@ -111,7 +116,8 @@ def test_a_later_chunks_tokens_cannot_change_an_earlier_chunks_score(val):
     _, sums, _ = run_ttt(tokens, luts, ttt_args())
     for c in (1, 3):  # chunk c's targets are tokens[128 c + 1 : 128 (c + 1) + 1]
         changed = tokens.clone()
-        changed[128 * c + 1:128 * (c + 1) + 1] = (changed[128 * c + 1:128 * (c + 1) + 1] + 7) % synth.VOCAB_SIZE
+        changed[128 * c + 1:128 * (c + 1) + 1] = ((changed[128 * c + 1:128 * (c + 1) + 1] + 7)
+                                                  % synth.VOCAB_SIZE)
         _, other, _ = run_ttt(changed, luts, ttt_args())
         assert torch.equal(other[:c], sums[:c]), c  # bit-identical: nothing of chunk c reached them
         assert other[c, 0] != sums[c, 0]
@@ -122,8 +128,8 @@ def test_nothing_is_trained_on_before_it_is_scored(chunk, stride):
     """Token values are their positions, so a spy nll_fn sees which targets each call touches: every
     token a training call reads (inputs and targets) must have been scored before."""
     torch.manual_seed(0)
-    model = tg.GPT(vocab_size=1024, num_layers=2, model_dim=16, num_heads=2, num_kv_heads=1, mlp_mult=2,
-                   max_seq_len=L, bigram_vocab_size=0, act_dtype=torch.float32)
+    model = tg.GPT(vocab_size=1024, num_layers=2, model_dim=16, num_heads=2, num_kv_heads=1,
+                   mlp_mult=2, max_seq_len=L, bigram_vocab_size=0, act_dtype=torch.float32)
     tokens = torch.arange(N + 1)
     luts = (torch.ones(1024, dtype=torch.int16), torch.zeros(1024, dtype=torch.bool),
             torch.zeros(1024, dtype=torch.bool))
@@ -134,14 +140,17 @@ def test_nothing_is_trained_on_before_it_is_scored(chunk, stride):
         nll = per_row(model)(x, y)
         if torch.is_grad_enabled():
             calls.append((int(x.min()), int(y.max()), scored[-1]))
-        else:  # a window's last target is its last scored one (padding windows score nothing: earlier)
+        else:
+            # a window's last target is the last it scored (padding windows score nothing: earlier)
             scored.append(max(scored[-1], int(y.max())))
         return nll
 
-    result, sums, _ = run_ttt(tokens, luts, ttt_args(chunk=chunk), model=model, stride=stride, nll_fn=spy)
+    result, sums, _ = run_ttt(tokens, luts, ttt_args(chunk=chunk), model=model, stride=stride,
+                              nll_fn=spy)
     assert result[2] == N and calls
     edges = chunk_edges(N, stride, chunk)
-    assert len(calls) == 2 * 2 * (len(edges) - 2)  # 2 micro-batches x 2 epochs x every chunk but the last
+    # 2 micro-batches x 2 epochs x every chunk but the last
+    assert len(calls) == 2 * 2 * (len(edges) - 2)
     for lo, hi, seen in calls:
         assert hi <= seen, (lo, hi, seen)  # the highest token read was scored already
         assert lo >= 0
@@ -149,8 +158,9 @@ def test_nothing_is_trained_on_before_it_is_scored(chunk, stride):
 
 
 def test_a_time_limit_already_reached_scores_every_chunk_untrained(val):
-    """TTT_MAX_SECONDS: once the rest could no longer be scored in time, training stops and every later chunk
-    is still scored, once, by the last weights; a limit reached at the first chunk gives the plain score."""
+    """TTT_MAX_SECONDS: once the rest could no longer be scored in time, training stops and every
+    later chunk is still scored, once, by the last weights; a limit reached at the first chunk gives
+    the plain score."""
     tokens, luts = val
     edges = chunk_edges(N, STRIDE, 128)
     result, sums, logs = run_ttt(tokens, luts, ttt_args(max_seconds=1e-9))
@@ -159,12 +169,14 @@ def test_a_time_limit_already_reached_scores_every_chunk_untrained(val):
     assert [line.split(" at ")[:2] for line in logs if "stopped" in line] == [
         ["ttt_eval: training stopped", f"chunk 1/{len(edges) - 1} (0 trained)"]], logs
     _, free, logs = run_ttt(tokens, luts, ttt_args(max_seconds=1e6))  # far away: as without a limit
-    assert torch.equal(free, run_ttt(tokens, luts, ttt_args())[1]) and not [x for x in logs if "stopped" in x]
+    assert (torch.equal(free, run_ttt(tokens, luts, ttt_args())[1])
+            and not [x for x in logs if "stopped" in x])
 
 
 def test_the_first_chunks_compiling_is_not_taken_for_the_rate(val):
-    """A first scoring call 3 s slow (as compiling makes it) would project 3 s for each of the 4 chunks left,
-    over a 10 s limit; the rates come from the chunks after it, so TTT trains on every chunk."""
+    """A first scoring call 3 s slow (as compiling makes it) would project 3 s for each of the 4
+    chunks left, over a 10 s limit; the rates come from the chunks after it, so TTT trains on every
+    chunk."""
     tokens, luts = val
     model, calls = tiny_gpt(), []
 
@@ -190,12 +202,14 @@ def test_frozen_blocks_keep_their_weights(val):
 
 
 def test_micro_batches_and_their_padding_do_not_change_the_result(val):
-    """A chunk of 96 targets trains on 3 sequences: in 3 micro-batches of 1, in 2 of 2 (one a zero-weight
-    padding row) or in 1 of 3, the same step (float64: to summation order)."""
+    """A chunk of 96 targets trains on 3 sequences: in 3 micro-batches of 1, in 2 of 2 (one a
+    zero-weight padding row) or in 1 of 3, the same step (float64: to summation order)."""
     tokens, luts = val
-    runs = [run_ttt(tokens, luts, ttt_args(chunk=96, micro_tokens=k * L), tiny_gpt64())[1] for k in (1, 2, 3)]
+    runs = [run_ttt(tokens, luts, ttt_args(chunk=96, micro_tokens=k * L), tiny_gpt64())[1]
+            for k in (1, 2, 3)]
     for other in runs[1:]:
-        assert other.flatten().tolist() == pytest.approx(runs[0].flatten().tolist(), rel=1e-12, abs=0)
+        assert other.flatten().tolist() == pytest.approx(runs[0].flatten().tolist(), rel=1e-12,
+                                                         abs=0)
 
 
 DIST_CASES = [dict(chunk=128), dict(chunk=96, freeze=1)]  # 96: 3 sequences a chunk, 1 and 2 a rank
@@ -209,7 +223,8 @@ def _dist_worker(rank, world_size, port, tokens, luts, out_path):
     try:
         out = []
         for case in DIST_CASES:
-            result, sums, _ = run_ttt(tokens, luts, ttt_args(**case), tiny_gpt64(), rank=rank, world=world_size)
+            result, sums, _ = run_ttt(tokens, luts, ttt_args(**case), tiny_gpt64(), rank=rank,
+                                      world=world_size)
             out.append([list(result[:2]), result[2:], sums.tolist()])
     finally:
         dist.destroy_process_group()
@@ -228,7 +243,8 @@ def _late_rank_worker(rank, world_size, port, tokens, luts, out_path):
     if rank == 1:
         real = time.perf_counter
         tg.time = types.SimpleNamespace(**{**vars(time), "perf_counter": lambda: 1e6 * real()})
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         _, sums, logs = run_ttt(tokens, luts, ttt_args(max_seconds=1000.0), tiny_gpt64(), rank=rank,
                                 world=world_size)
@@ -240,8 +256,8 @@ def _late_rank_worker(rank, world_size, port, tokens, luts, out_path):
 
 
 def test_ranks_stop_training_at_the_same_chunk_when_their_clocks_differ(val, tmp_path):
-    """The limit is judged by the slowest rank's clock: a rank stopping alone would leave the other waiting
-    in the gradient's all-reduce (here: a 60 s gloo timeout) or train the ranks apart."""
+    """The limit is judged by the slowest rank's clock: a rank stopping alone would leave the other
+    waiting in the gradient's all-reduce (here: a 60 s gloo timeout) or train the ranks apart."""
     tokens, luts = val
     out = tmp_path / "late.json"
     mp.spawn(_late_rank_worker, args=(2, free_port(), tokens, luts, str(out)), nprocs=2, join=True)
@@ -254,9 +270,9 @@ def test_ranks_stop_training_at_the_same_chunk_when_their_clocks_differ(val, tmp
 
 
 def test_two_ranks_gloo_equal_one_process(val, tmp_path):
-    """The same targets, bytes and chunk sums (to 1e-12: the gradient is summed over ranks in another
-    order than in one process; in float32 that moved the trained chunks' sums by up to 3.5e-6, the
-    float32 model's own precision, so the model runs in float64 here)."""
+    """The same targets, bytes and chunk sums (to 1e-12: the gradient is summed over ranks in
+    another order than in one process; in float32 that moved the trained chunks' sums by up to
+    3.5e-6, the float32 model's own precision, so the model runs in float64 here)."""
     tokens, luts = val
     out = tmp_path / "ttt.json"
     mp.spawn(_dist_worker, args=(2, free_port(), tokens, luts, str(out)), nprocs=2, join=True)

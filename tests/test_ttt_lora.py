@@ -1,7 +1,7 @@
-"""Per-document LoRA TTT (TTT_MODE=lora, doc_test_time_train) on CPU: documents cut at BOS; every target
-scored once, by the window ending with its chunk; a token cannot change any score before it; each document
-adapts alone (the rows a batch has, the ranks, never change a score); the time limit scores the rest
-untrained."""
+"""Per-document LoRA TTT (TTT_MODE=lora, doc_test_time_train) on CPU: documents cut at BOS; every
+target scored once, by the window ending with its chunk; a token cannot change any score before it;
+each document adapts alone (the rows a batch has, the ranks, never change a score); the time limit
+scores the rest untrained."""
 import json
 import types
 
@@ -44,7 +44,8 @@ def documents(tokens):
 def test_documents_run_from_each_bos_to_the_next():
     tokens = torch.tensor([5, 1, 7, 8, 1, 9, 9, 1])  # 7 targets; the last token is a BOS
     assert tg.document_starts(tokens, BOS, 7) == [0, 1, 4]
-    assert tg.document_starts(torch.tensor([1, 7, 1, 8]), BOS, 3) == [0, 2]  # a leading BOS: one start
+    # a leading BOS: one start
+    assert tg.document_starts(torch.tensor([1, 7, 1, 8]), BOS, 3) == [0, 2]
     assert tg.document_starts(tokens, -1, 7) == [0]  # a tokenizer without BOS: one document
 
 
@@ -60,15 +61,16 @@ def test_the_validation_documents_partition_the_targets(val):
 
 @pytest.mark.parametrize("chunk", [8, 16, 32])
 def test_one_document_untrained_scores_as_the_sliding_window_of_stride_chunk(val, chunk):
-    """No BOS, updates below float32 resolution: the chunks' windows are the sliding evaluator's of stride
-    chunk (when it divides the window), so the same targets, bytes and loss."""
+    """No BOS, updates below float32 resolution: the chunks' windows are the sliding evaluator's of
+    stride chunk (when it divides the window), so the same targets, bytes and loss."""
     tokens, luts = val
     model = tiny_gpt()
     result, _, logs = run_lora(tokens, luts, lora_args(lr=1e-30, chunk=chunk), model, bos=-1)
     plain = tg.Evaluator(tokens, L, chunk, luts, CPU, 0, 1)(model.token_nll)
     assert result[2:] == plain[2:] and result[2] == N
     assert result[:2] == pytest.approx(plain[:2], rel=1e-12, abs=0)
-    assert logs[-1].startswith(f"ttt_eval chunks:{-(-N // chunk)} tokens:{N} time:") and " docs:1 " in logs[-1]
+    assert (logs[-1].startswith(f"ttt_eval chunks:{-(-N // chunk)} tokens:{N} time:")
+            and " docs:1 " in logs[-1])
 
 
 def test_every_target_is_scored_once_and_each_documents_first_chunk_untouched(val):
@@ -82,14 +84,16 @@ def test_every_target_is_scored_once_and_each_documents_first_chunk_untouched(va
         assert torch.equal(nll_at[s:s + 8], untrained[s:s + 8])
         if e - s > 16:
             assert not torch.equal(nll_at[s + 8:e], untrained[s + 8:e])  # the later chunks: adapted
-    assert result[0] < plain[0] + 0.5 and result[0] != pytest.approx(untrained.double().mean().item())
+    assert (result[0] < plain[0] + 0.5
+            and result[0] != pytest.approx(untrained.double().mean().item()))
 
 
 @pytest.mark.parametrize("p", [100, 333, 517])
 def test_a_token_cannot_change_any_score_before_it(val, p):
-    """Token p changed (p in the middle of a chunk): every target before the one predicting it keeps its
-    nll to the bit, so no chunk was trained on before it was scored (training first would move the scores
-    of the chunk's earlier targets) and no document saw a later one; the document's later targets move."""
+    """Token p changed (p in the middle of a chunk): every target before the one predicting it keeps
+    its nll to the bit, so no chunk was trained on before it was scored (training first would move
+    the scores of the chunk's earlier targets) and no document saw a later one; the document's later
+    targets move."""
     tokens, luts = val
     _, nll_at, _ = run_lora(tokens, luts, lora_args(lr=0.05))
     changed = tokens.clone()
@@ -102,8 +106,8 @@ def test_a_token_cannot_change_any_score_before_it(val, p):
 
 @pytest.mark.parametrize("batch", [1, 2, 5, 16])
 def test_each_document_adapts_alone_whatever_the_rows(val, batch):
-    """One row (documents one after another, adapters reset between them), or several at once, or more
-    rows than documents: each target's nll is the same (float64 model: to summation order)."""
+    """One row (documents one after another, adapters reset between them), or several at once, or
+    more rows than documents: each target's nll is the same (float64 model: to summation order)."""
     tokens, luts = val
     _, ref, _ = run_lora(tokens, luts, lora_args(batch=3), tiny_gpt64())
     _, got, _ = run_lora(tokens, luts, lora_args(batch=batch), tiny_gpt64())
@@ -111,9 +115,9 @@ def test_each_document_adapts_alone_whatever_the_rows(val, batch):
 
 
 def test_a_long_document_adapts_in_pieces_each_from_a_fresh_start(val, monkeypatch):
-    """A stream without BOS is one document of 600 targets: in pieces of 48, each piece's first chunk
-    scores as untrained and its later ones are adapted, and the rows take the pieces at once, so the
-    steps are a piece's chunks, not the document's."""
+    """A stream without BOS is one document of 600 targets: in pieces of 48, each piece's first
+    chunk scores as untrained and its later ones are adapted, and the rows take the pieces at once,
+    so the steps are a piece's chunks, not the document's."""
     tokens, luts = val
     monkeypatch.setattr(tg, "LORA_PIECE_TARGETS", 48)
     args = lora_args(lr=0.05, batch=16)
@@ -152,7 +156,8 @@ def test_the_model_is_left_as_found(val):
     run_lora(tokens, luts, lora_args(), model)
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]) and p.requires_grad and p.grad is None, name
-    assert model.head_lora is None and all(getattr(m, "lora", None) is None for m in model.modules())
+    assert model.head_lora is None and all(getattr(m, "lora", None) is None
+                                           for m in model.modules())
 
 
 def test_a_time_limit_reached_at_once_scores_every_document_untrained(val):
@@ -163,7 +168,8 @@ def test_a_time_limit_reached_at_once_scores_every_document_untrained(val):
     assert [line.split(" at ")[:2] for line in logs if "stopped" in line] == [
         ["ttt_eval: training stopped", "step 1 (3 of 7 documents started)"]], logs
     _, free, logs = run_lora(tokens, luts, lora_args(max_seconds=1e6))
-    assert torch.equal(free, run_lora(tokens, luts, lora_args())[1]) and not [x for x in logs if "stopped" in x]
+    assert (torch.equal(free, run_lora(tokens, luts, lora_args())[1])
+            and not [x for x in logs if "stopped" in x])
 
 
 def _dist_worker(rank, world_size, port, tokens, luts, out_path):
@@ -172,7 +178,8 @@ def _dist_worker(rank, world_size, port, tokens, luts, out_path):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        result, nll_at, _ = run_lora(tokens, luts, lora_args(), tiny_gpt64(), rank=rank, world=world_size)
+        result, nll_at, _ = run_lora(tokens, luts, lora_args(), tiny_gpt64(), rank=rank,
+                                     world=world_size)
         dist.all_reduce(nll_at)  # each rank holds its own documents' targets, zero elsewhere
     finally:
         dist.destroy_process_group()
@@ -182,7 +189,8 @@ def _dist_worker(rank, world_size, port, tokens, luts, out_path):
 
 
 def test_two_ranks_gloo_equal_one_process(val, tmp_path):
-    """The ranks take every other document, longest first: the same targets, bytes and per-target nll."""
+    """The ranks take every other document, longest first: the same targets, bytes and per-target
+    nll."""
     tokens, luts = val
     out = tmp_path / "lora.json"
     mp.spawn(_dist_worker, args=(2, free_port(), tokens, luts, str(out)), nprocs=2, join=True)
@@ -194,7 +202,8 @@ def test_two_ranks_gloo_equal_one_process(val, tmp_path):
 
 
 def fake_clock(monkeypatch):
-    """TTT's clock advanced 0.5 s by each forward (through the returned nll_fn) and each training step."""
+    """TTT's clock advanced 0.5 s by each forward (through the returned nll_fn) and each training
+    step."""
     clock, model = [0.0], tiny_gpt()
     monkeypatch.setattr(tg, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     real_step = tg.DocAdapters.step
@@ -211,16 +220,18 @@ def fake_clock(monkeypatch):
 
 
 def test_a_time_limit_reached_midway_trains_until_the_rest_only_fits_scored(val, monkeypatch):
-    """A clock of 0.5 s a forward and 0.5 s a training step: training goes on while one more trained step
-    plus the rest scored fits the limit, so a limit below the full run's time stops midway, not at once,
-    and the run ends within a step of it; documents begun after the stop score as untrained."""
+    """A clock of 0.5 s a forward and 0.5 s a training step: training goes on while one more trained
+    step plus the rest scored fits the limit, so a limit below the full run's time stops midway, not
+    at once, and the run ends within a step of it; documents begun after the stop score as
+    untrained."""
     tokens, luts = val
     clock, model, ticking = fake_clock(monkeypatch)
 
     def run(**kw):
         clock[0], logs = 0.0, []
         ev = tg.Evaluator(tokens, L, L, luts, CPU, 0, 1)
-        result, nll_at = tg.doc_test_time_train(ev, model, ticking, lora_args(batch=2, **kw), logs.append, BOS)
+        result, nll_at = tg.doc_test_time_train(ev, model, ticking, lora_args(batch=2, **kw),
+                                                logs.append, BOS)
         return result, nll_at, logs
     result, full, logs = run()
     steps = int(logs[-1].split("steps:")[1])
@@ -238,12 +249,14 @@ def test_a_time_limit_reached_midway_trains_until_the_rest_only_fits_scored(val,
 
 
 def test_the_time_limit_projects_a_long_piece_not_only_the_even_share(val, monkeypatch):
-    """One document of 75 chunks and 16 rows: the rest is the piece's own chunks, not 1/16 of them. The
-    same clock; projecting only the even share would train on past the limit and end 9 s over it."""
+    """One document of 75 chunks and 16 rows: the rest is the piece's own chunks, not 1/16 of them.
+    The same clock; projecting only the even share would train on past the limit and end 9 s over
+    it."""
     tokens, luts = val
     clock, model, ticking = fake_clock(monkeypatch)
     logs = []
     ev = tg.Evaluator(tokens, L, L, luts, CPU, 0, 1)
-    tg.doc_test_time_train(ev, model, ticking, lora_args(batch=16, max_seconds=56.0), logs.append, -1)
+    tg.doc_test_time_train(ev, model, ticking, lora_args(batch=16, max_seconds=56.0), logs.append,
+                           -1)
     assert " docs:1 steps:75" in logs[-1] and [line for line in logs if "stopped" in line]
     assert 50.0 <= clock[0] <= 57.0

@@ -1,18 +1,20 @@
-"""Where a training step's milliseconds go, on one GPU, at the configuration the environment sets.
+r"""Where a training step's milliseconds go, on one GPU, at the configuration the environment sets.
 
-    DATA_PATH=... TOKENIZER_PATH=... TRAIN_BATCH_TOKENS=98304 GRAD_ACCUM_STEPS=1 python tools/profile_step.py
+    DATA_PATH=... TOKENIZER_PATH=... TRAIN_BATCH_TOKENS=98304 GRAD_ACCUM_STEPS=1 \
+        python tools/profile_step.py
 
-TRAIN_GPT=path/to/train_gpt.py profiles another version of the script (e.g. an older commit's copy, to
-compare two versions back to back on one machine); the default is this repository's.
+TRAIN_GPT=path/to/train_gpt.py profiles another version of the script (e.g. an older commit's copy,
+to compare two versions back to back on one machine); the default is this repository's.
 
 Prints: the layers XSA, CoDA and value embeddings act on; the mean step time with and without a host
-sync after every step (the training loop reads its stop flags one step late, so it runs like the second
-figure); peak memory; the top CUDA kernels of a torch.profiler trace of a few steps, in ms per step,
-each generated (Triton) kernel followed by the source nodes and the launch line inductor wrote for it;
-and the time of one Muon step of this script (batched by shape) against torch.optim.Muon (one matrix at
-a time). PROFILE_MUON=0 skips the Muon comparison; PROFILE_TOP=N lists N kernels (default 25).
-With RECUR_LAYERS set, every step is timed with the recurrence on (as after RECUR_START) and the
-passes are printed; the steps before the switch cost what the same run without RECUR_LAYERS costs.
+sync after every step (the training loop reads its stop flags one step late, so it runs like the
+second figure); peak memory; the top CUDA kernels of a torch.profiler trace of a few steps, in ms
+per step, each generated (Triton) kernel followed by the source nodes and the launch line inductor
+wrote for it; and the time of one Muon step of this script (batched by shape) against
+torch.optim.Muon (one matrix at a time). PROFILE_MUON=0 skips the Muon comparison; PROFILE_TOP=N
+lists N kernels (default 25). With RECUR_LAYERS set, every step is timed with the recurrence on (as
+after RECUR_START) and the passes are printed; the steps before the switch cost what the same run
+without RECUR_LAYERS costs.
 """
 import importlib.util
 import inspect
@@ -22,15 +24,15 @@ import time
 
 import torch
 
-_script = os.environ.get("TRAIN_GPT") or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                      "train_gpt.py")
+_script = os.environ.get("TRAIN_GPT") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_gpt.py")
 _spec = importlib.util.spec_from_file_location("train_gpt", _script)
 tg = sys.modules["train_gpt"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tg)
 
 
-def token_loader(files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device,
-                 args=None):
+def token_loader(files: list[str], vocab_size: int, rank: int, world_size: int,
+                 device: torch.device, args=None):
     """The script's DistributedTokenLoader (older copies took vocab_size as well; newer ones
     DATA_ORDER and SEED, from args when given)."""
     params = inspect.signature(tg.DistributedTokenLoader).parameters
@@ -52,8 +54,9 @@ def timed_steps(step, n: int, host_sync: bool) -> float:
 
 
 def inductor_call_site(kernel: str) -> list[str]:
-    """The 'Source Nodes' comment and the launch line inductor wrote for a generated kernel, searched in the
-    output code this process compiled or loaded (the on-disk cache holds other runs' kernels of the same name)."""
+    """The 'Source Nodes' comment and the launch line inductor wrote for a generated kernel,
+    searched in the output code this process compiled or loaded (the on-disk cache holds other
+    runs' kernels of the same name)."""
     from torch._inductor.codecache import PyCodeCache
     for path in sorted({m.__file__ for m in PyCodeCache.modules if getattr(m, "__file__", None)}):
         with open(path) as f:
@@ -70,15 +73,18 @@ def main() -> None:
     device = torch.device("cuda", 0)
     torch.backends.cuda.matmul.allow_tf32 = True
     base = tg.build_model(args, device)
-    # What the environment asked for, as the model built it (CODA_ENABLED=1 overrides CODA_LAST_N, say);
-    # the same lists as the script's model_params line, read from the blocks so older copies work too.
-    print(f"{os.path.basename(_script)}: xsa_layers:{[i for i, b in enumerate(base.blocks) if b.attn.xsa]} "
+    # What the environment asked for, as the model built it (CODA_ENABLED=1 overrides CODA_LAST_N,
+    # say); the same lists as the script's model_params line, read from the blocks so older copies
+    # work too.
+    print(f"{os.path.basename(_script)}: "
+          f"xsa_layers:{[i for i, b in enumerate(base.blocks) if b.attn.xsa]} "
           f"coda_layers:{[i for i, b in enumerate(base.blocks) if b.attn.coda]} "
           f"ve_layers:{[i for i, b in enumerate(base.blocks) if b.attn.ve_scale is not None]}")
     if getattr(base, "recurring", False):
         print(f"recurrent steps: block passes {tg.layer_list(base.recur_order)}")
     model = torch.compile(base, dynamic=False)
-    muon, optimizers = tg.make_optimizers(base, args, torch.compile(tg.newton_schulz, dynamic=False))
+    muon, optimizers = tg.make_optimizers(base, args,
+                                          torch.compile(tg.newton_schulz, dynamic=False))
     loader = token_loader(tg.find_shards(args.data_path, "train", 1), args.vocab_size, 0, 1, device,
                           args)
     step = lambda: tg.train_step(args, model, base, optimizers, loader)  # noqa: E731
@@ -92,7 +98,8 @@ def main() -> None:
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernels.sort(key=lambda e: -e.self_device_time_total)
     # Annotations (e.g. Optimizer.step#Muon.step) span kernels that are also listed on their own.
-    total = sum(e.self_device_time_total for e in kernels if not getattr(e, "is_user_annotation", False))
+    total = sum(e.self_device_time_total for e in kernels
+                if not getattr(e, "is_user_annotation", False))
     print(f"GPU time per step: {total / 5e3:.2f} ms; top kernels (ms per step, launches per step):")
     for e in kernels[:int(os.environ.get("PROFILE_TOP", 25))]:
         print(f"{e.self_device_time_total / 5e3:8.3f} {e.count / 5:5.1f}  {e.key[:150]}")
