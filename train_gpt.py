@@ -1435,8 +1435,10 @@ def doc_test_time_train(ev: Evaluator, model: GPT, nll_fn, args, log, bos: int) 
 # -----------------------------
 # One code per byte: zstd takes the unused bits back.
 
-ARTIFACT_MAGIC = b"PGINT6\x00\x02"  # format 2: rows in scale_order
-ARTIFACT_MAGIC_V1 = b"PGINT6\x00\x01"
+# Formats: 1, each tensor a zstd frame; 2, rows in scale_order; 3, int5/int6 codes by rANS.
+ARTIFACT_FORMAT = 3
+ARTIFACT_MAGICS = {fmt: b"PGINT6\x00" + bytes([fmt]) for fmt in (1, 2, 3)}
+ARTIFACT_MAGIC = ARTIFACT_MAGICS[ARTIFACT_FORMAT]
 CONTROL_PATTERNS = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "smear",
                     "bigram.scale", "coda_theta", "coda_gate.bias", "coda_norm", "ve_scale",
                     "lane_")
@@ -1781,15 +1783,138 @@ def scale_order(scales) -> np.ndarray:
     return np.argsort(np.asarray(scales, dtype=np.float16), kind="stable")
 
 
-def serialize(packed: dict[str, tuple], shape: dict, compress=zstd22) -> bytes:
-    """JSON index, one zstd frame per tensor (rows in scale_order) and one of all scales: each
-    its own entropy tables."""
+# Format 3 codes the int5/int6 matrices with rANS: zstd's Huffman spends at least a bit a code,
+# and a row at a coarse step holds mostly zeros.
+RANS_KINDS, RANS_CLASSES, RANS_BITS = ("int5", "int6"), 32, 14
+RANS_SYMBOLS = 255  # codes -127..127: a study's finer grids (qmax up to 127) code too
+RANS_LOW = 1 << 16  # a lane's state stays in [2^16, 2^32), 16 bits shed or read at a time
+
+
+def rans_lanes(n: int) -> int:
+    """Lanes for n codes, stepped at once: each lane's final state costs 4 bytes."""
+    return max(1, min(4096, n // 1024))
+
+
+def rans_tables(sym: np.ndarray, cls: np.ndarray) -> np.ndarray:
+    """Frequencies [class, symbol] summing to 2^RANS_BITS per class, each symbol seen at least 1."""
+    counts = np.bincount(cls.astype(np.int64) * RANS_SYMBOLS + sym,
+                         minlength=RANS_CLASSES * RANS_SYMBOLS).reshape(RANS_CLASSES, -1)
+    seen = counts > 0
+    spare = (1 << RANS_BITS) - seen.sum(1, keepdims=True)
+    freq = (counts * spare // np.maximum(counts.sum(1, keepdims=True), 1) + seen)
+    freq[np.arange(RANS_CLASSES), counts.argmax(1)] += (1 << RANS_BITS) - freq.sum(1)
+    return freq.astype(np.uint16)
+
+
+def rans_cumulative(freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    f = freq.astype(np.uint64)
+    return f, np.cumsum(f, 1) - f
+
+
+def rans_lay_out(cls: np.ndarray, fill) -> tuple[np.ndarray, int]:
+    """The array (one entry a code) padded with fill to the lanes' whole length; the lanes."""
+    lanes = rans_lanes(len(cls))
+    length = -(-len(cls) // lanes)
+    return np.concatenate([cls, np.full(lanes * length - len(cls), fill, cls.dtype)]), lanes
+
+
+def rans_encode(sym: np.ndarray, cls: np.ndarray, freq: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Interleaved rANS of symbols sym, each under its class's table: the codes cut into lanes of
+    one length (the last padded with its class's likeliest symbol), all lanes stepped at once,
+    last symbol first. Returns the lanes' final states and the 16-bit words in reading order."""
+    sym, lanes = rans_lay_out(sym, freq[cls[-1]].argmax())
+    cls = rans_lay_out(cls, cls[-1])[0].reshape(lanes, -1)
+    sym = sym.reshape(lanes, -1)
+    f64, cum = rans_cumulative(freq)
+    top = np.uint64((RANS_LOW >> RANS_BITS) << 16)  # a state of f * top or more sheds 16 bits
+    x, words = np.full(lanes, RANS_LOW, np.uint64), []
+    for t in range(sym.shape[1] - 1, -1, -1):
+        c, s = cls[:, t], sym[:, t]
+        f = f64[c, s]
+        shed = x >= top * f
+        words.append(x[shed].astype(np.uint16))
+        x[shed] >>= np.uint64(16)
+        x = (x // f << np.uint64(RANS_BITS)) + x % f + cum[c, s]
+    return x.astype(np.uint32), np.concatenate(words[::-1]).astype(np.uint16)
+
+
+def rans_decode(states: np.ndarray, words: np.ndarray, cls: np.ndarray,
+                freq: np.ndarray) -> np.ndarray:
+    """The symbols rans_encode coded, one class each in cls; ValueError unless the stream ends
+    where the encoder began: every word read, every lane back at its first state."""
+    n = len(cls)
+    cls, lanes = rans_lay_out(cls, cls[-1])
+    cls = cls.reshape(lanes, -1)
+    if len(states) != lanes or (freq.astype(np.int64).sum(1) != 1 << RANS_BITS).any():
+        raise ValueError("rANS stream: its lanes or tables do not match the index")
+    f64, cum = rans_cumulative(freq)
+    slot = np.stack([np.repeat(np.arange(RANS_SYMBOLS, dtype=np.uint8), f) for f in freq])
+    x, pos, out = states.astype(np.uint64), 0, np.empty(cls.shape, np.uint8)
+    low, mask = np.uint64(RANS_LOW), np.uint64((1 << RANS_BITS) - 1)
+    for t in range(cls.shape[1]):
+        c, r = cls[:, t], x & mask
+        s = out[:, t] = slot[c, r]
+        x = f64[c, s] * (x >> np.uint64(RANS_BITS)) + r - cum[c, s]
+        need = x < low
+        k = int(need.sum())
+        if pos + k > len(words):
+            raise ValueError("rANS stream: fewer words than its codes need")
+        x[need] = x[need] << np.uint64(16) | words[pos:pos + k]
+        pos += k
+    if pos != len(words) or (x != low).any():
+        raise ValueError("rANS stream: does not end where it began")
+    return out.reshape(-1)[:n]
+
+
+def rans_coded(kind: str, shape, fmt: int) -> bool:
+    """Whether a tensor's codes go in the rANS stream: format 3's non-empty int5/int6 matrices."""
+    return fmt >= 3 and kind in RANS_KINDS and math.prod(shape) > 0
+
+
+def rans_pack(matrices: list[np.ndarray], compress) -> list[bytes]:
+    """The codes of matrices in one rANS stream: each row's class (RANS_CLASSES bins of equal
+    code counts over its mean |code|, which sets how its codes spread), the class tables, the
+    lanes' states and words. The first two frames go through compress."""
+    spread = np.concatenate([np.abs(m.astype(np.float32)).mean(1) for m in matrices])
+    widths = np.concatenate([np.full(len(m), m.shape[1]) for m in matrices])
+    edges = np.quantile(np.repeat(spread, widths), np.linspace(0, 1, RANS_CLASSES + 1)[1:-1])
+    classes = np.searchsorted(edges, spread).astype(np.uint8)
+    sym = (np.concatenate([m.reshape(-1) for m in matrices]).astype(np.int16) + 127)
+    sym, cls = sym.astype(np.uint8), np.repeat(classes, widths)
+    freq = rans_tables(sym, cls)
+    states, words = rans_encode(sym, cls, freq)
+    return [compress(classes.tobytes()), compress(freq.tobytes()), states.tobytes(),
+            words.tobytes()]
+
+
+def rans_unpack(frames: list[bytes], shapes: list, decompress) -> list[np.ndarray]:
+    """rans_pack's matrices back from its four frames, given their shapes."""
+    classes = np.frombuffer(decompress(frames[0]), np.uint8)
+    if len(classes) != sum(s[0] for s in shapes) or classes.max(initial=0) >= RANS_CLASSES:
+        raise ValueError("rANS stream: row classes do not match the index")
+    freq = np.frombuffer(decompress(frames[1]), np.uint16).reshape(RANS_CLASSES, RANS_SYMBOLS)
+    cls = np.repeat(classes, np.concatenate([np.full(s[0], s[1]) for s in shapes]))
+    sym = rans_decode(np.frombuffer(frames[2], np.uint32), np.frombuffer(frames[3], np.uint16),
+                      cls, freq)
+    codes = (sym.astype(np.int16) - 127).astype(np.int8)
+    bounds = np.cumsum([0] + [s[0] * s[1] for s in shapes])
+    return [codes[a:b].reshape(s) for a, b, s in zip(bounds, bounds[1:], shapes)]
+
+
+def serialize(packed: dict[str, tuple], shape: dict, compress=zstd22, fmt: int = 0) -> bytes:
+    """JSON index, then zstd frames: one per tensor stored whole (rows in scale_order from format
+    2) and one of all rows' scales; format 3 (the default) codes the int5/int6 matrices in one
+    rANS stream after them (rans_pack), formats 1-2 gave each its own frame."""
+    fmt = fmt or ARTIFACT_FORMAT
     names = sorted(packed)
-    chunks = [(v[1].numpy()[scale_order(v[2])] if len(v := packed[n]) == 3 else v[1].numpy()
-               ).tobytes() for n in names]
+    coded = [n for n in names if rans_coded(packed[n][0], packed[n][1].shape, fmt)]
+    chunks = [(v[1].numpy()[scale_order(v[2])] if len(v := packed[n]) == 3 and fmt >= 2
+               else v[1].numpy()).tobytes() for n in names if n not in coded]
     chunks.append(b"".join(packed[n][2].numpy().tobytes() for n in names if len(packed[n]) == 3))
     with ThreadPoolExecutor() as pool:  # zstd releases the GIL
         frames = list(pool.map(compress, chunks))
+    if coded:
+        frames += rans_pack([packed[n][1].numpy() for n in coded], compress)
     index = {"shape": shape,
              "tensors": [[n, packed[n][0], list(packed[n][1].shape)] for n in names],
              "frames": [len(f) for f in frames]}
@@ -1797,29 +1922,39 @@ def serialize(packed: dict[str, tuple], shape: dict, compress=zstd22) -> bytes:
     return len(header).to_bytes(4, "little") + header + b"".join(frames)
 
 
-def deserialize(payload: bytes, ordered: bool = True) -> tuple[dict, dict[str, tuple]]:
-    """ordered=False: an artifact of format 1, its rows in their own order."""
+def deserialize(payload: bytes, fmt: int = 0) -> tuple[dict, dict[str, tuple]]:
+    """serialize's shape and packed state back from a payload of format fmt."""
+    fmt, unzstd = fmt or ARTIFACT_FORMAT, zstandard.ZstdDecompressor().decompress
     size = int.from_bytes(payload[:4], "little")
-    header = json.loads(zstandard.ZstdDecompressor().decompress(payload[4:4 + size]))
-    frames, pos = [], 4 + size
-    for frame_bytes in header["frames"]:
-        frames.append(zstandard.ZstdDecompressor().decompress(payload[pos:pos + frame_bytes]))
-        pos += frame_bytes
-    if pos != len(payload) or len(frames) != len(header["tensors"]) + 1:
-        raise ValueError("frames do not match the index")
-    packed, scale_pos = {}, 0
-    for (name, kind, shape), raw in zip(header["tensors"], frames):
+    header = json.loads(unzstd(payload[4:4 + size]))
+    tensors, frames, pos = header["tensors"], [], 4 + size
+    for name, kind, shape in tensors:
         if not all(isinstance(d, int) and 0 <= d < 2 ** 32 for d in shape) or (
                 kind.startswith("int") and len(shape) != 2):
             raise ValueError(f"{name}: shape {shape} is not one of a {kind} tensor")
-        data = np.frombuffer(raw, dtype=NUMPY_DTYPES[kind], count=math.prod(shape)).reshape(shape)
+    for frame_bytes in header["frames"]:
+        frames.append(payload[pos:pos + frame_bytes])
+        pos += frame_bytes
+    coded = [t for t in tensors if rans_coded(t[1], t[2], fmt)]
+    whole = len(tensors) - len(coded) + 1  # and the scales' frame
+    if pos != len(payload) or len(frames) != whole + 4 * bool(coded):
+        raise ValueError("frames do not match the index")
+    raws = [unzstd(f) for f in frames[:whole]]
+    codes = iter(rans_unpack(frames[whole:], [t[2] for t in coded], unzstd) if coded else [])
+    packed, scale_pos, raw = {}, 0, iter(raws)
+    for name, kind, shape in tensors:
+        if rans_coded(kind, shape, fmt):
+            data = next(codes)
+        else:
+            data = np.frombuffer(next(raw), dtype=NUMPY_DTYPES[kind],
+                                 count=math.prod(shape)).reshape(shape)
         if not kind.startswith("int"):
             packed[name] = (kind, torch.from_numpy(data.copy()))
             continue
-        scales = np.frombuffer(frames[-1], dtype=np.float16, count=shape[0], offset=scale_pos)
+        scales = np.frombuffer(raws[-1], dtype=np.float16, count=shape[0], offset=scale_pos)
         scale_pos += scales.nbytes
         rows = data.copy()
-        if ordered:
+        if fmt >= 2 and not rans_coded(kind, shape, fmt):
             rows[scale_order(scales)] = data
         packed[name] = (kind, torch.from_numpy(rows), torch.from_numpy(scales.copy()))
     return header["shape"], packed
@@ -1839,11 +1974,12 @@ def write_atomic(path: str, data: bytes) -> None:
             os.remove(tmp)
 
 
-def write_artifact(path: str, packed: dict[str, tuple], shape: dict, compress=zstd22) -> bytes:
+def write_artifact(path: str, packed: dict[str, tuple], shape: dict, compress=zstd22,
+                   fmt: int = 0) -> bytes:
     """Writes magic, the payload's sha256, payload; returns the sha256."""
-    payload = serialize(packed, shape, compress)
+    payload = serialize(packed, shape, compress, fmt)
     digest = hashlib.sha256(payload).digest()
-    write_atomic(path, ARTIFACT_MAGIC + digest + payload)
+    write_atomic(path, ARTIFACT_MAGICS[fmt or ARTIFACT_FORMAT] + digest + payload)
     return digest
 
 
@@ -1859,14 +1995,15 @@ def read_artifact(path: str, shape: dict, variable: str = "LOAD_ARTIFACT",
     except OSError as e:
         raise ConfigError(f"{variable}={path}: cannot read it ({e.strerror})") from None
     head = len(ARTIFACT_MAGIC) + 32
-    if blob[:len(ARTIFACT_MAGIC)] not in (ARTIFACT_MAGIC, ARTIFACT_MAGIC_V1):
+    fmt = {magic: fmt for fmt, magic in ARTIFACT_MAGICS.items()}.get(blob[:len(ARTIFACT_MAGIC)])
+    if fmt is None:
         raise ConfigError(f"{variable}={path}: not an artifact of this script")
     if len(blob) < head or hashlib.sha256(blob[head:]).digest() != blob[len(ARTIFACT_MAGIC):head]:
         raise ConfigError(f"{variable}={path}: truncated or corrupted (checksum mismatch)")
     if digest is not None and blob[len(ARTIFACT_MAGIC):head] != digest:
         raise ConfigError(f"{variable}={path}: not the artifact this run wrote (replaced since)")
     try:
-        written_shape, packed = deserialize(blob[head:], blob.startswith(ARTIFACT_MAGIC))
+        written_shape, packed = deserialize(blob[head:], fmt)
     except (zstandard.ZstdError, ValueError, KeyError, TypeError):
         raise ConfigError(f"{variable}={path}: unreadable payload") from None
 

@@ -32,13 +32,15 @@ OVER_LIMIT = 1000  # bytes: any artifact is over it
 ITERATIONS = 30
 TINY = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2",
             TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="256", GRAD_ACCUM_STEPS="1",
-            ITERATIONS=str(ITERATIONS), MAX_WALLCLOCK_SECONDS="0", WARMUP_STEPS="2", WARMDOWN_ITERS="10",
-            EVAL_STRIDE="16", BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", XSA_LAST_N="2", CODA_LAST_N="1",
-            TRAIN_LOG_EVERY="5", SEED="1337", TTT_ENABLED="0")  # TTT: its own runs below
+            ITERATIONS=str(ITERATIONS), MAX_WALLCLOCK_SECONDS="0", WARMUP_STEPS="2",
+            WARMDOWN_ITERS="10", EVAL_STRIDE="16", BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16",
+            XSA_LAST_N="2", CODA_LAST_N="1", TRAIN_LOG_EVERY="5", SEED="1337",
+            TTT_ENABLED="0")  # TTT: its own runs below
 
 # The contract's log lines (docs/contract.md), each matched as a whole line.
 FLOAT4, FLOAT8 = r"(-?\d+\.\d{4}|nan|inf)", r"(\d+\.\d{8})"
-TRAIN_LINE = re.compile(rf"step:(\d+)/(\d+) train_loss:{FLOAT4} train_time:(\d+)ms step_avg:(\d+\.\d{{2}})ms")
+TRAIN_LINE = re.compile(rf"step:(\d+)/(\d+) train_loss:{FLOAT4} train_time:(\d+)ms "
+                        rf"step_avg:(\d+\.\d{{2}})ms")
 VAL_LINE = re.compile(r"step:(\d+)/(\d+) val_loss:(\d+\.\d{4}) val_bpb:(\d+\.\d{4}) "
                       r"train_time:(\d+)ms step_avg:(\d+\.\d{2})ms")
 CONTRACT = {
@@ -50,10 +52,12 @@ CONTRACT = {
     "val_tokens": re.compile(r"val_tokens:(\d+) val_bytes:(\d+)"),
     "ttt": re.compile(rf"legal_ttt_exact val_loss:{FLOAT8} val_bpb:{FLOAT8}"),
     "ttt_eval": re.compile(r"ttt_eval chunks:(\d+) tokens:(\d+) time:\d+\.\ds "
-                           r"(?:score:\d+\.\ds train:\d+\.\ds|docs:(\d+) steps:(\d+))"),  # sgd | lora
+                           # sgd | lora
+                           r"(?:score:\d+\.\ds train:\d+\.\ds|docs:(\d+) steps:(\d+))"),
 }
-CODA_STATS_LINE = re.compile(r"coda_stats step:(\d+) layer:(\d+) lambda_mean:(\d\.\d{5}) lambda_max:(\d\.\d{5}) "
-                             r"theta_dev_mean:(\d+\.\d{4}) theta_dev_max:(\d+\.\d{4}) pre_norm_rms:(\d+\.\d{4}) "
+CODA_STATS_LINE = re.compile(r"coda_stats step:(\d+) layer:(\d+) lambda_mean:(\d\.\d{5}) "
+                             r"lambda_max:(\d\.\d{5}) theta_dev_mean:(\d+\.\d{4}) "
+                             r"theta_dev_max:(\d+\.\d{4}) pre_norm_rms:(\d+\.\d{4}) "
                              r"signal_rms:(\d+\.\d{4})")
 # What each contract line starts with: a second line with that start, in any format, is a duplicate.
 PREFIX = dict(serialized="Serialized model", code="Code size", total="Total submission size",
@@ -71,18 +75,20 @@ def trainer(cwd: Path, env: dict, nproc: int = 0, timeout: float = TIMEOUT_S,
     cleaned copy of os.environ."""
     full_env = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS}
     full_env.update(OMP_NUM_THREADS="1", **env)
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    launcher = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc else [])
     cwd.mkdir(parents=True, exist_ok=True)
-    return subprocess.run([sys.executable, *launcher, str(script)], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *launcher, str(script)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def describe(proc: subprocess.CompletedProcess) -> str:
-    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+    return (f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n"
+            f"--- stderr ---\n{proc.stderr[-6000:]}")
 
 
 def contract_line(log: str, key: str) -> re.Match:
-    """The one line of the log for a contract key, which must match the contract's format exactly."""
+    """The log's one line for a contract key, which must match the contract's format exactly."""
     lines = [line for line in log.splitlines() if line.startswith(PREFIX[key])]
     assert len(lines) == 1, f"expected one {PREFIX[key]!r} line, got {lines}"
     match = CONTRACT[key].fullmatch(lines[0])
@@ -104,8 +110,8 @@ def shard_tokens(path) -> int:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    ds = synth.make_dataset(str(tmp_path_factory.mktemp("data")), n_train_shards=2, train_tokens_per_shard=50_000,
-                            val_docs=40)
+    ds = synth.make_dataset(str(tmp_path_factory.mktemp("data")), n_train_shards=2,
+                            train_tokens_per_shard=50_000, val_docs=40)
     return dict(ds, env=dict(TINY, DATA_PATH=ds["data_path"], TOKENIZER_PATH=ds["tokenizer_path"],
                              VOCAB_SIZE=str(ds["vocab_size"])))
 
@@ -114,18 +120,19 @@ def finished_run(cwd: Path, env: dict, run_id: str, nproc: int = 0) -> dict:
     proc = trainer(cwd, dict(env, RUN_ID=run_id), nproc)
     log_path = cwd / "logs" / f"{run_id}.txt"
     log = run_lines(log_path.read_text()) if log_path.exists() else ""
-    return dict(proc=proc, cwd=cwd, log=log, log_path=log_path, json_path=cwd / "logs" / f"{run_id}.json",
-                artifact=cwd / "final_model.int6.ptz")
+    return dict(proc=proc, cwd=cwd, log=log, log_path=log_path,
+                json_path=cwd / "logs" / f"{run_id}.json", artifact=cwd / "final_model.int6.ptz")
 
 
 @pytest.fixture(scope="module")
 def ddp_run(dataset, tmp_path_factory):
-    """Two processes (gloo on CPU) with XSA and CoDA on, CoDA with one noise query per KV group, a learned
-    head norm and its statistics while training; the last layer's residuals parallel, the first layer run
-    twice from half-way (depth recurrence), Muon row-normalized and a learning-rate floor (every parameter must
-    still get a gradient under DDP)."""
+    """Two processes (gloo on CPU) with XSA and CoDA on, CoDA with one noise query per KV group, a
+    learned head norm and its statistics while training; the last layer's residuals parallel, the
+    first layer run twice from half-way (depth recurrence), Muon row-normalized and a learning-rate
+    floor (every parameter must still get a gradient under DDP)."""
     env = dict(dataset["env"], CODA_STATS="1", CODA_NOISE_HEADS="1", CODA_HEAD_NORM="learned",
-               PARALLEL_LAST_N="1", RECUR_LAYERS="0", RECUR_START="0.5", MUON_ROW_NORM="1", LR_FLOOR="0.1")
+               PARALLEL_LAST_N="1", RECUR_LAYERS="0", RECUR_START="0.5", MUON_ROW_NORM="1",
+               LR_FLOOR="0.1")
     run = finished_run(tmp_path_factory.mktemp("ddp"), env, "ddp", nproc=2)
     assert run["proc"].returncode == 0, describe(run["proc"])
     return run
@@ -136,7 +143,8 @@ def single_runs(dataset, tmp_path_factory):
     """Two one-process runs (no torchrun) side by side, one core each: a normal one, whose artifact
     LOAD_ARTIFACT reads back, and one over ARTIFACT_LIMIT_BYTES."""
     with ThreadPoolExecutor(2) as pool:
-        normal = pool.submit(finished_run, tmp_path_factory.mktemp("single"), dataset["env"], "single")
+        normal = pool.submit(finished_run, tmp_path_factory.mktemp("single"), dataset["env"],
+                             "single")
         over = pool.submit(finished_run, tmp_path_factory.mktemp("over"),
                            dict(dataset["env"], ARTIFACT_LIMIT_BYTES=str(OVER_LIMIT)), "over")
         return dict(normal=normal.result(), over=over.result())
@@ -162,8 +170,8 @@ def test_ddp_run_exits_cleanly_and_logs(ddp_run):
 
 
 def test_log_file_begins_with_the_source_and_the_software(ddp_run):
-    """As the challenge's baseline does, for reviewers: the file (not the console) opens with the exact
-    source that ran and the versions it ran with."""
+    """As the challenge's baseline does, for reviewers: the file (not the console) opens with the
+    exact source that ran and the versions it ran with."""
     raw = ddp_run["log_path"].read_text()
     header = raw[:len(raw) - len(ddp_run["log"])]
     first, _, rest = header.partition("\n")
@@ -198,7 +206,8 @@ def test_ddp_contract_lines_once_and_sizes_add_up(ddp_run):
                for line in log.splitlines()) == 1, log
     # Rank 0 prints what it logs, once: the console shows each final line once too.
     for key in ("roundtrip", "sliding", "total"):
-        assert sum(line.startswith(PREFIX[key]) for line in ddp_run["proc"].stdout.splitlines()) == 1
+        assert sum(line.startswith(PREFIX[key])
+                   for line in ddp_run["proc"].stdout.splitlines()) == 1
 
 
 def coda_stats_lines(log: str) -> list[re.Match]:
@@ -206,27 +215,32 @@ def coda_stats_lines(log: str) -> list[re.Match]:
     matches = [CODA_STATS_LINE.fullmatch(line) for line in lines]
     assert all(matches), lines
     for m in matches:
-        assert float(m.group(3)) <= float(m.group(4)) and float(m.group(5)) <= float(m.group(6)), m.group(0)
+        assert (float(m.group(3)) <= float(m.group(4))
+                and float(m.group(5)) <= float(m.group(6))), m.group(0)
     return matches
 
 
 def test_coda_stats_lines_after_training_and_with_coda_stats_every_train_log(single_run, ddp_run):
-    """One coda_stats line for the CoDA layer (1) on the trained weights, before the weights for export are
-    chosen; with CODA_STATS=1 (the 2-rank run) also every TRAIN_LOG_EVERY=5 steps, each step once."""
+    """One coda_stats line for the CoDA layer (1) on the trained weights, before the weights for
+    export are chosen; with CODA_STATS=1 (the 2-rank run) also every TRAIN_LOG_EVERY=5 steps, each
+    step once."""
     for run, steps in ((single_run, [ITERATIONS]), (ddp_run, list(range(5, ITERATIONS + 1, 5)))):
         matches = coda_stats_lines(run["log"])
         assert [(int(m.group(1)), int(m.group(2))) for m in matches] == [(s, 1) for s in steps]
         lines = run["log"].splitlines()
-        assert lines.index(matches[-1].group(0)) < next(i for i, x in enumerate(lines) if x.startswith("weights for"))
+        assert lines.index(matches[-1].group(0)) < next(i for i, x in enumerate(lines)
+                                                        if x.startswith("weights for"))
     lam = float(coda_stats_lines(single_run["log"])[0].group(3))
     assert lam > 0 and float(coda_stats_lines(single_run["log"])[0].group(8)) > 0
 
 
 def test_ddp_recurrence_comes_on_at_its_share_and_reports_its_step_cost(ddp_run):
-    """RECUR_START=0.5 of 30 steps: on before step 15's update, once, with the step times before and after."""
+    """RECUR_START=0.5 of 30 steps: on before step 15's update, once, with the step times before and
+    after."""
     lines = [line for line in ddp_run["log"].splitlines() if line.startswith("recurrence:")]
     assert lines[0] == "recurrence: layers 0 run twice from step 15 (50.0% of training)", lines
-    assert re.fullmatch(r"recurrence: step_avg \d+\.\d\dms before step 15, \d+\.\d\dms from it", lines[1]), lines
+    assert re.fullmatch(r"recurrence: step_avg \d+\.\d\dms before step 15, \d+\.\d\dms from it",
+                        lines[1]), lines
     assert len(lines) == 2, lines
 
 
@@ -239,12 +253,12 @@ def test_ddp_val_tokens_are_all_targets(ddp_run, dataset):
 
 def test_ddp_ranks_train_one_model_when_their_clocks_differ(dataset, tmp_path):
     """Under a wallclock cap the learning rate follows the clock. With rank 1's clock 1.5x fast
-    (tests/skewed_clock.py) both ranks must still end with the same weights: each rank reading its own
-    clock gave each a different learning rate, and so a different model, which DDP never re-syncs.
-    With GPTQ=1 the time reserved for its calibration (each rank measures its own) must be agreed as well,
-    and the calibration, summed over both ranks, must end inside the cap and reach the export. Depth
-    recurrence comes on at 30% of the agreed clock's budget: a rank switching on its own clock would
-    train another model from its switch on."""
+    (tests/skewed_clock.py) both ranks must still end with the same weights: each rank reading its
+    own clock gave each a different learning rate, and so a different model, which DDP never
+    re-syncs. With GPTQ=1 the time reserved for its calibration (each rank measures its own) must be
+    agreed as well, and the calibration, summed over both ranks, must end inside the cap and reach
+    the export. Depth recurrence comes on at 30% of the agreed clock's budget: a rank switching on
+    its own clock would train another model from its switch on."""
     env = dict(dataset["env"], RUN_ID="skew", ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="3",
                WARMDOWN_ITERS="100000", EVAL_STRIDE="0", CODA_LAST_N="0", GPTQ="1",
                RECUR_LAYERS="0", RECUR_START="0.3")
@@ -258,17 +272,20 @@ def test_ddp_ranks_train_one_model_when_their_clocks_differ(dataset, tmp_path):
     match = re.fullmatch(r"gptq_calibration: (\d+) tokens in (\d+)ms \(reserved (\d+)ms\), "
                          r"training time with it (\d+)ms of 3000ms", lines[0])
     assert match, lines[0]
-    # The deadline forecasts the tail (a piece and the reduce) from pieces it has timed, which the fake
-    # clock of test_eval_export checks exactly; here a stall of the shared 2-core runner in that tail may
-    # run past it by a few ms (CI once ended at 3005ms). The calibration itself takes 20-50ms, so a
-    # calibration that ignored the deadline after an unreserved run still ends past the tolerance.
+    # The deadline forecasts the tail (a piece and the reduce) from pieces it has timed, which the
+    # fake clock of test_eval_export checks exactly; here a stall of the shared 2-core runner in
+    # that tail may run past it by a few ms (CI once ended at 3005ms). The calibration itself takes
+    # 20-50ms, so a calibration that ignored the deadline after an unreserved run still ends past
+    # the tolerance.
     tolerance_ms = 15
     assert 0 < int(match.group(1)) <= 256 and int(match.group(3)) > 0, lines[0]
     assert int(match.group(4)) <= 3000 + tolerance_ms, lines[0]
-    switched = [re.fullmatch(r"recurrence: layers 0 run twice from step (\d+) \((\d+\.\d)% of training\)", line)
+    switched = [re.fullmatch(r"recurrence: layers 0 run twice from step (\d+) "
+                             r"\((\d+\.\d)% of training\)", line)
                 for line in log.splitlines() if line.startswith("recurrence: layers")]
     assert len(switched) == 1 and switched[0] and 30.0 <= float(switched[0].group(2)) <= 100.0, log
-    assert [(tmp_path / f"recur_rank{rank}.txt").read_text() for rank in (0, 1)] == [switched[0].group(1)] * 2
+    assert ([(tmp_path / f"recur_rank{rank}.txt").read_text() for rank in (0, 1)]
+            == [switched[0].group(1)] * 2)
 
 
 def test_load_artifact_on_two_ranks_prints_the_runs_final_lines(dataset, ddp_run, tmp_path):
@@ -296,7 +313,8 @@ def test_ranks_that_listed_different_shards_stop_before_anything_is_written(data
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: the ranks read different inputs (DATA_PATH={dataset['data_path']}): "
                       "were files still being written? Start again once they are"], describe(proc)
-    assert "2" in re.findall(r"exitcode\s*: (-?\d+)", proc.stderr), describe(proc)  # torchrun's summary
+    # torchrun's summary
+    assert "2" in re.findall(r"exitcode\s*: (-?\d+)", proc.stderr), describe(proc)
     assert "Traceback" not in proc.stderr.split("error:")[0], describe(proc)
     assert not (tmp_path / "logs").exists() and not (tmp_path / "final_model.int6.ptz").exists()
 
@@ -334,8 +352,8 @@ def test_8_ranks_train_one_model_and_score_as_one_process(dataset, tmp_path):
 def test_ddp_json_report_matches_log(ddp_run):
     log = ddp_run["log"]
     report = json.loads(ddp_run["json_path"].read_text())
-    fields = ("val_loss", "val_bpb", "pre_quant_val_bpb", "bytes_total", "bytes_model_int6_zstd", "bytes_code",
-              "step", "step_avg_ms", "seed")
+    fields = ("val_loss", "val_bpb", "pre_quant_val_bpb", "bytes_total", "bytes_model_int6_zstd",
+              "bytes_code", "step", "step_avg_ms", "seed")
     assert not [f for f in fields if f not in report], f"missing fields in {report}"
     sliding = contract_line(log, "sliding")  # the score when EVAL_STRIDE > 0
     assert f"{report['val_loss']:.8f}" == sliding.group(1)
@@ -345,7 +363,8 @@ def test_ddp_json_report_matches_log(ddp_run):
     assert report["bytes_code"] == int(contract_line(log, "code").group(1))
     assert report["step"] == ITERATIONS
     assert report["seed"] == int(TINY["SEED"])
-    final_val = [m for m in map(VAL_LINE.fullmatch, log.splitlines()) if m and int(m.group(1)) == ITERATIONS]
+    final_val = [m for m in map(VAL_LINE.fullmatch, log.splitlines())
+                 if m and int(m.group(1)) == ITERATIONS]
     assert len(final_val) == 1, "expected one val line at the last step"
     assert report["step_avg_ms"] == pytest.approx(float(final_val[0].group(6)), abs=0.011)
     # Quantization moves the score a little, not a lot.
@@ -355,8 +374,9 @@ def test_ddp_json_report_matches_log(ddp_run):
 
 
 def test_recurrence_that_never_came_on_is_evaluated_and_exported_on(dataset, tmp_path):
-    """RECUR_START=0.99 of 30 steps never switches (29/30 < 0.99): the run says so, and its final lines are
-    scored with the layer run twice, as LOAD_ARTIFACT builds the model, so a reload prints them again."""
+    """RECUR_START=0.99 of 30 steps never switches (29/30 < 0.99): the run says so, and its final
+    lines are scored with the layer run twice, as LOAD_ARTIFACT builds the model, so a reload prints
+    them again."""
     env = dict(dataset["env"], RUN_ID="late", RECUR_LAYERS="0", RECUR_START="0.99", EVAL_STRIDE="0")
     proc = trainer(tmp_path / "train", env)
     assert proc.returncode == 0, describe(proc)
@@ -371,35 +391,37 @@ def test_recurrence_that_never_came_on_is_evaluated_and_exported_on(dataset, tmp
 
 
 def test_logging_and_artifact_switches(dataset, tmp_path):
-    """VAL_LOSS_EVERY=10 gives val lines at steps 10, 20 and the last; TRAIN_LOG_EVERY=0 no train lines;
-    EVAL_STRIDE=0 no sliding line, the report's score then the round trip's; the artifact goes to
-    ARTIFACT_PATH and nowhere else; CODA_ENABLED=1 puts CoDA on every layer; GPTQ=0 exports by plain
-    rounding (no calibration line)."""
+    """VAL_LOSS_EVERY=10 gives val lines at steps 10, 20 and the last; TRAIN_LOG_EVERY=0 no train
+    lines; EVAL_STRIDE=0 no sliding line, the report's score then the round trip's; the artifact
+    goes to ARTIFACT_PATH and nowhere else; CODA_ENABLED=1 puts CoDA on every layer; GPTQ=0 exports
+    by plain rounding (no calibration line)."""
     (tmp_path / "sub").mkdir()
-    env = dict(dataset["env"], RUN_ID="switches", VAL_LOSS_EVERY="10", TRAIN_LOG_EVERY="0", EVAL_STRIDE="0",
-               ARTIFACT_PATH="sub/model.ptz", CODA_ENABLED="1", GPTQ="0")
+    env = dict(dataset["env"], RUN_ID="switches", VAL_LOSS_EVERY="10", TRAIN_LOG_EVERY="0",
+               EVAL_STRIDE="0", ARTIFACT_PATH="sub/model.ptz", CODA_ENABLED="1", GPTQ="0")
     proc = trainer(tmp_path, env)
     assert proc.returncode == 0, describe(proc)
     log = run_lines((tmp_path / "logs" / "switches.txt").read_text())
-    assert [int(m.group(1)) for m in map(VAL_LINE.fullmatch, log.splitlines()) if m] == [10, 20, ITERATIONS]
+    assert ([int(m.group(1)) for m in map(VAL_LINE.fullmatch, log.splitlines()) if m]
+            == [10, 20, ITERATIONS])
     assert not any(TRAIN_LINE.fullmatch(line) for line in log.splitlines())
     assert "final_int6_sliding_window_exact" not in log and "sliding_window_eval" not in log
     roundtrip = contract_line(log, "roundtrip")
     report = json.loads((tmp_path / "logs" / "switches.json").read_text())
     assert (f"{report['val_loss']:.8f}", f"{report['val_bpb']:.8f}") == roundtrip.groups()
-    assert (tmp_path / "sub" / "model.ptz").is_file() and not (tmp_path / "final_model.int6.ptz").exists()
+    assert ((tmp_path / "sub" / "model.ptz").is_file()
+            and not (tmp_path / "final_model.int6.ptz").exists())
     assert report["artifact"] == "sub/model.ptz" and report["score"] == "final_int6_roundtrip_exact"
     assert f"coda_layers:{list(range(int(TINY['NUM_LAYERS'])))}" in log
     assert "gptq_calibration" not in log
 
 
 def test_export_ab_scores_each_rule_as_the_run_scores_its_artifact(dataset, tmp_path):
-    """tools/export_ab.py under a limit all-int6 is over: one line per rule; every rule fits, 'fill' and
-    'rate' with int5 matrices, 'fisher' (the default) with none; the line of the rule the run exported
-    with reports the artifact's bytes and the run's own roundtrip score to the last digit (the tool
-    scores as the run does)."""
-    line = re.compile(r"export_ab rule:(\w+) int6:(\d+) int5:(\d+) bytes:(\d+) roundtrip val_bpb:(\d+\.\d{8}) "
-                      r"gap:-?\d+\.\d{8}")
+    """tools/export_ab.py under a limit all-int6 is over: one line per rule; every rule fits, 'fill'
+    and 'rate' with int5 matrices, 'fisher' (the default) with none; the line of the rule the run
+    exported with reports the artifact's bytes and the run's own roundtrip score to the last digit
+    (the tool scores as the run does)."""
+    line = re.compile(r"export_ab rule:(\w+) int6:(\d+) int5:(\d+) bytes:(\d+) "
+                      r"roundtrip val_bpb:(\d+\.\d{8}) gap:-?\d+\.\d{8}")
 
     def run(run_id, **env):
         proc = trainer(tmp_path, dict(dataset["env"], EVAL_STRIDE="0", RUN_ID=run_id, **env),
@@ -412,7 +434,8 @@ def test_export_ab_scores_each_rule_as_the_run_scores_its_artifact(dataset, tmp_
     budget = int(0.97 * int(ample["int6"].group(4)))
     log, rules = run("ab", ARTIFACT_LIMIT_BYTES=str(budget + SCRIPT.stat().st_size))
     assert set(rules) == set(ample) == {"fisher", "fill", "rate", "int6"}, log[-3000:]
-    assert int(rules["int6"].group(4)) > budget >= max(int(rules[r].group(4)) for r in ("fisher", "fill", "rate"))
+    assert int(rules["int6"].group(4)) > budget >= max(int(rules[r].group(4))
+                                                       for r in ("fisher", "fill", "rate"))
     assert int(rules["fill"].group(3)) > 0 and int(rules["rate"].group(3)) > 0
     assert int(rules["fisher"].group(3)) == 0 and rules["fisher"].group(2) == rules["int6"].group(2)
     assert int(rules["fisher"].group(4)) == int(contract_line(log, "serialized").group(1))
@@ -441,22 +464,25 @@ def test_load_artifact_reproduces_final_lines(single_run, dataset, tmp_path):
 
 
 def test_artifact_bytes_tool_sizes_the_file_it_reads(single_run):
-    """tools/artifact_bytes.py re-lays the codes in both formats: its format-2 size is the file's own
-    (the run wrote format 2)."""
+    """tools/artifact_bytes.py re-lays the codes in every format: its format-3 size is the file's
+    own (the run wrote format 3)."""
     artifact = single_run["artifact"]
-    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "tools" / "artifact_bytes.py"), str(artifact)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "tools" / "artifact_bytes.py"),
+                           str(artifact)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, describe(proc)
-    sizes = re.search(r"^file format1:(\d+) format2:(\d+) saved:(-?\d+)", proc.stdout, re.M)
-    assert sizes and int(sizes[2]) == artifact.stat().st_size, proc.stdout
-    assert int(sizes[1]) - int(sizes[2]) == int(sizes[3])
+    sizes = re.search(r"^file format1:(\d+) format2:(\d+) format3:(\d+) saved_2:(-?\d+) .* "
+                      r"saved_3:(-?\d+) ", proc.stdout, re.M)
+    assert sizes and int(sizes[3]) == artifact.stat().st_size, proc.stdout
+    assert int(sizes[1]) - int(sizes[2]) == int(sizes[4])
+    assert int(sizes[1]) - int(sizes[3]) == int(sizes[5])
 
 
 # -----------------------------
 # Legal score-first TTT
 # -----------------------------
 
-TTT = dict(TTT_ENABLED="1", TTT_MODE="sgd", TTT_CHUNK_TOKENS="512")  # 7 chunks of the ~3,200 targets
+# 7 chunks of the ~3,200 targets
+TTT = dict(TTT_ENABLED="1", TTT_MODE="sgd", TTT_CHUNK_TOKENS="512")
 
 
 @pytest.fixture(scope="module")
@@ -467,15 +493,16 @@ def ttt_run(dataset, tmp_path_factory):
 
 
 def test_ttt_run_scores_last_and_leaves_the_other_scores_alone(ttt_run, single_run):
-    """The same run as single_run plus TTT_ENABLED=1: the same artifact and final_int6_* lines, then the TTT
-    lines once (log and console), over every target; the report's score is TTT's."""
+    """The same run as single_run plus TTT_ENABLED=1: the same artifact and final_int6_* lines, then
+    the TTT lines once (log and console), over every target; the report's score is TTT's."""
     log = ttt_run["log"]
     assert ttt_run["artifact"].read_bytes() == single_run["artifact"].read_bytes()
     for key in ("roundtrip", "sliding", "val_tokens"):
         assert contract_line(log, key).group(0) == contract_line(single_run["log"], key).group(0)
     ttt, ttt_eval = contract_line(log, "ttt"), contract_line(log, "ttt_eval")
     assert contract_line(ttt_run["proc"].stdout, "ttt").group(0) == ttt.group(0)
-    assert int(ttt_eval.group(1)) == 7 and ttt_eval.group(2) == contract_line(log, "val_tokens").group(1)
+    assert (int(ttt_eval.group(1)) == 7
+            and ttt_eval.group(2) == contract_line(log, "val_tokens").group(1))
     lines = log.splitlines()
     assert lines.index(ttt.group(0)) > lines.index(contract_line(log, "sliding").group(0))
     assert ttt.group(2) != contract_line(log, "sliding").group(2)  # it trained
@@ -488,7 +515,8 @@ def test_ttt_run_scores_last_and_leaves_the_other_scores_alone(ttt_run, single_r
 
 
 def test_load_artifact_reproduces_the_ttt_line(ttt_run, dataset, tmp_path):
-    proc = trainer(tmp_path, dict(dataset["env"], **TTT, RUN_ID="load_ttt", LOAD_ARTIFACT=str(ttt_run["artifact"])))
+    proc = trainer(tmp_path, dict(dataset["env"], **TTT, RUN_ID="load_ttt",
+                                  LOAD_ARTIFACT=str(ttt_run["artifact"])))
     assert proc.returncode == 0, describe(proc)
     log = (tmp_path / "logs" / "load_ttt.txt").read_text()
     for key in ("ttt", "roundtrip", "sliding"):
@@ -496,14 +524,15 @@ def test_load_artifact_reproduces_the_ttt_line(ttt_run, dataset, tmp_path):
 
 
 def test_lora_ttt_from_the_artifact_scores_every_target_and_reproduces(ttt_run, dataset, tmp_path):
-    """TTT_MODE=lora by LOAD_ARTIFACT: the final_int6_* lines as trained, then the TTT lines once, over every
-    target and document, the report's score TTT's; the same setting swept after it (the weights read back
-    from the file) scores it to the last digit, another rate differently."""
-    lora = dict(TTT_ENABLED="1", TTT_MODE="lora", TTT_LORA_CHUNK="16", TTT_LORA_BATCH="4", TTT_LORA_RANK="4",
-                TTT_LORA_LR="0.01")
+    """TTT_MODE=lora by LOAD_ARTIFACT: the final_int6_* lines as trained, then the TTT lines once,
+    over every target and document, the report's score TTT's; the same setting swept after it (the
+    weights read back from the file) scores it to the last digit, another rate differently."""
+    lora = dict(TTT_ENABLED="1", TTT_MODE="lora", TTT_LORA_CHUNK="16", TTT_LORA_BATCH="4",
+                TTT_LORA_RANK="4", TTT_LORA_LR="0.01")
     sweep = "TTT_MODE=lora TTT_LORA_CHUNK=16 TTT_LORA_BATCH=4 TTT_LORA_RANK=4 TTT_LORA_LR=0.01; " \
             "TTT_MODE=lora TTT_LORA_CHUNK=16 TTT_LORA_BATCH=4 TTT_LORA_RANK=4 TTT_LORA_LR=0.001"
-    env = dict(dataset["env"], **lora, RUN_ID="lora", LOAD_ARTIFACT=str(ttt_run["artifact"]), TTT_SWEEP=sweep)
+    env = dict(dataset["env"], **lora, RUN_ID="lora", LOAD_ARTIFACT=str(ttt_run["artifact"]),
+               TTT_SWEEP=sweep)
     proc = trainer(tmp_path, env, script=SCRIPT.parent / "tools" / "ttt_sweep.py")
     assert proc.returncode == 0, describe(proc)
     log = run_lines((tmp_path / "logs" / "lora.txt").read_text())
@@ -511,21 +540,26 @@ def test_lora_ttt_from_the_artifact_scores_every_target_and_reproduces(ttt_run, 
     for key in ("roundtrip", "sliding", "val_tokens"):
         assert contract_line(own, key).group(0) == contract_line(ttt_run["log"], key).group(0)
     ttt, ttt_eval = contract_line(own, "ttt"), contract_line(own, "ttt_eval")
-    tokens = np.fromfile(os.path.join(dataset["data_path"], "fineweb_val_000000.bin"), dtype="<u2", offset=1024)
-    docs = 1 + int((tokens[1:-1] == 1).sum())  # a document from each BOS (synth's id 1) that is not the last token
-    assert ttt_eval.group(2) == contract_line(log, "val_tokens").group(1) and int(ttt_eval.group(3)) == docs
-    assert ttt.groups() not in (contract_line(log, "sliding").groups(), contract_line(ttt_run["log"], "ttt").groups())
+    tokens = np.fromfile(os.path.join(dataset["data_path"], "fineweb_val_000000.bin"), dtype="<u2",
+                         offset=1024)
+    # a document from each BOS (synth's id 1) that is not the last token
+    docs = 1 + int((tokens[1:-1] == 1).sum())
+    assert (ttt_eval.group(2) == contract_line(log, "val_tokens").group(1)
+            and int(ttt_eval.group(3)) == docs)
+    assert ttt.groups() not in (contract_line(log, "sliding").groups(),
+                                contract_line(ttt_run["log"], "ttt").groups())
     rows = re.findall(rf"ttt_sweep .+ val_loss:{FLOAT8} val_bpb:{FLOAT8} delta:", log)
     assert rows[0] == ttt.groups() and rows[1] != rows[0]
     report = json.loads((tmp_path / "logs" / "lora.json").read_text())
     assert report["score"] == "legal_ttt_exact" and f"{report['ttt_val_bpb']:.8f}" == ttt.group(2)
-    # tools/doc_lengths.py counts the documents and chunks the TTT logged, and its lower bound on the
-    # steps holds
-    tool = subprocess.run([sys.executable, str(SCRIPT.parent / "tools" / "doc_lengths.py"), dataset["data_path"],
-                           dataset["tokenizer_path"], "16", "4", "1"], capture_output=True, text=True, timeout=120)
+    # tools/doc_lengths.py counts the documents and chunks the TTT logged, and its lower bound on
+    # the steps holds
+    tool = subprocess.run([sys.executable, str(SCRIPT.parent / "tools" / "doc_lengths.py"),
+                           dataset["data_path"], dataset["tokenizer_path"], "16", "4", "1"],
+                          capture_output=True, text=True, timeout=120)
     assert tool.returncode == 0, tool.stderr
-    counted = re.search(r"documents:(\d+) .*\npieces:\d+ chunks:(\d+) .*even share (\d+), longest piece (\d+)",
-                        tool.stdout, re.S)
+    counted = re.search(r"documents:(\d+) .*\npieces:\d+ chunks:(\d+) "
+                        r".*even share (\d+), longest piece (\d+)", tool.stdout, re.S)
     assert counted and (counted[1], counted[2]) == (str(docs), ttt_eval.group(1)), tool.stdout
     assert int(ttt_eval.group(4)) >= max(int(counted[3]), int(counted[4]))
 
@@ -535,15 +569,17 @@ def test_ttt_sweep_scores_each_setting_from_the_artifact(ttt_run, dataset, tmp_p
     weights, scores what the TTT run scored to the last digit (each setting starts from the file);
     a different setting scores differently; delta is against the sliding score; a bad setting
     exits 2 before anything runs."""
-    line = re.compile(rf"ttt_sweep (.+) val_loss:{FLOAT8} val_bpb:{FLOAT8} delta:(-?\d+\.\d{{8}}) time:\d+\.\ds")
+    line = re.compile(rf"ttt_sweep (.+) val_loss:{FLOAT8} val_bpb:{FLOAT8} "
+                      rf"delta:(-?\d+\.\d{{8}}) time:\d+\.\ds")
     sweep = "TTT_CHUNK_TOKENS=512 TTT_EPOCHS=1 TTT_LR=0.2; TTT_CHUNK_TOKENS=512"
-    env = dict(dataset["env"], RUN_ID="sweep", LOAD_ARTIFACT=str(ttt_run["artifact"]), TTT_SWEEP=sweep,
-               TTT_MODE="sgd")
+    env = dict(dataset["env"], RUN_ID="sweep", LOAD_ARTIFACT=str(ttt_run["artifact"]),
+               TTT_SWEEP=sweep, TTT_MODE="sgd")
     proc = trainer(tmp_path, env, script=SCRIPT.parent / "tools" / "ttt_sweep.py")
     assert proc.returncode == 0, describe(proc)
     log = run_lines((tmp_path / "logs" / "sweep.txt").read_text())
     rows = [m for m in map(line.fullmatch, log.splitlines()) if m]
-    assert [m.group(1) for m in rows] == ["TTT_CHUNK_TOKENS=512 TTT_EPOCHS=1 TTT_LR=0.2", "TTT_CHUNK_TOKENS=512"]
+    assert [m.group(1) for m in rows] == ["TTT_CHUNK_TOKENS=512 TTT_EPOCHS=1 TTT_LR=0.2",
+                                          "TTT_CHUNK_TOKENS=512"]
     assert rows[1].group(2, 3) == contract_line(ttt_run["log"], "ttt").groups()
     assert rows[0].group(3) != rows[1].group(3)
     sliding = float(contract_line(log, "sliding").group(2))
@@ -572,7 +608,8 @@ def test_artifact_over_limit_is_kept_and_fails(single_runs):
     contract_line(log, "roundtrip")
     contract_line(log, "sliding")
     excess = total - OVER_LIMIT
-    said = [line for line in (log + proc.stderr).splitlines() if "exceed" in line and str(excess) in line]
+    said = [line for line in (log + proc.stderr).splitlines()
+            if "exceed" in line and str(excess) in line]
     assert said, f"no line says the total exceeds the limit by {excess} bytes:\n{describe(proc)}"
 
 
@@ -582,13 +619,15 @@ def test_artifact_over_limit_is_kept_and_fails(single_runs):
 
 
 def test_nan_loss_stops_with_one_line(dataset, tmp_path):
-    env = dict(dataset["env"], RUN_ID="nan", MATRIX_LR="1e30", SCALAR_LR="1e30", TIED_EMBED_LR="1e30")
+    env = dict(dataset["env"], RUN_ID="nan", MATRIX_LR="1e30", SCALAR_LR="1e30",
+               TIED_EMBED_LR="1e30")
     proc = trainer(tmp_path, env)
     assert proc.returncode != 0, describe(proc)
     assert "Traceback" not in proc.stdout + proc.stderr, describe(proc)
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].strip(), describe(proc)
-    assert "loss" in lines[0] and re.search(r"not finite|non-finite|\bnan\b", lines[0], re.I), lines[0]
+    assert ("loss" in lines[0]
+            and re.search(r"not finite|non-finite|\bnan\b", lines[0], re.I)), lines[0]
     assert not (tmp_path / "final_model.int6.ptz").exists(), "a diverged run must not export"
 
 
@@ -609,8 +648,8 @@ def start(cwd: Path, env: dict, script: Path = SCRIPT) -> subprocess.Popen:
     full_env = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS}
     full_env.update(OMP_NUM_THREADS="1", **env)
     cwd.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, str(script)], cwd=cwd, env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, str(script)], cwd=cwd, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def one_error_line(stderr: str, *needles: str) -> str:
@@ -621,19 +660,21 @@ def one_error_line(stderr: str, *needles: str) -> str:
     return lines[0]
 
 
-def test_signals_end_the_run_with_one_line_and_a_second_run_cannot_take_its_artifact(dataset, tmp_path):
-    """SIGINT while training: exit 130 and one line. Meanwhile a second run given the same ARTIFACT_PATH
-    is refused before it starts (exit 2, one line), and it leaves the first run's lock alone. SIGTERM
-    while the artifact's temp file is being written: exit 143, one line, no temp file, no artifact, no
-    lock file left."""
+def test_signals_end_the_run_with_one_line_and_a_second_run_cannot_take_its_artifact(dataset,
+                                                                                     tmp_path):
+    """SIGINT while training: exit 130 and one line. Meanwhile a second run given the same
+    ARTIFACT_PATH is refused before it starts (exit 2, one line), and it leaves the first run's lock
+    alone. SIGTERM while the artifact's temp file is being written: exit 143, one line, no temp
+    file, no artifact, no lock file left."""
     artifact = tmp_path / "shared.ptz"
     env = dict(dataset["env"], RUN_ID="long", ITERATIONS="1000000", ARTIFACT_PATH=str(artifact))
     first = start(tmp_path / "first", env)
     try:
         log_path = tmp_path / "first" / "logs" / "long.txt"
-        wait_for(lambda: log_path.exists() and TRAIN_LINE.search(run_lines(log_path.read_text(), whole=False)),
-                 first)
-        second = trainer(tmp_path / "second", dict(env, RUN_ID="second"), timeout=BAD_INPUT_TIMEOUT_S)
+        wait_for(lambda: log_path.exists()
+                 and TRAIN_LINE.search(run_lines(log_path.read_text(), whole=False)), first)
+        second = trainer(tmp_path / "second", dict(env, RUN_ID="second"),
+                         timeout=BAD_INPUT_TIMEOUT_S)
         assert second.returncode == 2 and second.stdout == "", describe(second)
         one_error_line(second.stderr, "ARTIFACT_PATH", "another run")
         assert os.listdir(tmp_path / "second") == []
@@ -649,20 +690,23 @@ def test_signals_end_the_run_with_one_line_and_a_second_run_cannot_take_its_arti
                    SCRIPT.parent / "tests" / "pause_export.py")
     try:
         wait_for(lambda: (tmp_path / "third" / "export_paused").exists(), paused)
-        assert [n for n in os.listdir(tmp_path) if ".tmp" in n], "the temp file is there while it is written"
+        assert [n for n in os.listdir(tmp_path) if ".tmp" in n], (
+            "the temp file is there while it is written")
         paused.send_signal(signal.SIGTERM)
         out, err = paused.communicate(timeout=90)
     finally:
         paused.kill()
     assert paused.returncode == 143, (out, err)
     one_error_line(err, "SIGTERM")
-    assert sorted(os.listdir(tmp_path)) == ["first", "second", "third"], "no artifact, temp or lock file"
+    assert sorted(os.listdir(tmp_path)) == ["first", "second", "third"], (
+        "no artifact, temp or lock file")
     assert not list((tmp_path / "third" / "logs").glob("*.json*")), "no report"
 
 
 @pytest.mark.parametrize("case", ["logs_is_a_file", "artifact_dir_not_writable", "disk_too_small"])
 def test_outputs_that_cannot_be_written_fail_before_training(case, dataset, tmp_path):
-    """What used to fail after the whole training run, with a traceback, fails before it with one line."""
+    """What used to fail after the whole training run, with a traceback, fails before it with one
+    line."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     env, needles = dict(dataset["env"], RUN_ID="out"), []
@@ -672,7 +716,8 @@ def test_outputs_that_cannot_be_written_fail_before_training(case, dataset, tmp_
     elif case == "artifact_dir_not_writable":  # /sys refuses new files even to root
         env["ARTIFACT_PATH"], needles = "/sys/model.int6.ptz", ["ARTIFACT_PATH", "/sys"]
     else:
-        env["ARTIFACT_LIMIT_BYTES"], needles = str(10 ** 18), ["ARTIFACT_PATH", "free", "ARTIFACT_LIMIT_BYTES"]
+        env["ARTIFACT_LIMIT_BYTES"], needles = str(10 ** 18), ["ARTIFACT_PATH", "free",
+                                                               "ARTIFACT_LIMIT_BYTES"]
     before = sorted(os.listdir(cwd))
     proc = trainer(cwd, env, timeout=BAD_INPUT_TIMEOUT_S)
     assert proc.returncode == 2 and proc.stdout == "", describe(proc)
@@ -797,7 +842,8 @@ def _shards(**tokens_by_name):
         shutil.copytree(ds["data_path"], data)
         for name, tokens in tokens_by_name.items():
             synth.write_shard(str(data / f"{name}.bin"), tokens)
-        return dict(DATA_PATH=str(data)), [("DATA_PATH", *(f"{name}.bin" for name in tokens_by_name))]
+        return dict(DATA_PATH=str(data)), [("DATA_PATH",
+                                            *(f"{name}.bin" for name in tokens_by_name))]
     return setup
 
 
@@ -868,11 +914,13 @@ def _env_only(names, **env):
     return lambda ds, tmp, artifact: (env, names)
 
 
-# case -> setup(dataset, inputs dir, artifact()) -> (env, names the one error line must contain; a tuple: one of)
+# case -> setup(dataset, inputs dir, artifact()) -> (env, names the one error line must contain; a
+# tuple: one of)
 BAD_INPUT = {
     "non_numeric_int": _env_only(["NUM_LAYERS"], NUM_LAYERS="abc"),
     "non_numeric_float": _env_only(["MATRIX_LR"], MATRIX_LR="fast"),
-    "heads_do_not_divide_dim": _env_only(["NUM_HEADS", "MODEL_DIM"], MODEL_DIM="100", NUM_HEADS="3", NUM_KV_HEADS="1"),
+    "heads_do_not_divide_dim": _env_only(["NUM_HEADS", "MODEL_DIM"], MODEL_DIM="100", NUM_HEADS="3",
+                                         NUM_KV_HEADS="1"),
     "kv_heads_do_not_divide_heads": _env_only(["NUM_KV_HEADS"], NUM_KV_HEADS="3"),
     "xsa_beyond_layers": _env_only(["XSA_LAST_N"], XSA_LAST_N="5"),
     "coda_negative": _env_only(["CODA_LAST_N"], CODA_LAST_N="-1"),
@@ -891,17 +939,20 @@ BAD_INPUT = {
     "mlp_hidden_width_zero": _env_only(["MLP_MULT"], MLP_MULT="0.001"),
     "coda_noise_heads_not_a_divisor": _env_only(["CODA_NOISE_HEADS", "NUM_HEADS/NUM_KV_HEADS=2"],
                                                 CODA_NOISE_HEADS="3"),
-    "coda_head_norm_unknown": _env_only(["CODA_HEAD_NORM", "rms, learned, none"], CODA_HEAD_NORM="layernorm"),
+    "coda_head_norm_unknown": _env_only(["CODA_HEAD_NORM", "rms, learned, none"],
+                                        CODA_HEAD_NORM="layernorm"),
     "export_rule_unknown": _env_only(["EXPORT_RULE", "fisher, fill, rate"], EXPORT_RULE="greedy"),
     "data_order_unknown": _env_only(["DATA_ORDER", "stream, strided"], DATA_ORDER="shuffled"),
     "strided_train_shards_shorter_than_a_block": lambda ds, tmp, artifact: _short_train(ds, tmp),
     "coda_lambda_init_one": _env_only(["CODA_LAMBDA_INIT", "(0, 1)"], CODA_LAMBDA_INIT="1"),
     "coda_lr_negative": _env_only(["CODA_LR"], CODA_LR="-0.01"),
     "coda_stats_not_a_flag": _env_only(["CODA_STATS", "0 or 1"], CODA_STATS="2"),
-    "coda_last_n_non_numeric_with_coda_enabled": _env_only(["CODA_LAST_N"], CODA_ENABLED="1", CODA_LAST_N="abc"),
-    "artifact_path_a_directory": lambda ds, tmp, artifact: (dict(ARTIFACT_PATH=str(tmp)), ["ARTIFACT_PATH"]),
-    "artifact_path_in_a_missing_directory": lambda ds, tmp, artifact: (dict(ARTIFACT_PATH=f"{tmp}/no/"),
-                                                                       ["ARTIFACT_PATH"]),
+    "coda_last_n_non_numeric_with_coda_enabled": _env_only(["CODA_LAST_N"], CODA_ENABLED="1",
+                                                           CODA_LAST_N="abc"),
+    "artifact_path_a_directory": lambda ds, tmp, artifact: (dict(ARTIFACT_PATH=str(tmp)),
+                                                            ["ARTIFACT_PATH"]),
+    "artifact_path_in_a_missing_directory":
+        lambda ds, tmp, artifact: (dict(ARTIFACT_PATH=f"{tmp}/no/"), ["ARTIFACT_PATH"]),
     "run_id_too_long": _env_only(["RUN_ID"], RUN_ID="a" * 250),
     "data_path_empty": _empty_data,
     "data_path_a_file": _data_path_a_file,
@@ -919,9 +970,11 @@ BAD_INPUT = {
     "artifact_truncated": _damaged_artifact(_cut_in_half),
     "artifact_byte_flipped": _damaged_artifact(_flip_middle_byte),
     "artifact_other_shape": _artifact_of_other_shape,
-    "artifact_other_rope_base": lambda ds, tmp, artifact: (dict(LOAD_ARTIFACT=str(artifact()), ROPE_BASE="500"),
+    "artifact_other_rope_base": lambda ds, tmp, artifact: (dict(LOAD_ARTIFACT=str(artifact()),
+                                                                ROPE_BASE="500"),
                                                            ["LOAD_ARTIFACT", "ROPE_BASE"]),
-    "artifact_other_softcap": lambda ds, tmp, artifact: (dict(LOAD_ARTIFACT=str(artifact()), LOGIT_SOFTCAP="20"),
+    "artifact_other_softcap": lambda ds, tmp, artifact: (dict(LOAD_ARTIFACT=str(artifact()),
+                                                              LOGIT_SOFTCAP="20"),
                                                          ["LOAD_ARTIFACT", "LOGIT_SOFTCAP"]),
     "init_std_negative": _env_only(["TIED_EMBED_INIT_STD"], TIED_EMBED_INIT_STD="-0.005"),
     "softcap_zero": _env_only(["LOGIT_SOFTCAP"], LOGIT_SOFTCAP="0"),
@@ -932,7 +985,8 @@ BAD_INPUT = {
     "muon_wd_negative": _env_only(["MUON_WD"], MUON_WD="-0.04"),
     "grad_clip_negative": _env_only(["GRAD_CLIP_NORM"], GRAD_CLIP_NORM="-1"),
     "muon_momentum_one": _env_only(["MUON_MOMENTUM"], MUON_MOMENTUM="1.0"),
-    "momentum_warmup_start_negative": _env_only(["MUON_MOMENTUM_WARMUP_START"], MUON_MOMENTUM_WARMUP_START="-0.1"),
+    "momentum_warmup_start_negative": _env_only(["MUON_MOMENTUM_WARMUP_START"],
+                                                MUON_MOMENTUM_WARMUP_START="-0.1"),
     "ttt_lr_zero": _env_only(["TTT_LR"], TTT_LR="0"),
     "ttt_momentum_one": _env_only(["TTT_MOMENTUM"], TTT_MOMENTUM="1"),
     "ttt_epochs_zero": _env_only(["TTT_EPOCHS"], TTT_EPOCHS="0"),
@@ -945,8 +999,8 @@ BAD_INPUT = {
     "ttt_lora_rank_zero": _env_only(["TTT_LORA_RANK"], TTT_LORA_RANK="0"),
     "ttt_lora_lr_zero": _env_only(["TTT_LORA_LR"], TTT_LORA_LR="0"),
     "ttt_lora_chunk_zero": _env_only(["TTT_LORA_CHUNK"], TTT_LORA_CHUNK="0"),
-    "ttt_lora_chunk_over_eval_seq_len": _env_only(["TTT_LORA_CHUNK", "EVAL_SEQ_LEN"], TTT_ENABLED="1",
-                                                  TTT_LORA_CHUNK="65"),
+    "ttt_lora_chunk_over_eval_seq_len": _env_only(["TTT_LORA_CHUNK", "EVAL_SEQ_LEN"],
+                                                  TTT_ENABLED="1", TTT_LORA_CHUNK="65"),
     "ttt_lora_batch_zero": _env_only(["TTT_LORA_BATCH"], TTT_LORA_BATCH="0"),
 }
 
@@ -957,14 +1011,16 @@ def bad_input_runs(request, dataset, tmp_path_factory):
     an empty directory of its own. Returns case -> (process, its directory, names to find)."""
     cases = [item.callspec.params["case"] for item in request.session.items
              if getattr(item, "function", None) is test_bad_input]
-    artifact = lambda: request.getfixturevalue("single_run")["artifact"]  # noqa: E731 (trained only if needed)
+    # trained only if needed
+    artifact = lambda: request.getfixturevalue("single_run")["artifact"]  # noqa: E731
     jobs, failed = {}, {}
     for case in cases:
         root = tmp_path_factory.mktemp(case)
         (root / "inputs").mkdir()
         try:
             env, names = BAD_INPUT[case](dataset, root / "inputs", artifact)
-        except Exception as e:  # e.g. the training run behind the artifact cases failed: those cases fail alone
+        except Exception as e:
+            # e.g. the training run behind the artifact cases failed: those cases fail alone
             failed[case] = e
             continue
         jobs[case] = (root / "cwd", {**dataset["env"], "RUN_ID": "bad", **env}, names)
@@ -977,13 +1033,15 @@ def bad_input_runs(request, dataset, tmp_path_factory):
     with ThreadPoolExecutor(2) as pool:
         procs = {case: pool.submit(attempt, cwd, env) for case, (cwd, env, _) in jobs.items()}
         done = {case: (procs[case].result(), cwd, names) for case, (cwd, _, names) in jobs.items()}
-    return dict(failed, **{case: r[0] if isinstance(r[0], Exception) else r for case, r in done.items()})
+    return dict(failed, **{case: r[0] if isinstance(r[0], Exception) else r
+                           for case, r in done.items()})
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input(case, bad_input_runs):
     if isinstance(bad_input_runs[case], subprocess.TimeoutExpired):
-        pytest.fail(f"still running after {BAD_INPUT_TIMEOUT_S} s (hangs?); stdout: {bad_input_runs[case].stdout!r}")
+        pytest.fail(f"still running after {BAD_INPUT_TIMEOUT_S} s (hangs?); "
+                    f"stdout: {bad_input_runs[case].stdout!r}")
     if isinstance(bad_input_runs[case], Exception):
         raise bad_input_runs[case]
     proc, cwd, names = bad_input_runs[case]
@@ -994,5 +1052,6 @@ def test_bad_input(case, bad_input_runs):
     assert proc.stdout == "", f"nothing but the error line:\n{describe(proc)}"
     for name in names:
         alternatives = name if isinstance(name, tuple) else (name,)
-        assert any(a in lines[0] for a in alternatives), f"none of {alternatives} named in {lines[0]!r}"
+        assert any(a in lines[0] for a in alternatives), (
+            f"none of {alternatives} named in {lines[0]!r}")
     assert os.listdir(cwd) == [], f"files written before failing: {os.listdir(cwd)}"

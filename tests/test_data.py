@@ -44,7 +44,7 @@ def test_loader_batches_are_the_plain_streams_slices(tmp_path, seed):
         span = local + 1
         steps = 3 * len(stream) // (span * world) + 3  # the stream wraps around at least twice
         for rank in range(world):
-            loader = tg.DistributedTokenLoader(files, rank, world, CPU)
+            loader = tg.DistributedTokenLoader(files, rank, world, CPU, "stream", 0)
             for k in range(steps):
                 x, y = loader.next_batch(local, seq_len)
                 expected = reference_span(stream, k * world * span + rank * span, span)

@@ -2,10 +2,12 @@
 
     python3 tools/artifact_bytes.py final_model.int6.ptz
 
-Reads the artifact (format 1 or 2) and prints, over its quantized matrices' codes (int6/int5):
+Reads the artifact (format 1, 2 or 3) and prints the whole file as each format would write the
+same state (1: a zstd frame per tensor; 2: rows by scale; 3, what train_gpt.py writes: int5/int6
+codes in one rANS stream), and, over its quantized matrices' codes (int6/int5):
 
 - the zstd-22 frames as written in format 1 (rows in their own order) and in format 2 (rows in the
-  order of their scales, what train_gpt.py writes), and the whole file in each format;
+  order of their scales), and format 3's rANS stream with its classes and tables;
 - the codes' order-0 entropy per matrix and per row, and the code length under one Gaussian per
   row (each row's own variance): bounds for a coder that knew more than zstd's blocks do;
 - zstd-22 over rows grouped into K classes of spread (K = 4, 8), plus the classes' own bytes at
@@ -44,16 +46,18 @@ def gaussian_bytes(codes: np.ndarray) -> float:
 def main(path: str) -> None:
     blob = Path(path).read_bytes()
     head = len(tg.ARTIFACT_MAGIC) + 32
-    ordered = blob.startswith(tg.ARTIFACT_MAGIC)  # format 2; else format 1
-    shape, packed = tg.deserialize(blob[head:], ordered)
+    formats = {magic: f for f, magic in tg.ARTIFACT_MAGICS.items()}
+    fmt = formats[blob[:len(tg.ARTIFACT_MAGIC)]]
+    shape, packed = tg.deserialize(blob[head:], fmt)
     z = lambda a: len(tg.zstd22(np.ascontiguousarray(a).tobytes()))  # noqa: E731
-    sums = dict(format1=0, format2=0, order0_matrix=0.0, order0_row=0.0, gaussian_row=0.0,
-                classes4=0.0, classes8=0.0)
-    rows, at_bound = 0, 0
+    sums = dict(format1=0, format2=0, format3=0, order0_matrix=0.0, order0_row=0.0,
+                gaussian_row=0.0, classes4=0.0, classes8=0.0)
+    rows, at_bound, coded = 0, 0, []
     for name, (kind, codes, *scales) in sorted(packed.items()):
         if kind not in ("int6", "int5"):
             continue
         c = codes.numpy()
+        coded.append(c)
         if kind == "int6":
             rows, at_bound = rows + len(c), at_bound + int((np.abs(c).max(1) == 31).sum())
         sums["format1"] += z(c)
@@ -66,18 +70,12 @@ def main(path: str) -> None:
             group = np.searchsorted(np.quantile(spread, np.linspace(0, 1, k + 1)[1:-1]), spread)
             sums[f"classes{k}"] += sum(z(c[group == g]) for g in range(k) if (group == g).any())
             sums[f"classes{k}"] += len(c) * math.log2(k) / 8
-    files = {}
-    for fmt, order, magic in ((1, lambda s: np.arange(len(s)), tg.ARTIFACT_MAGIC_V1),
-                              (2, tg.scale_order, tg.ARTIFACT_MAGIC)):
-        real = tg.scale_order
-        tg.scale_order = order
-        try:
-            files[fmt] = len(magic) + 32 + len(tg.serialize(packed, shape))
-        finally:
-            tg.scale_order = real
-    print(f"artifact {path}: {len(blob)} bytes, format {2 if ordered else 1}")
-    print(f"file format1:{files[1]} format2:{files[2]} saved:{files[1] - files[2]} "
-          f"({1 - files[2] / files[1]:.2%})")
+    sums["format3"] = sum(map(len, tg.rans_pack(coded, tg.zstd22))) if coded else 0
+    files = {f: head + len(tg.serialize(packed, shape, fmt=f)) for f in tg.ARTIFACT_MAGICS}
+    print(f"artifact {path}: {len(blob)} bytes, format {fmt}")
+    print(f"file format1:{files[1]} format2:{files[2]} format3:{files[3]} "
+          f"saved_2:{files[1] - files[2]} ({1 - files[2] / files[1]:.2%}) "
+          f"saved_3:{files[1] - files[3]} ({1 - files[3] / files[1]:.2%})")
     print(f"int6 rows:{rows} at_code_31:{at_bound}")
     base = sums["format1"]
     for key, value in sums.items():

@@ -14,10 +14,11 @@ file's dequantized weights (the plain roundtrip evaluation, no sliding window), 
 - `old`: OLD_TRAIN_GPT's quantize_state (when set) called as that script called it, at 0.985 of
   the budget (a margin for zstd), packed into this script's file format;
 - `int6`: every matrix at int6, each row at its clip of least error, whatever its size;
-- `fisher_format1`: `fisher` sized and written in the artifact's format 1, each matrix's rows in
-  their own order rather than by scale (what format 2's order buys).
+- `fisher_format1`, `fisher_format2`: `fisher` sized and written in the artifact's format 1
+  (each tensor a zstd frame, rows in their own order) or 2 (rows by scale), where the script
+  writes format 3 (int5/int6 codes by rANS): what each format buys.
 
-EXPORT_AB_RULES=fisher,fill picks and orders the rules (default: all but fisher_format1).
+EXPORT_AB_RULES=fisher,fill picks and orders the rules (default: all but the fisher_format ones).
 
 The run then goes on to its own evaluation of its artifact. With EVAL_STRIDE=0 TTT_ENABLED=0 the
 A/B costs little more than the training.
@@ -26,8 +27,6 @@ import importlib.util
 import inspect
 import os
 import sys
-
-import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,27 +59,26 @@ def final_evaluation(args, base_model, evaluate, artifact_path, weights, code_by
                                                            rule=rule, fisher=seen["fisher"])
                  for rule in tg.EXPORT_RULES}
         rules["int6"] = lambda: tg.quantize_state(state, float("inf"), hessians, args.shape)
-        rules["fisher_format1"] = lambda: tg.quantize_state(state, budget, hessians, args.shape,
-                                                            fisher=seen["fisher"])
+        for fmt in (1, 2):
+            rules[f"fisher_format{fmt}"] = lambda: tg.quantize_state(
+                state, budget, hessians, args.shape, fisher=seen["fisher"])
         if os.environ.get("OLD_TRAIN_GPT"):
             old = load(os.environ["OLD_TRAIN_GPT"], "old_train_gpt")
             takes_shape = "shape" in inspect.signature(old.quantize_state).parameters
             rules["old"] = lambda: old.quantize_state(
                 state, 0.985 * budget, hessians, *[args.shape][:takes_shape])
         chosen = os.environ.get("EXPORT_AB_RULES") or ",".join(
-            name for name in rules if name != "fisher_format1")
+            name for name in rules if "_format" not in name)
         rules = {name: rules[name] for name in chosen.split(",")}
         path = f"{artifact_path}.ab"
         for name, rule in rules.items():
-            format1 = name.endswith("_format1")  # sized and written with rows in their own order
-            if format1:
-                tg.scale_order = lambda scales: np.arange(len(scales))
-                tg.ARTIFACT_MAGIC = tg.ARTIFACT_MAGIC_V1
+            # sized and written in that format
+            tg.ARTIFACT_FORMAT = int(name[-1]) if "_format" in name else artifact_format
             try:
                 packed = rule()
                 tg.write_artifact(path, packed, args.shape)
             finally:
-                tg.scale_order, tg.ARTIFACT_MAGIC = scale_order, magic
+                tg.ARTIFACT_FORMAT = artifact_format
             base_model.load_state_dict(tg.read_artifact(path, args.shape, "export_ab"))
             bpb = evaluate()[1]
             kinds = [v[0] for v in packed.values()]
@@ -91,14 +89,14 @@ def final_evaluation(args, base_model, evaluate, artifact_path, weights, code_by
                                  log, digest)
 
 
-RULES = (*tg.EXPORT_RULES, "int6", "fisher_format1",
+RULES = (*tg.EXPORT_RULES, "int6", "fisher_format1", "fisher_format2",
          *(["old"] if os.environ.get("OLD_TRAIN_GPT") else []))
 if os.environ.get("EXPORT_AB_RULES") and (
         unknown := set(os.environ["EXPORT_AB_RULES"].split(",")) - set(RULES)):
     sys.exit(f"EXPORT_AB_RULES: no rule {', '.join(sorted(unknown))}; rules: {', '.join(RULES)}"
              f" (old with OLD_TRAIN_GPT)")
 real_export, real_final_evaluation = tg.export, tg.final_evaluation
-scale_order, magic = tg.scale_order, tg.ARTIFACT_MAGIC
+artifact_format = tg.ARTIFACT_FORMAT
 tg.export, tg.final_evaluation = export, final_evaluation
 
 if __name__ == "__main__":

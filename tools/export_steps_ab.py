@@ -67,7 +67,7 @@ def fisher_rows(base_model, train_files, device, tokens=98304, seq_len=2048, mic
         return hook
 
     hooks = [m.register_forward_hook(watch(n), with_kwargs=True) for n, m in linears.items()]
-    loader = tg.DistributedTokenLoader(train_files, 0, 1, device)
+    loader = tg.DistributedTokenLoader(train_files, 0, 1, device, "stream", 0)
     try:
         x, y = loader.next_batch(tokens, seq_len)
         for i in range(0, len(x), micro):
