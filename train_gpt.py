@@ -74,7 +74,7 @@ CODA_LAMBDA_INIT = 1 / (1 + math.exp(6))
 # How the export fits the budget (the first is the default); see quantize_state.
 EXPORT_RULES = ("fisher", "fill", "rate")
 # The training data's order (the first is the default); see DistributedTokenLoader.
-DATA_ORDERS = ("stream", "strided")
+DATA_ORDERS = ("strided", "stream")
 # TTT's forms (the first is the default): LoRA per document; full-weight SGD on stream chunks.
 TTT_MODES = ("lora", "sgd")
 
@@ -547,7 +547,7 @@ class DistributedTokenLoader:
     reads only its share."""
 
     def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device,
-                 order: str = DATA_ORDERS[0], seed: int = 0):
+                 order: str, seed: int):
         self.shards = [load_shard(f) for f in files]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
         self.rank, self.world_size, self.device = rank, world_size, device
@@ -1811,11 +1811,12 @@ def rans_cumulative(freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f, np.cumsum(f, 1) - f
 
 
-def rans_lay_out(cls: np.ndarray, fill) -> tuple[np.ndarray, int]:
-    """The array (one entry a code) padded with fill to the lanes' whole length; the lanes."""
-    lanes = rans_lanes(len(cls))
-    length = -(-len(cls) // lanes)
-    return np.concatenate([cls, np.full(lanes * length - len(cls), fill, cls.dtype)]), lanes
+def rans_lay_out(values: np.ndarray, fill) -> tuple[np.ndarray, int]:
+    """values (one a code) padded with fill to the lanes' whole length, as [lanes, length]."""
+    lanes = rans_lanes(len(values))
+    length = -(-len(values) // lanes)
+    pad = np.full(lanes * length - len(values), fill, values.dtype)
+    return np.concatenate([values, pad]).reshape(lanes, length), lanes
 
 
 def rans_encode(sym: np.ndarray, cls: np.ndarray, freq: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -1823,8 +1824,7 @@ def rans_encode(sym: np.ndarray, cls: np.ndarray, freq: np.ndarray) -> tuple[np.
     one length (the last padded with its class's likeliest symbol), all lanes stepped at once,
     last symbol first. Returns the lanes' final states and the 16-bit words in reading order."""
     sym, lanes = rans_lay_out(sym, freq[cls[-1]].argmax())
-    cls = rans_lay_out(cls, cls[-1])[0].reshape(lanes, -1)
-    sym = sym.reshape(lanes, -1)
+    cls = rans_lay_out(cls, cls[-1])[0]
     f64, cum = rans_cumulative(freq)
     top = np.uint64((RANS_LOW >> RANS_BITS) << 16)  # a state of f * top or more sheds 16 bits
     x, words = np.full(lanes, RANS_LOW, np.uint64), []
@@ -1844,7 +1844,6 @@ def rans_decode(states: np.ndarray, words: np.ndarray, cls: np.ndarray,
     where the encoder began: every word read, every lane back at its first state."""
     n = len(cls)
     cls, lanes = rans_lay_out(cls, cls[-1])
-    cls = cls.reshape(lanes, -1)
     if len(states) != lanes or (freq.astype(np.int64).sum(1) != 1 << RANS_BITS).any():
         raise ValueError("rANS stream: its lanes or tables do not match the index")
     f64, cum = rans_cumulative(freq)
@@ -1879,7 +1878,7 @@ def rans_pack(matrices: list[np.ndarray], compress) -> list[bytes]:
     widths = np.concatenate([np.full(len(m), m.shape[1]) for m in matrices])
     edges = np.quantile(np.repeat(spread, widths), np.linspace(0, 1, RANS_CLASSES + 1)[1:-1])
     classes = np.searchsorted(edges, spread).astype(np.uint8)
-    sym = (np.concatenate([m.reshape(-1) for m in matrices]).astype(np.int16) + 127)
+    sym = np.concatenate([m.reshape(-1) for m in matrices]).astype(np.int16) + 127
     sym, cls = sym.astype(np.uint8), np.repeat(classes, widths)
     freq = rans_tables(sym, cls)
     states, words = rans_encode(sym, cls, freq)
