@@ -1750,20 +1750,28 @@ def fisher_steps(state, packed, hessians, fisher, budget_bytes, size, file_bytes
 
 
 def fill_budget(packed, options, budget_bytes, file_bytes, compress):
-    """Rule 'fill' of quantize_state: whole matrices int6 -> int5 by their frames' saving, largest
-    first, until the file fits; then any that fits the slack goes back, smallest saving first (the
-    most matrices back). None when even all at int5 is over."""
+    """Rule 'fill' of quantize_state: whole matrices int6 -> int5 in the order of their zstd
+    frames' saving, largest first, the fewest that make the file fit (by bisection: the file
+    shrinks as more drop); then any that fits the slack goes back, smallest saving first (the most
+    matrices back). None when even all at int5 is over."""
     int5 = {n: ("int5", *least_error(*by_bits[5])) for n, by_bits in options.items()}
     chunks = [entry[n][1].numpy().tobytes() for entry in (packed, int5) for n in options]
     with ThreadPoolExecutor() as pool:  # zstd releases the GIL
         sizes = list(pool.map(lambda chunk: len(compress(chunk)), chunks))
     saving = {n: sizes[i] - sizes[len(options) + i] for i, n in enumerate(options)}
-    order, out, dropped = sorted(options, key=lambda n: -saving[n]), dict(packed), 0
-    while file_bytes(out) > budget_bytes:
-        if dropped == len(order):
-            return None
-        out[order[dropped]], dropped = int5[order[dropped]], dropped + 1
-    for n in reversed(order[:dropped - 1]):  # the last one dropped is known not to fit back
+    order = sorted(options, key=lambda n: -saving[n])
+
+    def dropped(k: int) -> dict:
+        return dict(packed, **{n: int5[n] for n in order[:k]})
+
+    over, fits = 0, len(order)  # the least count that fits, by bisection: each size is a write
+    if file_bytes(dropped(fits)) > budget_bytes:
+        return None
+    while fits - over > 1:
+        mid = (over + fits) // 2
+        over, fits = (mid, fits) if file_bytes(dropped(mid)) > budget_bytes else (over, mid)
+    out = dropped(fits)
+    for n in reversed(order[:fits - 1]):  # the last one dropped is known not to fit back
         if file_bytes(back := dict(out, **{n: packed[n]})) <= budget_bytes:
             out = back
     return out
@@ -1876,9 +1884,14 @@ def rans_pack(matrices: list[np.ndarray], compress) -> list[bytes]:
     lanes' states and words. The first two frames go through compress."""
     spread = np.concatenate([np.abs(m.astype(np.float32)).mean(1) for m in matrices])
     widths = np.concatenate([np.full(len(m), m.shape[1]) for m in matrices])
-    edges = np.quantile(np.repeat(spread, widths), np.linspace(0, 1, RANS_CLASSES + 1)[1:-1])
+    by_spread = np.argsort(spread, kind="stable")
+    codes_below = np.cumsum(widths[by_spread])
+    edges = spread[by_spread][np.searchsorted(
+        codes_below, np.arange(1, RANS_CLASSES) * codes_below[-1] / RANS_CLASSES)]
     classes = np.searchsorted(edges, spread).astype(np.uint8)
     sym = np.concatenate([m.reshape(-1) for m in matrices]).astype(np.int16) + 127
+    if sym.min() < 0:
+        raise ValueError("rANS codes are -127..127: a code of -128 cannot be stored")
     sym, cls = sym.astype(np.uint8), np.repeat(classes, widths)
     freq = rans_tables(sym, cls)
     states, words = rans_encode(sym, cls, freq)
@@ -1886,18 +1899,33 @@ def rans_pack(matrices: list[np.ndarray], compress) -> list[bytes]:
             words.tobytes()]
 
 
-def rans_unpack(frames: list[bytes], shapes: list, decompress) -> list[np.ndarray]:
+def rans_unpack(frames: list[bytes], shapes: list) -> list[np.ndarray]:
     """rans_pack's matrices back from its four frames, given their shapes."""
-    classes = np.frombuffer(decompress(frames[0]), np.uint8)
-    if len(classes) != sum(s[0] for s in shapes) or classes.max(initial=0) >= RANS_CLASSES:
+    classes = np.frombuffer(unzstd(frames[0], sum(s[0] for s in shapes)), np.uint8)
+    if classes.max(initial=0) >= RANS_CLASSES:
         raise ValueError("rANS stream: row classes do not match the index")
-    freq = np.frombuffer(decompress(frames[1]), np.uint16).reshape(RANS_CLASSES, RANS_SYMBOLS)
+    freq = np.frombuffer(unzstd(frames[1], RANS_CLASSES * RANS_SYMBOLS * 2), np.uint16)
+    freq = freq.reshape(RANS_CLASSES, RANS_SYMBOLS)
     cls = np.repeat(classes, np.concatenate([np.full(s[0], s[1]) for s in shapes]))
     sym = rans_decode(np.frombuffer(frames[2], np.uint32), np.frombuffer(frames[3], np.uint16),
                       cls, freq)
     codes = (sym.astype(np.int16) - 127).astype(np.int8)
     bounds = np.cumsum([0] + [s[0] * s[1] for s in shapes])
     return [codes[a:b].reshape(s) for a, b, s in zip(bounds, bounds[1:], shapes)]
+
+
+# No artifact within the challenge's limit holds a model of more values than this: an index that
+# says more is damaged, and is refused before the reader allocates what it says.
+ARTIFACT_MAX_VALUES = 1 << 28
+
+
+def unzstd(frame: bytes, size: int, exact: bool = True) -> bytes:
+    """A zstd frame decompressed, refused unless the size its header declares is size (at most size
+    if not exact): zstd allocates what a frame declares before decoding it."""
+    declared = zstandard.frame_content_size(frame)  # 2^64 - 1: not declared
+    if declared > size or exact and declared != size:
+        raise ValueError(f"a frame declares {declared} bytes where the index implies {size}")
+    return zstandard.ZstdDecompressor().decompress(frame)
 
 
 def serialize(packed: dict[str, tuple], shape: dict, compress=zstd22, fmt: int = 0) -> bytes:
@@ -1923,23 +1951,29 @@ def serialize(packed: dict[str, tuple], shape: dict, compress=zstd22, fmt: int =
 
 def deserialize(payload: bytes, fmt: int = 0) -> tuple[dict, dict[str, tuple]]:
     """serialize's shape and packed state back from a payload of format fmt."""
-    fmt, unzstd = fmt or ARTIFACT_FORMAT, zstandard.ZstdDecompressor().decompress
+    fmt = fmt or ARTIFACT_FORMAT
     size = int.from_bytes(payload[:4], "little")
-    header = json.loads(unzstd(payload[4:4 + size]))
+    header = json.loads(unzstd(payload[4:4 + size], 1 << 20, exact=False))
     tensors, frames, pos = header["tensors"], [], 4 + size
     for name, kind, shape in tensors:
-        if not all(isinstance(d, int) and 0 <= d < 2 ** 32 for d in shape) or (
+        if kind not in NUMPY_DTYPES or not all(isinstance(d, int) and 0 <= d < 2 ** 32
+                                               for d in shape) or (
                 kind.startswith("int") and len(shape) != 2):
             raise ValueError(f"{name}: shape {shape} is not one of a {kind} tensor")
+    if sum(math.prod(t[2]) for t in tensors) > ARTIFACT_MAX_VALUES:
+        raise ValueError(f"the index declares more than {ARTIFACT_MAX_VALUES} values")
     for frame_bytes in header["frames"]:
         frames.append(payload[pos:pos + frame_bytes])
         pos += frame_bytes
     coded = [t for t in tensors if rans_coded(t[1], t[2], fmt)]
-    whole = len(tensors) - len(coded) + 1  # and the scales' frame
+    sizes = [math.prod(shape) * np.dtype(NUMPY_DTYPES[kind]).itemsize
+             for _, kind, shape in tensors if not rans_coded(kind, shape, fmt)]
+    sizes.append(2 * sum(t[2][0] for t in tensors if t[1].startswith("int")))  # fp16 scales
+    whole = len(sizes)
     if pos != len(payload) or len(frames) != whole + 4 * bool(coded):
         raise ValueError("frames do not match the index")
-    raws = [unzstd(f) for f in frames[:whole]]
-    codes = iter(rans_unpack(frames[whole:], [t[2] for t in coded], unzstd) if coded else [])
+    raws = [unzstd(f, n) for f, n in zip(frames[:whole], sizes)]
+    codes = iter(rans_unpack(frames[whole:], [t[2] for t in coded]) if coded else [])
     packed, scale_pos, raw = {}, 0, iter(raws)
     for name, kind, shape in tensors:
         if rans_coded(kind, shape, fmt):

@@ -6,6 +6,7 @@ import math
 import os
 import re
 import socket
+import struct
 import types
 from contextlib import contextmanager
 
@@ -1112,6 +1113,14 @@ def test_artifact_rows_in_scale_order_compress_better():
     assert len(tg.serialize(packed, {}, fmt=2)) < 0.985 * len(tg.serialize(packed, {}, fmt=1))
 
 
+def test_format3_refuses_a_code_it_cannot_store():
+    """Codes are -127..127 (int8's symmetric range): -128 is refused by name, not wrapped into
+    another code or another class's table."""
+    packed = {"m": ("int6", torch.full((4, 8), -128, dtype=torch.int8), torch.ones(4).half())}
+    with pytest.raises(ValueError, match="-128"):
+        tg.serialize(packed, {})
+
+
 def coarse_and_fine_rows(rows=768, cols=512, seed=0):
     """int6 codes as the Fisher rule leaves them: each row's step between 1 and 64 times its
     least-error step, so some rows spread over tens of codes and many are nearly all zeros."""
@@ -1303,11 +1312,36 @@ def test_artifact_bad_files(packed_state, tmp_path):
     for name, tensor in (("rank0", ["m", "int6", []]), ("rank3", ["m", "int6", [1, 2, 6]]),
                          ("negative", ["m", "int6", [-1, 12]]),
                          ("huge", ["m", "int6", [2 ** 40, 2 ** 40]]),
-                         ("fraction", ["m", "fp16", [1.5]]), ("few_scales", ["m", "int6", [3, 4]])):
+                         ("fraction", ["m", "fp16", [1.5]]), ("few_scales", ["m", "int8", [3, 4]]),
+                         ("kind_a_number", ["m", 5, [3, 4]]), ("kind_unknown", ["m", "int4", [3]]),
+                         ("too_many_values", ["m", "int8", [2 ** 16, 2 ** 16]])):
         payload = indexed([tensor], [codes, scales])
         expect_config_error(variant(f"{name}.ptz",
                                     tg.ARTIFACT_MAGIC + hashlib.sha256(payload).digest() + payload),
                             SHAPE, "unreadable")
+    # frames that declare more than the index implies (zstd would allocate what they declare):
+    # an index of 2^40 bytes, a 3x4 int8 tensor's frame of 2^40 bytes
+    bomb = struct.pack("<IBQ", 0xFD2FB528, 0b11100000, 1 << 40) + (1).to_bytes(3, "little")
+    for name, payload in (("index_bomb", len(bomb).to_bytes(4, "little") + bomb),
+                          ("frame_bomb", indexed([["m", "int8", [3, 4]]], [bomb, scales]))):
+        expect_config_error(variant(f"{name}.ptz",
+                                    tg.ARTIFACT_MAGIC + hashlib.sha256(payload).digest() + payload),
+                            SHAPE, "unreadable")
+    # an all-zero matrix codes in no words at all: a file of a few KB may declare any shape, so
+    # the index's total is bounded before anything is decoded
+    classes, tables = tg.zstd22(bytes(1)), np.zeros((tg.RANS_CLASSES, tg.RANS_SYMBOLS), np.uint16)
+    tables[:, 127] = 1 << tg.RANS_BITS  # code 0 certain: it costs nothing
+    for cols in (2 ** 20, 2 ** 31):
+        lanes = tg.rans_lanes(cols)
+        payload = indexed([["m", "int6", [1, cols]]],
+                          [tg.zstd22(bytes(2)), classes, tg.zstd22(tables.tobytes()),
+                           np.full(lanes, tg.RANS_LOW, np.uint32).tobytes(), b""])
+        path = variant(f"zeros_{cols}.ptz",
+                       tg.ARTIFACT_MAGIC + hashlib.sha256(payload).digest() + payload)
+        if cols <= tg.ARTIFACT_MAX_VALUES:  # a real (if odd) file: it reads, all zeros
+            assert not tg.deserialize(path.read_bytes()[40:])[1]["m"][1].any()
+        else:
+            expect_config_error(path, SHAPE, "unreadable")
     expect_config_error(tmp_path / "missing.ptz", SHAPE, "cannot read")
     expect_config_error(tmp_path, SHAPE, "cannot read")  # a directory
     # written for another model shape: names the variable and both values
