@@ -1439,6 +1439,11 @@ def doc_test_time_train(ev: Evaluator, model: GPT, nll_fn, args, log, bos: int) 
 ARTIFACT_FORMAT = 3
 ARTIFACT_MAGICS = {fmt: b"PGINT6\x00" + bytes([fmt]) for fmt in (1, 2, 3)}
 ARTIFACT_MAGIC = ARTIFACT_MAGICS[ARTIFACT_FORMAT]
+
+
+def artifact_format(blob: bytes) -> int | None:
+    """The format a file's magic names; None for a file that is no artifact of this script."""
+    return {magic: fmt for fmt, magic in ARTIFACT_MAGICS.items()}.get(blob[:len(ARTIFACT_MAGIC)])
 CONTROL_PATTERNS = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "smear",
                     "bigram.scale", "coda_theta", "coda_gate.bias", "coda_norm", "ve_scale",
                     "lane_")
@@ -1765,12 +1770,12 @@ def fill_budget(packed, options, budget_bytes, file_bytes, compress):
         return dict(packed, **{n: int5[n] for n in order[:k]})
 
     over, fits = 0, len(order)  # the least count that fits, by bisection: each size is a write
-    if file_bytes(dropped(fits)) > budget_bytes:
-        return None
     while fits - over > 1:
         mid = (over + fits) // 2
         over, fits = (mid, fits) if file_bytes(dropped(mid)) > budget_bytes else (over, mid)
     out = dropped(fits)
+    if fits == len(order) and file_bytes(out) > budget_bytes:  # all of them, never measured yet
+        return None
     for n in reversed(order[:fits - 1]):  # the last one dropped is known not to fit back
         if file_bytes(back := dict(out, **{n: packed[n]})) <= budget_bytes:
             out = back
@@ -2028,7 +2033,7 @@ def read_artifact(path: str, shape: dict, variable: str = "LOAD_ARTIFACT",
     except OSError as e:
         raise ConfigError(f"{variable}={path}: cannot read it ({e.strerror})") from None
     head = len(ARTIFACT_MAGIC) + 32
-    fmt = {magic: fmt for fmt, magic in ARTIFACT_MAGICS.items()}.get(blob[:len(ARTIFACT_MAGIC)])
+    fmt = artifact_format(blob)
     if fmt is None:
         raise ConfigError(f"{variable}={path}: not an artifact of this script")
     if len(blob) < head or hashlib.sha256(blob[head:]).digest() != blob[len(ARTIFACT_MAGIC):head]:

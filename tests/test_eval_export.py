@@ -1185,22 +1185,16 @@ def test_format3_codes_coarse_rows_smaller_than_zstd():
     assert len(tg.serialize(packed, {}, fmt=3)) < 0.975 * len(tg.serialize(packed, {}, fmt=2))
 
 
-def rans_frames(payload: bytes) -> tuple[int, list[int]]:
-    """Where a format-3 payload's frames start: (offset of the first, the frames' lengths)."""
-    size = int.from_bytes(payload[:4], "little")
-    index = json.loads(zstandard.ZstdDecompressor().decompress(payload[4:4 + size]))
-    return 4 + size, index["frames"]
-
-
 def test_format3_damaged_stream_is_an_unreadable_payload(tmp_path):
     """A payload whose checksum is good but whose rANS stream is not what was encoded (a word
     flipped, missing or added, lanes' states swapped, a class or table out of its range) is refused
     as unreadable, never decoded into other weights or a traceback."""
     codes, scales = coarse_and_fine_rows()
     payload = tg.serialize({"m": ("int6", codes, scales)}, {})
-    start, frames = rans_frames(payload)
-    ends = np.cumsum([start] + frames)
-    classes_at, tables_at, states_at, words_at = ends[-5:-1]
+    start = 4 + int.from_bytes(payload[:4], "little")
+    index = json.loads(zstandard.ZstdDecompressor().decompress(payload[4:start]))
+    ends = np.cumsum([start] + index["frames"])
+    tables_at, states_at, words_at = ends[-4:-1]
     table = np.frombuffer(zstandard.ZstdDecompressor().decompress(
         payload[tables_at:states_at]), np.uint16).reshape(tg.RANS_CLASSES, -1)
     short, moved = table.copy(), table.copy()
@@ -1209,12 +1203,10 @@ def test_format3_damaged_stream_is_an_unreadable_payload(tmp_path):
     moved[0, table[0].argmax() + 1] += 1
 
     def with_frame(i, data):  # frame i (of the last 4) replaced, the index's lengths with it
-        size = int.from_bytes(payload[:4], "little")
-        index = json.loads(zstandard.ZstdDecompressor().decompress(payload[4:4 + size]))
-        index["frames"][-4 + i] = len(data)
-        header = tg.zstd22(json.dumps(index).encode())
         parts = [payload[a:b] for a, b in zip(ends[-5:-1], ends[-4:])]
         parts[i] = data
+        header = tg.zstd22(json.dumps(dict(index, frames=[*index["frames"][:-4],
+                                                          *map(len, parts)])).encode())
         return (len(header).to_bytes(4, "little") + header + payload[start:ends[-5]]
                 + b"".join(parts))
 
@@ -1230,7 +1222,6 @@ def test_format3_damaged_stream_is_an_unreadable_payload(tmp_path):
         "tables_short": with_frame(1, tg.zstd22(short.tobytes())),
         "tables_moved": with_frame(1, tg.zstd22(moved.tobytes())),
         "state_bit": with_frame(2, (states ^ np.eye(1, len(states), 5, np.uint32)).tobytes()),
-        # the stream's last word, read when no lane reads another: only the end state tells
         "last_word_bit": payload[:-2] + bytes([payload[-2] ^ 1]) + payload[-1:],
     }
     assert len(states) > 1 and states[0] != states[-1]

@@ -46,8 +46,9 @@ def gaussian_bytes(codes: np.ndarray) -> float:
 def main(path: str) -> None:
     blob = Path(path).read_bytes()
     head = len(tg.ARTIFACT_MAGIC) + 32
-    formats = {magic: f for f, magic in tg.ARTIFACT_MAGICS.items()}
-    fmt = formats[blob[:len(tg.ARTIFACT_MAGIC)]]
+    fmt = tg.artifact_format(blob)
+    if fmt is None:
+        sys.exit(f"{path}: not an artifact of train_gpt.py")
     shape, packed = tg.deserialize(blob[head:], fmt)
     z = lambda a: len(tg.zstd22(np.ascontiguousarray(a).tobytes()))  # noqa: E731
     sums = dict(format1=0, format2=0, format3=0, order0_matrix=0.0, order0_row=0.0,
