@@ -16,16 +16,21 @@ file's dequantized weights (the plain roundtrip evaluation, no sliding window), 
 - `int6`: every matrix at int6, each row at its clip of least error, whatever its size;
 - `fisher_format1`, `fisher_format2`: `fisher` sized and written in the artifact's format 1
   (each tensor a zstd frame, rows in their own order) or 2 (rows by scale), where the script
-  writes format 3 (int5/int6 codes by rANS): what each format buys.
+  writes format 3 (int5/int6 codes by rANS): what each format buys;
+- `fisher_calN` (N a positive integer): `fisher` from a calibration of N steps' tokens (N
+  micro-batches a rank, the first the run's own), taken again on the trained weights after the
+  run: what a larger calibration buys (the record's one step on 8 GPUs is the proxy's 8).
 
 EXPORT_AB_RULES=fisher,fill picks and orders the rules (default: all but the fisher_format ones).
 
 The run then goes on to its own evaluation of its artifact. With EVAL_STRIDE=0 TTT_ENABLED=0 the
 A/B costs little more than the training.
 """
+import copy
 import importlib.util
 import inspect
 import os
+import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +53,23 @@ def export(args, base_model, log, rank, code_bytes, hessians, fisher=None):
     return real_export(args, base_model, log, rank, code_bytes, hessians, fisher)
 
 
+def train(*args, **kwargs):
+    seen["train"] = inspect.signature(real_train).bind(*args, **kwargs).arguments
+    return real_train(*args, **kwargs)
+
+
+def calibrated(args, steps: int):
+    """Hessians and Fisher sums of the run's calibration, over `steps` steps' tokens."""
+    at = seen["train"]
+    at["base_model"].load_state_dict(seen["state"])  # the trained weights, not the last rule's
+    longer = copy.copy(args)
+    longer.grad_accum_steps *= steps
+    longer.train_batch_tokens *= steps
+    hessians, fisher, _ = tg.collect_hessians(longer, at["base_model"], at["train_files"],
+                                              at["rank"], at["world_size"], at["device"])
+    return dict(hessians=hessians, fisher=fisher)
+
+
 def final_evaluation(args, base_model, evaluate, artifact_path, weights, code_bytes, log,
                      digest=None):
     if seen and int(os.environ.get("WORLD_SIZE", 1)) == 1:
@@ -59,6 +81,10 @@ def final_evaluation(args, base_model, evaluate, artifact_path, weights, code_by
                                                            rule=rule, fisher=seen["fisher"])
                  for rule in tg.EXPORT_RULES}
         rules["int6"] = lambda: tg.quantize_state(state, float("inf"), hessians, args.shape)
+        for name in (os.environ.get("EXPORT_AB_RULES") or "").split(","):
+            if match := CALIBRATED.fullmatch(name):
+                rules[name] = lambda steps=int(match[1]): tg.quantize_state(
+                    state, budget, shape=args.shape, **calibrated(args, steps))
         for fmt in (1, 2):
             rules[f"fisher_format{fmt}"] = lambda: tg.quantize_state(
                 state, budget, hessians, args.shape, fisher=seen["fisher"])
@@ -89,15 +115,17 @@ def final_evaluation(args, base_model, evaluate, artifact_path, weights, code_by
                                  log, digest)
 
 
+CALIBRATED = re.compile(r"fisher_cal([1-9][0-9]*)")
 RULES = (*tg.EXPORT_RULES, "int6", "fisher_format1", "fisher_format2",
          *(["old"] if os.environ.get("OLD_TRAIN_GPT") else []))
 if os.environ.get("EXPORT_AB_RULES") and (
-        unknown := set(os.environ["EXPORT_AB_RULES"].split(",")) - set(RULES)):
+        unknown := {name for name in os.environ["EXPORT_AB_RULES"].split(",")
+                    if name not in RULES and not CALIBRATED.fullmatch(name)}):
     sys.exit(f"EXPORT_AB_RULES: no rule {', '.join(sorted(unknown))}; rules: {', '.join(RULES)}"
              f" (old with OLD_TRAIN_GPT)")
-real_export, real_final_evaluation = tg.export, tg.final_evaluation
+real_export, real_final_evaluation, real_train = tg.export, tg.final_evaluation, tg.train
 artifact_format = tg.ARTIFACT_FORMAT
-tg.export, tg.final_evaluation = export, final_evaluation
+tg.export, tg.final_evaluation, tg.train = export, final_evaluation, train
 
 if __name__ == "__main__":
     tg.main()
