@@ -8,6 +8,7 @@ Each run works in its own temporary directory, which is where logs/ and the arti
 import json
 import math
 import os
+import queue
 import re
 import shutil
 import signal
@@ -69,12 +70,47 @@ PREFIX = dict(serialized="Serialized model", code="Code size", total="Total subm
 SCRIPT_VARS = set(re.findall(r'(?:_env|_flag|environ\.get)\(\s*"([A-Z0-9_]+)"', SCRIPT.read_text()))
 
 
+def script_env(env: dict) -> dict:
+    """env on top of a copy of os.environ without the script's variables, one thread a process."""
+    full_env = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS}
+    full_env.update(OMP_NUM_THREADS="1", **env)
+    return full_env
+
+
+class ForkRunner:
+    """`python train_gpt.py` as trainer() runs it, forked from one process that imported torch
+    once (tests/forkrun.py); for the many runs that stop at a bad input within a second."""
+
+    def __init__(self):
+        self.server = subprocess.Popen([sys.executable, str(Path(__file__).parent / "forkrun.py")],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                       env=script_env({}))
+
+    def run(self, cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        cwd.mkdir(parents=True, exist_ok=True)
+        out, err = cwd.parent / f"{cwd.name}.stdout", cwd.parent / f"{cwd.name}.stderr"
+        request = dict(script=str(SCRIPT), cwd=str(cwd), env=script_env(env), out=str(out),
+                       err=str(err), timeout=timeout)
+        self.server.stdin.write(json.dumps(request) + "\n")
+        self.server.stdin.flush()
+        reply = json.loads(self.server.stdout.readline() or '{"returncode": null}')
+        args = [sys.executable, str(SCRIPT)]
+        if reply.get("timeout"):
+            raise subprocess.TimeoutExpired(args, timeout, output=out.read_text())
+        assert reply["returncode"] is not None, "tests/forkrun.py ended"
+        return subprocess.CompletedProcess(args, reply["returncode"], out.read_text(),
+                                           err.read_text())
+
+    def close(self):
+        self.server.stdin.close()
+        self.server.wait(timeout=60)
+
+
 def trainer(cwd: Path, env: dict, nproc: int = 0, timeout: float = TIMEOUT_S,
             script: Path = SCRIPT) -> subprocess.CompletedProcess:
     """Runs `python train_gpt.py` (or torchrun with nproc processes) in cwd with env on top of a
     cleaned copy of os.environ."""
-    full_env = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS}
-    full_env.update(OMP_NUM_THREADS="1", **env)
+    full_env = script_env(env)
     launcher = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc else [])
     cwd.mkdir(parents=True, exist_ok=True)
@@ -1012,8 +1048,9 @@ BAD_INPUT = {
 
 @pytest.fixture(scope="module")
 def bad_input_runs(request, dataset, tmp_path_factory):
-    """Runs the selected cases two at a time (each is mostly torch's import, on one core), each in
-    an empty directory of its own. Returns case -> (process, its directory, names to find)."""
+    """Runs the selected cases two at a time, each in an empty directory of its own, forked from
+    processes that imported torch once (ForkRunner: a case is then its own work, not the import).
+    Returns case -> (process, its directory, names to find)."""
     cases = [item.callspec.params["case"] for item in request.session.items
              if getattr(item, "function", None) is test_bad_input]
     # trained only if needed
@@ -1029,15 +1066,27 @@ def bad_input_runs(request, dataset, tmp_path_factory):
             failed[case] = e
             continue
         jobs[case] = (root / "cwd", {**dataset["env"], "RUN_ID": "bad", **env}, names)
+    runners = queue.Queue()
+
     def attempt(cwd, env):
+        runner = runners.get()  # one a thread: each serves one request at a time
         try:
-            return trainer(cwd, env, timeout=BAD_INPUT_TIMEOUT_S)
+            return runner.run(cwd, env, timeout=BAD_INPUT_TIMEOUT_S)
         except subprocess.TimeoutExpired as e:  # a hang fails its own case
             return e
+        finally:
+            runners.put(runner)
 
-    with ThreadPoolExecutor(2) as pool:
-        procs = {case: pool.submit(attempt, cwd, env) for case, (cwd, env, _) in jobs.items()}
-        done = {case: (procs[case].result(), cwd, names) for case, (cwd, _, names) in jobs.items()}
+    for _ in range(2):
+        runners.put(ForkRunner())
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            procs = {case: pool.submit(attempt, cwd, env) for case, (cwd, env, _) in jobs.items()}
+            done = {case: (procs[case].result(), cwd, names)
+                    for case, (cwd, _, names) in jobs.items()}
+    finally:
+        while not runners.empty():
+            runners.get().close()
     return dict(failed, **{case: r[0] if isinstance(r[0], Exception) else r
                            for case, r in done.items()})
 
