@@ -110,11 +110,10 @@ def trainer(cwd: Path, env: dict, nproc: int = 0, timeout: float = TIMEOUT_S,
             script: Path = SCRIPT) -> subprocess.CompletedProcess:
     """Runs `python train_gpt.py` (or torchrun with nproc processes) in cwd with env on top of a
     cleaned copy of os.environ."""
-    full_env = script_env(env)
     launcher = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc else [])
     cwd.mkdir(parents=True, exist_ok=True)
-    return subprocess.run([sys.executable, *launcher, str(script)], cwd=cwd, env=full_env,
+    return subprocess.run([sys.executable, *launcher, str(script)], cwd=cwd, env=script_env(env),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -686,10 +685,8 @@ def wait_for(predicate, proc, timeout=120.0):
 
 
 def start(cwd: Path, env: dict, script: Path = SCRIPT) -> subprocess.Popen:
-    full_env = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS}
-    full_env.update(OMP_NUM_THREADS="1", **env)
     cwd.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, str(script)], cwd=cwd, env=full_env,
+    return subprocess.Popen([sys.executable, str(script)], cwd=cwd, env=script_env(env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -777,9 +774,8 @@ def ranks(cwd: Path, env: dict, world_size: int, timeout: float) -> list:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    full_env = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS}
-    full_env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                    WORLD_SIZE=str(world_size), **env)
+    full_env = script_env(dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                               WORLD_SIZE=str(world_size), **env))
     cwd.mkdir(parents=True, exist_ok=True)
     procs = [subprocess.Popen([sys.executable, str(SCRIPT)], cwd=cwd, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -81,21 +81,18 @@ def final_evaluation(args, base_model, evaluate, artifact_path, weights, code_by
                                                            rule=rule, fisher=seen["fisher"])
                  for rule in tg.EXPORT_RULES}
         rules["int6"] = lambda: tg.quantize_state(state, float("inf"), hessians, args.shape)
-        for name in (os.environ.get("EXPORT_AB_RULES") or "").split(","):
+        rules["fisher_format1"] = rules["fisher_format2"] = rules["fisher"]  # format: below
+        for name in REQUESTED:
             if match := CALIBRATED.fullmatch(name):
                 rules[name] = lambda steps=int(match[1]): tg.quantize_state(
                     state, budget, shape=args.shape, **calibrated(args, steps))
-        for fmt in (1, 2):
-            rules[f"fisher_format{fmt}"] = lambda: tg.quantize_state(
-                state, budget, hessians, args.shape, fisher=seen["fisher"])
         if os.environ.get("OLD_TRAIN_GPT"):
             old = load(os.environ["OLD_TRAIN_GPT"], "old_train_gpt")
             takes_shape = "shape" in inspect.signature(old.quantize_state).parameters
             rules["old"] = lambda: old.quantize_state(
                 state, 0.985 * budget, hessians, *[args.shape][:takes_shape])
-        chosen = os.environ.get("EXPORT_AB_RULES") or ",".join(
-            name for name in rules if "_format" not in name)
-        rules = {name: rules[name] for name in chosen.split(",")}
+        chosen = REQUESTED or [name for name in rules if "_format" not in name]
+        rules = {name: rules[name] for name in chosen}
         path = f"{artifact_path}.ab"
         for name, rule in rules.items():
             # sized and written in that format
@@ -118,9 +115,9 @@ def final_evaluation(args, base_model, evaluate, artifact_path, weights, code_by
 CALIBRATED = re.compile(r"fisher_cal([1-9][0-9]*)")
 RULES = (*tg.EXPORT_RULES, "int6", "fisher_format1", "fisher_format2",
          *(["old"] if os.environ.get("OLD_TRAIN_GPT") else []))
-if os.environ.get("EXPORT_AB_RULES") and (
-        unknown := {name for name in os.environ["EXPORT_AB_RULES"].split(",")
-                    if name not in RULES and not CALIBRATED.fullmatch(name)}):
+REQUESTED = os.environ["EXPORT_AB_RULES"].split(",") if os.environ.get("EXPORT_AB_RULES") else []
+if unknown := {name for name in REQUESTED
+               if name not in RULES and not CALIBRATED.fullmatch(name)}:
     sys.exit(f"EXPORT_AB_RULES: no rule {', '.join(sorted(unknown))}; rules: {', '.join(RULES)}"
              f" (old with OLD_TRAIN_GPT)")
 real_export, real_final_evaluation, real_train = tg.export, tg.final_evaluation, tg.train
