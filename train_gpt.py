@@ -179,7 +179,8 @@ class Hyperparameters:
         self.coda_lr = _env("CODA_LR", self.scalar_lr, float)
         self.tied_embed_lr = _env("TIED_EMBED_LR", 0.035, float)
         self.tied_embed_init_std = _env("TIED_EMBED_INIT_STD", 0.005, float)
-        self.muon_wd = _env("MUON_WD", 0.09, float)  # with EMA: weights that compress better
+        # 0.09: weights that compress better; the EMA makes up what the decay costs in training.
+        self.muon_wd = _env("MUON_WD", 0.09, float)
         self.muon_row_norm = _flag("MUON_ROW_NORM", True)
         self.adam_wd = _env("ADAM_WD", 0.04, float)
         self.grad_clip_norm = _env("GRAD_CLIP_NORM", 0.3, float)

@@ -119,7 +119,7 @@ REQUESTED = os.environ["EXPORT_AB_RULES"].split(",") if os.environ.get("EXPORT_A
 if unknown := {name for name in REQUESTED
                if name not in RULES and not CALIBRATED.fullmatch(name)}:
     sys.exit(f"EXPORT_AB_RULES: no rule {', '.join(sorted(unknown))}; rules: {', '.join(RULES)}"
-             f" (old with OLD_TRAIN_GPT)")
+             f", fisher_calN (N >= 1) (old with OLD_TRAIN_GPT)")
 real_export, real_final_evaluation, real_train = tg.export, tg.final_evaluation, tg.train
 artifact_format = tg.ARTIFACT_FORMAT
 tg.export, tg.final_evaluation, tg.train = export, final_evaluation, train
