@@ -97,6 +97,10 @@ def _env(name: str, default, cast=int):
     return value
 
 
+def _text(name: str, default):
+    return os.environ.get(name, "").strip() or default
+
+
 def _layers(name: str) -> tuple[int, ...]:
     raw = os.environ.get(name, "").strip()
     try:
@@ -120,11 +124,11 @@ def _flag(name: str, default: bool) -> bool:
 
 class Hyperparameters:
     def __init__(self, world_size: int = 1):
-        self.data_path = os.environ.get("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
-        self.tokenizer_path = os.environ.get("TOKENIZER_PATH",
-                                             "./data/tokenizers/fineweb_1024_bpe.model")
+        self.data_path = _text("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
+        self.tokenizer_path = _text("TOKENIZER_PATH",
+                                    "./data/tokenizers/fineweb_1024_bpe.model")
         self.vocab_size = _env("VOCAB_SIZE", 1024)
-        self.run_id = os.environ.get("RUN_ID") or str(uuid.uuid4())
+        self.run_id = _text("RUN_ID", None) or str(uuid.uuid4())
         self.seed = _env("SEED", 1337)
         # Shape.
         self.num_layers = _env("NUM_LAYERS", 11)
@@ -144,7 +148,7 @@ class Hyperparameters:
             self.coda_last_n = self.num_layers
         group = self.num_heads // max(self.num_kv_heads, 1)
         self.coda_noise_heads = _env("CODA_NOISE_HEADS", group)  # one per head
-        self.coda_head_norm = os.environ.get("CODA_HEAD_NORM") or "rms"
+        self.coda_head_norm = _text("CODA_HEAD_NORM", "rms")
         self.coda_lambda_init = _env("CODA_LAMBDA_INIT", CODA_LAMBDA_INIT, float)
         self.ve_last_n = _env("VE_LAST_N", 0)
         self.ve_dim = _env("VE_DIM", 128)
@@ -155,9 +159,9 @@ class Hyperparameters:
         self.ln_scale = _flag("LN_SCALE", False)
         self.late_qat = _env("LATE_QAT", 0.0, float)
         self.gptq = _flag("GPTQ", True)
-        self.export_rule = os.environ.get("EXPORT_RULE") or EXPORT_RULES[0]
+        self.export_rule = _text("EXPORT_RULE", EXPORT_RULES[0])
         # Training.
-        self.data_order = os.environ.get("DATA_ORDER") or DATA_ORDERS[0]
+        self.data_order = _text("DATA_ORDER", DATA_ORDERS[0])
         self.train_seq_len = _env("TRAIN_SEQ_LEN", 2048)
         self.eval_seq_len = _env("EVAL_SEQ_LEN", 2048)
         self.train_batch_tokens = _env("TRAIN_BATCH_TOKENS", 786_432)
@@ -192,8 +196,8 @@ class Hyperparameters:
         self.val_loss_every = _env("VAL_LOSS_EVERY", 0)
         self.train_log_every = _env("TRAIN_LOG_EVERY", 200)
         self.coda_stats = _flag("CODA_STATS", False)
-        self.load_artifact = os.environ.get("LOAD_ARTIFACT") or None
-        self.artifact_path = os.environ.get("ARTIFACT_PATH") or "final_model.int6.ptz"
+        self.load_artifact = _text("LOAD_ARTIFACT", None)
+        self.artifact_path = _text("ARTIFACT_PATH", "final_model.int6.ptz")
         self.artifact_limit_bytes = _env("ARTIFACT_LIMIT_BYTES", 16_000_000)
         # Legal score-first test-time training.
         self.ttt_enabled = _flag("TTT_ENABLED", True)
@@ -204,7 +208,7 @@ class Hyperparameters:
         self.ttt_freeze_blocks = _env("TTT_FREEZE_BLOCKS", 0)
         self.ttt_grad_clip = _env("TTT_GRAD_CLIP", 1.0, float)
         self.ttt_max_seconds = _env("TTT_MAX_SECONDS", 450.0, float)
-        self.ttt_mode = os.environ.get("TTT_MODE") or TTT_MODES[0]
+        self.ttt_mode = _text("TTT_MODE", TTT_MODES[0])
         self.ttt_lora_rank = _env("TTT_LORA_RANK", 96)
         self.ttt_lora_lr = _env("TTT_LORA_LR", 3e-4, float)
         self.ttt_lora_chunk = _env("TTT_LORA_CHUNK", 64)

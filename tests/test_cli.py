@@ -67,7 +67,8 @@ PREFIX = dict(serialized="Serialized model", code="Code size", total="Total subm
 
 # Every variable the script reads is taken out of the inherited environment, so that nothing a
 # developer exported (DATA_PATH, RANK, ...) leaks into a test; each test sets what it needs.
-SCRIPT_VARS = set(re.findall(r'(?:_env|_flag|environ\.get)\(\s*"([A-Z0-9_]+)"', SCRIPT.read_text()))
+SCRIPT_VARS = set(re.findall(r'(?:_env|_flag|_text|_layers|environ\.get)\(\s*"([A-Z0-9_]+)"',
+                             SCRIPT.read_text()))
 
 
 def script_env(env: dict) -> dict:

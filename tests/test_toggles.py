@@ -230,7 +230,7 @@ def test_readme_toggles_table_gives_the_scripts_defaults_and_every_variable(monk
     """Each default in the README's table is the one the script uses (a default changed in one place
     only fails here), and every variable the script reads is in the table."""
     script = (ROOT / "train_gpt.py").read_text()
-    read = set(re.findall(r'(?:_env|_flag|environ\.get)\(\s*"([A-Z0-9_]+)"', script))
+    read = set(re.findall(r'(?:_env|_flag|_text|_layers|environ\.get)\(\s*"([A-Z0-9_]+)"', script))
     for name in read:
         monkeypatch.delenv(name, raising=False)
     args = tg.Hyperparameters(1)
@@ -264,6 +264,23 @@ def test_readme_toggles_table_gives_the_scripts_defaults_and_every_variable(monk
                 assert value == default, (name, value, default)
             checked += 1
     assert checked >= 45
+
+
+def test_an_empty_value_is_the_default_for_every_variable(monkeypatch):
+    """The contract: an empty value counts as unset. Every variable the script reads, set to ""
+    (and to blanks), gives the same Hyperparameters as when it is not set at all."""
+    script = (ROOT / "train_gpt.py").read_text()
+    read = set(re.findall(r'(?:_env|_flag|_text|_layers|environ\.get)\(\s*"([A-Z0-9_]+)"', script))
+    read -= {"RANK", "WORLD_SIZE", "LOCAL_RANK", "RUN_ID"}  # torchrun's; RUN_ID: a fresh uuid
+    for name in read | {"RUN_ID"}:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RUN_ID", "r")
+    unset = vars(tg.Hyperparameters(1))
+    for blank in ("", " "):
+        for name in read:
+            monkeypatch.setenv(name, blank)
+        got = vars(tg.Hyperparameters(1))
+        assert got == unset, {k: (got[k], unset[k]) for k in unset if got[k] != unset[k]}
 
 
 def test_parallel_block_with_unit_gains_is_the_serial_block():
