@@ -207,7 +207,7 @@ class Hyperparameters:
         self.ttt_momentum = _env("TTT_MOMENTUM", 0.9, float)
         self.ttt_freeze_blocks = _env("TTT_FREEZE_BLOCKS", 0)
         self.ttt_grad_clip = _env("TTT_GRAD_CLIP", 1.0, float)
-        self.ttt_max_seconds = _env("TTT_MAX_SECONDS", 450.0, float)
+        self.ttt_max_seconds = _env("TTT_MAX_SECONDS", 540.0, float)
         self.ttt_mode = _text("TTT_MODE", TTT_MODES[0])
         self.ttt_lora_rank = _env("TTT_LORA_RANK", 96)
         self.ttt_lora_lr = _env("TTT_LORA_LR", 3e-4, float)
@@ -1202,8 +1202,10 @@ class Evaluator:
         return loss, loss / math.log(2.0) * n_tokens / n_bytes, int(n_tokens), int(n_bytes)
 
 
-def test_time_train(ev: Evaluator, stride: int, model: GPT, nll_fn, args, log) -> tuple:
-    """Legal score-first TTT: each chunk is scored, then trained on. The result, chunk sums."""
+def test_time_train(ev: Evaluator, stride: int, model: GPT, nll_fn, args, log,
+                    spent: float = 0.0) -> tuple:
+    """Legal score-first TTT: each chunk is scored, then trained on. The result, chunk sums.
+    spent: seconds of the evaluation before TTT, which count against TTT_MAX_SECONDS."""
     rank, world, L, t0, score_s = ev.rank, ev.world_size, ev.seq_len, time.perf_counter(), 0.0
     sync = torch.cuda.synchronize if ev.device.type == "cuda" else (lambda: None)
     plan = torch.tensor(plan_windows(ev.num_targets, L, stride), dtype=torch.int64).view(-1, 2)
@@ -1232,7 +1234,7 @@ def test_time_train(ev: Evaluator, stride: int, model: GPT, nll_fn, args, log) -
         if c == len(chunks) - 1 or n == 0 or stopped:  # nothing is scored after the last chunk
             continue
         if args.ttt_max_seconds > 0:  # train on while the rest can be scored in time, at this rate
-            elapsed, rest = time.perf_counter() - t0, 0.0
+            elapsed, rest = spent + time.perf_counter() - t0, 0.0
             if first is None and c > 0:  # the rates leave chunk 0 out: it carries the compiling
                 first = (c, elapsed, score_s)
             elif first is not None:  # since then: k chunks trained, k scored
@@ -1351,11 +1353,13 @@ LORA_SCORE_SHARE = 0.5
 LORA_PIECE_TARGETS = 65536
 
 
-def doc_test_time_train(ev: Evaluator, model: GPT, nll_fn, args, log, bos: int) -> tuple:
+def doc_test_time_train(ev: Evaluator, model: GPT, nll_fn, args, log, bos: int,
+                        spent: float = 0.0) -> tuple:
     """Legal score-first TTT per document (a long one in pieces): its chunks of TTT_LORA_CHUNK
     targets in order, each scored by the window of EVAL_SEQ_LEN tokens ending with it, then one
     step of the document's own adapters on it; a row takes the next document when its own ends.
-    Returns the result and each target's nll (this rank's documents; 0 elsewhere)."""
+    spent: as in test_time_train. Returns the result and each target's nll (this rank's
+    documents; 0 elsewhere)."""
     rank, world, L, t0 = ev.rank, ev.world_size, ev.seq_len, time.perf_counter()
     C, rows, N, dev = min(args.ttt_lora_chunk, L), args.ttt_lora_batch, ev.num_targets, ev.device
     starts = document_pieces(ev.tokens, bos, N, C)
@@ -1386,7 +1390,7 @@ def doc_test_time_train(ev: Evaluator, model: GPT, nll_fn, args, log, bos: int) 
                 f"time:{time.perf_counter() - t0:.1f}s")
         started += len(fresh)
         if args.ttt_max_seconds > 0 and not stopped:  # train on while the rest fits, at this rate
-            elapsed, rest = time.perf_counter() - t0, 0.0
+            elapsed, rest = spent + time.perf_counter() - t0, 0.0
             if first is None and steps > 0:  # the rate leaves step 0 out: it holds the compiling
                 first = (steps, elapsed)
             elif first is not None:  # one more step trained, the rest scored (no backward)
@@ -2385,7 +2389,7 @@ def coda_logger(args, base_model: GPT, tokens: Tensor, log):
 def train(args, model, base_model, muon, optimizers, train_files, evaluate, log, rank, world_size,
           device, log_coda=lambda step: None):
     """The loop under the cap: (steps, training ms, GPTQ's Hessians and the Fisher rule's row
-    weights, each None without a calibration)."""
+    weights, each None without a calibration, the perf_counter time at which the loop ended)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     run_step = lambda loader: train_step(args, model, base_model, optimizers, loader)  # noqa: E731
 
@@ -2442,7 +2446,8 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         last_step = step == args.iterations or step == stop_at
         if last_step or (args.val_loss_every > 0 and step > 0 and step % args.val_loss_every == 0):
             sync()
-            train_ms += 1000.0 * (time.perf_counter() - t0)
+            ended = time.perf_counter()  # at the last step, the evaluation's clock starts here
+            train_ms += 1000.0 * (ended - t0)
             val_loss, val_bpb, _, _ = evaluate()
             log(f"step:{step}/{args.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
@@ -2497,7 +2502,7 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
     log_coda(step)
     log(f"weights for export: {average.apply()}")
     if not args.gptq:
-        return step, train_ms, None, None
+        return step, train_ms, None, None, ended
     started, (_, piece_ms, reduce_ms) = time.perf_counter(), measured.tolist()
 
     def time_left_ms() -> float:
@@ -2514,8 +2519,8 @@ def train(args, model, base_model, muon, optimizers, train_files, evaluate, log,
         + (f" of {cap_ms:.0f}ms" if cap_ms > 0 else ""))
     if tokens.item() == 0:  # no time left for any piece: the export rounds
         log("gptq_calibration: no time left inside the cap; exporting without GPTQ")
-        return step, train_ms, None, None
-    return step, train_ms, hessians, fisher
+        return step, train_ms, None, None, ended
+    return step, train_ms, hessians, fisher, ended
 
 
 def check_inputs(args: Hyperparameters):
@@ -2658,7 +2663,8 @@ def make_evaluate(args, base_model: GPT, sp, tokens: Tensor, compile_fn, log, ra
     counted: list[tuple[int, int]] = []
     lora_fn: list = []
 
-    def evaluate(stride: int | None = None, ttt: bool = False) -> tuple[float, float, int, int]:
+    def evaluate(stride: int | None = None, ttt: bool = False,
+                 spent: float = 0.0) -> tuple[float, float, int, int]:
         stride = stride or args.eval_seq_len
         if stride not in evaluators:
             evaluators[stride] = Evaluator(tokens, args.eval_seq_len, stride, luts, device, rank,
@@ -2668,9 +2674,10 @@ def make_evaluate(args, base_model: GPT, sp, tokens: Tensor, compile_fn, log, ra
             if not lora_fn:  # its own graph: the adapters are inputs and need gradients
                 lora_fn.append(compile_fn(base_model.token_nll, dynamic=False))
             result = doc_test_time_train(evaluators[stride], base_model, lora_fn[0], args, log,
-                                         sp.bos_id())[0]
+                                         sp.bos_id(), spent)[0]
         elif ttt:
-            result = test_time_train(evaluators[stride], stride, base_model, nll_fn, args, log)[0]
+            result = test_time_train(evaluators[stride], stride, base_model, nll_fn, args, log,
+                                     spent)[0]
         else:
             result = evaluators[stride](nll_fn)
         base_model.train()
@@ -2715,8 +2722,12 @@ def export(args, base_model: GPT, log, rank: int, code_bytes: int,
 
 
 def final_evaluation(args, base_model: GPT, evaluate, artifact_path: str, weights,
-                     code_bytes: int, log, digest: bytes | None = None) -> dict:
-    """Scores the file on disk whose sha256 is digest: the artifact alone decides."""
+                     code_bytes: int, log, digest: bytes | None = None,
+                     t_eval: float | None = None) -> dict:
+    """Scores the file on disk whose sha256 is digest: the artifact alone decides. t_eval: when
+    the evaluation's clock started (the end of training; default now), which TTT_MAX_SECONDS
+    and the evaluation_time line count from."""
+    t_eval = time.perf_counter() if t_eval is None else t_eval
     model_bytes = os.path.getsize(artifact_path)
     log(f"Serialized model int6+zstd: {model_bytes} bytes")
     log(f"Code size: {code_bytes} bytes")
@@ -2736,9 +2747,11 @@ def final_evaluation(args, base_model: GPT, evaluate, artifact_path: str, weight
         log(f"sliding_window_eval stride:{args.eval_stride} time:{time.perf_counter() - t0:.1f}s")
         result.update(score="final_int6_sliding_window_exact")
     if args.ttt_enabled:  # last: it trains the model
-        val_loss, val_bpb, _, _ = evaluate(args.eval_stride, ttt=True)
+        val_loss, val_bpb, _, _ = evaluate(args.eval_stride, ttt=True,
+                                           spent=time.perf_counter() - t_eval)
         log(f"legal_ttt_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
         result.update(score="legal_ttt_exact", ttt_val_loss=val_loss, ttt_val_bpb=val_bpb)
+    log(f"evaluation_time:{time.perf_counter() - t_eval:.1f}s")
     return dict(result, val_loss=val_loss, val_bpb=val_bpb)
 
 
@@ -2786,6 +2799,7 @@ def run(held: ExitStack) -> int:
     report = dict(seed=args.seed, step=0, step_avg_ms=None, pre_quant_val_bpb=None,
                   artifact=args.load_artifact or args.artifact_path)
     code_bytes, digest = os.path.getsize(__file__), None
+    t_eval = time.perf_counter()  # the evaluation's clock (with LOAD_ARTIFACT; else below)
 
     if weights is None:  # train, average, export
         model = compile_fn(base_model, dynamic=False)
@@ -2793,7 +2807,7 @@ def run(held: ExitStack) -> int:
             model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
         muon, optimizers = make_optimizers(base_model, args,
                                            compile_fn(newton_schulz, dynamic=False))
-        steps, train_ms, hessians, fisher = train(
+        steps, train_ms, hessians, fisher, t_eval = train(  # t_eval: when the loop ended
             args, model, base_model, muon, optimizers, train_files, evaluate, log, rank,
             world_size, device, coda_logger(args, base_model, val_tokens, log))
         if cuda:
@@ -2805,7 +2819,7 @@ def run(held: ExitStack) -> int:
                       pre_quant_val_bpb=pre_bpb)
         digest = export(args, base_model, log, rank, code_bytes, hessians, fisher)
     report.update(final_evaluation(args, base_model, evaluate, report["artifact"], weights,
-                                   code_bytes, log, digest))
+                                   code_bytes, log, digest, t_eval=t_eval))
     return write_report(args, report, log, rank)
 
 

@@ -52,6 +52,7 @@ CONTRACT = {
     "sliding": re.compile(rf"final_int6_sliding_window_exact val_loss:{FLOAT8} val_bpb:{FLOAT8}"),
     "val_tokens": re.compile(r"val_tokens:(\d+) val_bytes:(\d+)"),
     "ttt": re.compile(rf"legal_ttt_exact val_loss:{FLOAT8} val_bpb:{FLOAT8}"),
+    "eval_time": re.compile(r"evaluation_time:(\d+\.\d)s"),
     "ttt_eval": re.compile(r"ttt_eval chunks:(\d+) tokens:(\d+) time:\d+\.\ds "
                            # sgd | lora
                            r"(?:score:\d+\.\ds train:\d+\.\ds|docs:(\d+) steps:(\d+))"),
@@ -63,7 +64,8 @@ CODA_STATS_LINE = re.compile(r"coda_stats step:(\d+) layer:(\d+) lambda_mean:(\d
 # What each contract line starts with: a second line with that start, in any format, is a duplicate.
 PREFIX = dict(serialized="Serialized model", code="Code size", total="Total submission size",
               roundtrip="final_int6_roundtrip_exact", sliding="final_int6_sliding_window_exact",
-              val_tokens="val_tokens:", ttt="legal_ttt_exact", ttt_eval="ttt_eval")
+              val_tokens="val_tokens:", ttt="legal_ttt_exact", ttt_eval="ttt_eval",
+              eval_time="evaluation_time:")
 
 # Every variable the script reads is taken out of the inherited environment, so that nothing a
 # developer exported (DATA_PATH, RANK, ...) leaks into a test; each test sets what it needs.
@@ -234,6 +236,9 @@ def test_ddp_contract_lines_once_and_sizes_add_up(ddp_run):
     total = int(contract_line(log, "total").group(1))
     contract_line(log, "roundtrip")
     contract_line(log, "sliding")
+    # The evaluation's clock runs from the end of the training loop: it holds the sliding one.
+    sliding_s = float(re.search(r"sliding_window_eval stride:\d+ time:(\d+\.\d)s", log)[1])
+    assert float(contract_line(log, "eval_time")[1]) >= sliding_s
     assert code == os.path.getsize(SCRIPT)
     assert serialized == os.path.getsize(ddp_run["artifact"])
     assert total == serialized + code
@@ -241,7 +246,7 @@ def test_ddp_contract_lines_once_and_sizes_add_up(ddp_run):
     assert sum(line.startswith("gptq_calibration: 256 tokens in ") and "(reserved 0ms)" in line
                for line in log.splitlines()) == 1, log
     # Rank 0 prints what it logs, once: the console shows each final line once too.
-    for key in ("roundtrip", "sliding", "total"):
+    for key in ("roundtrip", "sliding", "total", "eval_time"):
         assert sum(line.startswith(PREFIX[key])
                    for line in ddp_run["proc"].stdout.splitlines()) == 1
 
@@ -547,6 +552,9 @@ def test_ttt_run_scores_last_and_leaves_the_other_scores_alone(ttt_run, single_r
     lines = log.splitlines()
     assert lines.index(ttt.group(0)) > lines.index(contract_line(log, "sliding").group(0))
     assert ttt.group(2) != contract_line(log, "sliding").group(2)  # it trained
+    eval_time = contract_line(log, "eval_time")  # last, and it holds TTT's time
+    assert lines.index(eval_time.group(0)) == lines.index(ttt.group(0)) + 1
+    assert float(eval_time[1]) >= float(re.search(r" time:(\d+\.\d)s", ttt_eval.group(0))[1])
     report = json.loads(ttt_run["json_path"].read_text())
     assert report["score"] == "legal_ttt_exact"
     assert (f"{report['val_loss']:.8f}", f"{report['val_bpb']:.8f}") == ttt.groups()

@@ -53,12 +53,13 @@ def tiny_gpt64():
     return model
 
 
-def run_ttt(tokens, luts, args, model=None, stride=STRIDE, rank=0, world=1, nll_fn=None):
+def run_ttt(tokens, luts, args, model=None, stride=STRIDE, rank=0, world=1, nll_fn=None,
+            spent=0.0):
     model = model if model is not None else tiny_gpt()
     ev = tg.Evaluator(tokens, L, stride, luts, CPU, rank, world, batch_tokens=3 * L)
     logs = []
     result, sums = tg.test_time_train(ev, stride, model, nll_fn or per_row(model), args,
-                                      logs.append)
+                                      logs.append, spent)
     return result, sums, logs
 
 
@@ -173,6 +174,21 @@ def test_a_time_limit_already_reached_scores_every_chunk_untrained(val):
             and not [x for x in logs if "stopped" in x])
 
 
+def test_the_evaluations_time_before_ttt_counts_against_the_limit(val):
+    """TTT_MAX_SECONDS bounds the evaluation, not TTT alone: 1,000 s spent before TTT against a
+    1,000 s limit stops training at the first chunk, as a limit already reached does, and the stop
+    line gives the evaluation's time; the same limit with nothing spent trains on every chunk."""
+    tokens, luts = val
+    _, sums, logs = run_ttt(tokens, luts, ttt_args(max_seconds=1000.0), spent=1000.0)
+    assert torch.equal(sums, run_ttt(tokens, luts, ttt_args(max_seconds=1e-9))[1])
+    stop = [line for line in logs if "stopped" in line]
+    assert len(stop) == 1 and "chunk 1/" in stop[0], logs
+    assert 1000.0 <= float(stop[0].split(" at ")[2].split("s ")[0]) < 1100.0
+    _, free, logs = run_ttt(tokens, luts, ttt_args(max_seconds=1000.0), spent=0.0)
+    assert not [line for line in logs if "stopped" in line]
+    assert torch.equal(free, run_ttt(tokens, luts, ttt_args())[1])
+
+
 def test_the_first_chunks_compiling_is_not_taken_for_the_rate(val):
     """A first scoring call 3 s slow (as compiling makes it) would project 3 s for each of the 4
     chunks left, over a 10 s limit; the rates come from the chunks after it, so TTT trains on every
@@ -283,3 +299,27 @@ def test_two_ranks_gloo_equal_one_process(val, tmp_path):
         assert [s[1:] for s in sums] == one[:, 1:].tolist()
         assert [s[0] for s in sums] == pytest.approx(one[:, 0].tolist(), rel=1e-12, abs=0)
         assert scores == pytest.approx(list(result[:2]), rel=1e-12, abs=0)
+
+
+def test_final_evaluation_hands_ttt_the_time_since_training_ended(tmp_path):
+    """The run starts the evaluation's clock when the training loop ends: the evaluations before
+    TTT (and the export) are spent out of TTT_MAX_SECONDS, and evaluation_time reports the whole.
+    Without a start (LOAD_ARTIFACT) the clock starts with the evaluation."""
+    model, calls, logs = tiny_gpt(), [], []
+    artifact = tmp_path / "a.ptz"
+    artifact.write_bytes(b"x" * 10)
+
+    def evaluate(stride=None, ttt=False, spent=0.0):
+        calls.append((stride, ttt, spent))
+        return 1.0, 1.5, 10, 20
+    args = types.SimpleNamespace(eval_stride=STRIDE, ttt_enabled=True)
+    weights = model.state_dict()
+    result = tg.final_evaluation(args, model, evaluate, str(artifact), weights, 5, logs.append,
+                                 t_eval=time.perf_counter() - 100.0)
+    assert [c[:2] for c in calls] == [(None, False), (STRIDE, False), (STRIDE, True)]
+    assert 100.0 <= calls[-1][2] < 110.0 and result["score"] == "legal_ttt_exact"
+    reported = [line for line in logs if line.startswith("evaluation_time:")]
+    assert len(reported) == 1 and 100.0 <= float(reported[0][16:-1]) < 110.0, logs
+    calls.clear()
+    tg.final_evaluation(args, model, evaluate, str(artifact), weights, 5, logs.append)
+    assert 0.0 <= calls[-1][2] < 10.0

@@ -248,6 +248,31 @@ def test_a_time_limit_reached_midway_trains_until_the_rest_only_fits_scored(val,
     assert any(torch.equal(at[s:e], untrained[s:e]) for s, e in docs)  # begun after the stop
 
 
+def test_the_evaluations_time_before_ttt_counts_against_the_limit(val, monkeypatch):
+    """TTT_MAX_SECONDS bounds the evaluation, not TTT alone: with 100 s spent before TTT and the
+    limit 100 s higher, TTT stops at the same step with the same scores as with nothing spent, and
+    its stop line gives the evaluation's time, the 100 s included."""
+    tokens, luts = val
+    clock, model, ticking = fake_clock(monkeypatch)
+
+    def run(limit, spent):
+        clock[0], logs = 0.0, []
+        ev = tg.Evaluator(tokens, L, L, luts, CPU, 0, 1)
+        result, nll_at = tg.doc_test_time_train(ev, model, ticking,
+                                                lora_args(batch=2, max_seconds=limit),
+                                                logs.append, BOS, spent)
+        return result, nll_at, [line for line in logs if "stopped" in line], logs
+    steps = int(run(0.0, 0.0)[3][-1].split("steps:")[1])
+    result, nll_at, stop, _ = run(0.75 * steps, 0.0)
+    later, later_at, later_stop, _ = run(0.75 * steps + 100.0, 100.0)
+    assert len(stop) == len(later_stop) == 1
+    assert later[:2] == result[:2] and torch.equal(later_at, nll_at)
+    at = [float(line.split(") at ")[1].split("s ")[0]) for line in (stop[0], later_stop[0])]
+    assert stop[0].split(") at ")[0] == later_stop[0].split(") at ")[0]  # the same step
+    assert at[1] == pytest.approx(at[0] + 100.0)
+    assert run(0.75 * steps, 100.0)[2] != stop  # the same limit with 100 s spent stops earlier
+
+
 def test_the_time_limit_projects_a_long_piece_not_only_the_even_share(val, monkeypatch):
     """One document of 75 chunks and 16 rows: the rest is the piece's own chunks, not 1/16 of them.
     The same clock; projecting only the even share would train on past the limit and end 9 s over

@@ -67,9 +67,9 @@ def ttt_fields(overrides: dict, world_size: int) -> dict:
 
 
 def final_evaluation(args, base_model, evaluate, artifact_path, weights, code_bytes, log,
-                     digest=None):
+                     digest=None, t_eval=None):
     result = real_final_evaluation(args, base_model, evaluate, artifact_path, weights,
-                                   code_bytes, log, digest)
+                                   code_bytes, log, digest, t_eval)
     sliding = result["val_bpb"] if result["score"] == "final_int6_sliding_window_exact" else None
     cuda = base_model.tok_emb.weight.is_cuda
     for label, overrides in SETTINGS:
