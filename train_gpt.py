@@ -77,6 +77,8 @@ EXPORT_RULES = ("fisher", "fill", "rate")
 DATA_ORDERS = ("strided", "stream")
 # TTT's forms (the first is the default): LoRA per document; full-weight SGD on stream chunks.
 TTT_MODES = ("lora", "sgd")
+# Attention (the first is the default): FlashAttention-3 where it imports, else SDPA; SDPA only.
+ATTENTIONS = ("auto", "sdpa")
 
 
 class ConfigError(Exception):
@@ -162,6 +164,7 @@ class Hyperparameters:
         self.export_rule = _text("EXPORT_RULE", EXPORT_RULES[0])
         # Training.
         self.data_order = _text("DATA_ORDER", DATA_ORDERS[0])
+        self.attention = _text("ATTENTION", ATTENTIONS[0])
         self.train_seq_len = _env("TRAIN_SEQ_LEN", 2048)
         self.eval_seq_len = _env("EVAL_SEQ_LEN", 2048)
         self.train_batch_tokens = _env("TRAIN_BATCH_TOKENS", 786_432)
@@ -321,6 +324,8 @@ class Hyperparameters:
         need(self.ttt_grad_clip >= 0, f"TTT_GRAD_CLIP={self.ttt_grad_clip}: expected >= 0 (0: off)")
         need(self.ttt_max_seconds >= 0,
              f"TTT_MAX_SECONDS={self.ttt_max_seconds}: expected >= 0 (0: no limit)")
+        need(self.attention in ATTENTIONS,
+             f"ATTENTION={self.attention!r}: expected {', '.join(ATTENTIONS)}")
         need(self.ttt_mode in TTT_MODES,
              f"TTT_MODE={self.ttt_mode!r}: expected {', '.join(TTT_MODES)}")
         for name in ("TTT_LORA_RANK", "TTT_LORA_BATCH"):
@@ -760,6 +765,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=True, enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
+
+
+def choose_attention(args, device: torch.device) -> str:
+    """The kernel attention() runs on device: ATTENTION=sdpa turns FlashAttention-3 off for the
+    process (a fallback should it misbehave where it imports; every logged run took SDPA)."""
+    global FA3_DEVICE
+    if args.attention == "sdpa":
+        FA3_DEVICE = None
+    return "fa3" if device.type == FA3_DEVICE else "sdpa"
 
 
 def exclusive_reference(y: Tensor, v: Tensor) -> Tensor:
@@ -2784,8 +2798,9 @@ def run(held: ExitStack) -> int:
     log = RunLog(args.run_id, rank == 0)
     cuda = device.type == "cuda"
     log_environment(log, cuda)
+    kernel = choose_attention(args, device)
     log(f"run_id:{args.run_id} world_size:{world_size} grad_accum_steps:{args.grad_accum_steps} "
-        f"device:{device.type} attention:{'fa3' if device.type == FA3_DEVICE else 'sdpa'} "
+        f"device:{device.type} attention:{kernel} "
         f"torch:{torch.__version__}")
     config = " ".join(f"{k}={v}" for k, v in vars(args).items() if k != "world_size")
     log("config: " + config, console=False)

@@ -989,6 +989,7 @@ BAD_INPUT = {
                                         CODA_HEAD_NORM="layernorm"),
     "export_rule_unknown": _env_only(["EXPORT_RULE", "fisher, fill, rate"], EXPORT_RULE="greedy"),
     "data_order_unknown": _env_only(["DATA_ORDER", "strided, stream"], DATA_ORDER="shuffled"),
+    "attention_unknown": _env_only(["ATTENTION", "auto, sdpa"], ATTENTION="fa2"),
     "strided_train_shards_shorter_than_a_block": lambda ds, tmp, artifact: _short_train(ds, tmp),
     "coda_lambda_init_one": _env_only(["CODA_LAMBDA_INIT", "(0, 1)"], CODA_LAMBDA_INIT="1"),
     "coda_lr_negative": _env_only(["CODA_LR"], CODA_LR="-0.01"),

@@ -6,6 +6,7 @@ agree exactly."""
 import math
 import os
 import socket
+import types
 
 import pytest
 import torch
@@ -630,6 +631,20 @@ def test_fa3_branch_gets_one_dtype_in_bf16(monkeypatch):
     assert fa3.dtypes == [(torch.bfloat16,) * 3] * len(model.blocks)
     # a wrong map: 4e-3
     assert (loss - loss_and_grads(model, monkeypatch, None)[0]).abs() < 1e-3 * loss
+
+
+@pytest.mark.parametrize("choice", ["auto", "sdpa"])
+def test_attention_sdpa_keeps_flashattention3_out_where_it_imports(choice, monkeypatch):
+    """ATTENTION=auto runs FlashAttention-3 where it imports (and says so); ATTENTION=sdpa never
+    calls it, on the device FA3 would serve, and names SDPA."""
+    model = fa3_gpt(2, *FA3_CONFIGS["xsa_coda_ve"])
+    fa3 = FA3StandIn()
+    monkeypatch.setattr(tg, "fa3_attention", fa3)
+    monkeypatch.setattr(tg, "FA3_DEVICE", "cpu")
+    kernel = tg.choose_attention(types.SimpleNamespace(attention=choice), torch.device("cpu"))
+    model(*tokens())
+    assert kernel == {"auto": "fa3", "sdpa": "sdpa"}[choice]
+    assert len(fa3.dtypes) == (len(model.blocks) if choice == "auto" else 0)
 
 
 # -----------------------------
