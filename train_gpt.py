@@ -85,8 +85,13 @@ class ConfigError(Exception):
     """Bad input: one line and a non-zero exit, before anything is written."""
 
 
+def _text(name: str, default):
+    """The variable's value, stripped; an empty or blank one counts as unset."""
+    return os.environ.get(name, "").strip() or default
+
+
 def _env(name: str, default, cast=int):
-    raw = os.environ.get(name, "")
+    raw = os.environ.get(name, "")  # unstripped: a bad value is quoted as it was given
     if raw.strip() == "":
         return default
     try:
@@ -99,12 +104,8 @@ def _env(name: str, default, cast=int):
     return value
 
 
-def _text(name: str, default):
-    return os.environ.get(name, "").strip() or default
-
-
 def _layers(name: str) -> tuple[int, ...]:
-    raw = os.environ.get(name, "").strip()
+    raw = _text(name, "")
     try:
         return tuple(int(part) for part in raw.split(",")) if raw else ()
     except ValueError:

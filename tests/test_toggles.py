@@ -14,6 +14,7 @@ import torch
 import parts
 import synth
 import train_gpt as tg
+from test_cli import SCRIPT_VARS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -229,8 +230,7 @@ def readme_toggles() -> list[tuple[list[str], list[str], str]]:
 def test_readme_toggles_table_gives_the_scripts_defaults_and_every_variable(monkeypatch):
     """Each default in the README's table is the one the script uses (a default changed in one place
     only fails here), and every variable the script reads is in the table."""
-    script = (ROOT / "train_gpt.py").read_text()
-    read = set(re.findall(r'(?:_env|_flag|_text|_layers|environ\.get)\(\s*"([A-Z0-9_]+)"', script))
+    read = SCRIPT_VARS
     for name in read:
         monkeypatch.delenv(name, raising=False)
     args = tg.Hyperparameters(1)
@@ -269,9 +269,7 @@ def test_readme_toggles_table_gives_the_scripts_defaults_and_every_variable(monk
 def test_an_empty_value_is_the_default_for_every_variable(monkeypatch):
     """The contract: an empty value counts as unset. Every variable the script reads, set to ""
     (and to blanks), gives the same Hyperparameters as when it is not set at all."""
-    script = (ROOT / "train_gpt.py").read_text()
-    read = set(re.findall(r'(?:_env|_flag|_text|_layers|environ\.get)\(\s*"([A-Z0-9_]+)"', script))
-    read -= {"RANK", "WORLD_SIZE", "LOCAL_RANK", "RUN_ID"}  # torchrun's; RUN_ID: a fresh uuid
+    read = SCRIPT_VARS - {"RANK", "WORLD_SIZE", "LOCAL_RANK", "RUN_ID"}  # RUN_ID: a fresh uuid
     for name in read | {"RUN_ID"}:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("RUN_ID", "r")
