@@ -521,6 +521,10 @@ def test_artifact_bytes_tool_sizes_the_file_it_reads(single_run):
     assert sizes and int(sizes[3]) == artifact.stat().st_size, proc.stdout
     assert int(sizes[1]) - int(sizes[2]) == int(sizes[4])
     assert int(sizes[1]) - int(sizes[3]) == int(sizes[5])
+    # Entropy's orderings: no coder beats the code length under its own classes' fitted tables,
+    # and rows that are each their own class need no more bits than any grouping of them.
+    got = {k: float(v) for k, v in re.findall(r"^int_codes (\w+):([\d.]+) ", proc.stdout, re.M)}
+    assert got["order0_row"] <= got["context_rows32"] <= got["format3"], got
 
 
 # -----------------------------

@@ -12,7 +12,11 @@ codes in one rANS stream), and, over its quantized matrices' codes (int6/int5):
   row (each row's own variance): bounds for a coder that knew more than zstd's blocks do;
 - zstd-22 over rows grouped into K classes of spread (K = 4, 8), plus the classes' own bytes at
   log2 K bits a row, a layout that would have to store the classes;
-- how many int6 rows reach a code of +-31 (rows whose step the grid, not the rule, bounds).
+- how many int6 rows reach a code of +-31 (rows whose step the grid, not the rule, bounds);
+- the ideal code length (tables not counted) under context models a coder like format 3's could
+  use: classes of row spread alone (32, as format 3, and 128), of row spread times a per-column
+  factor (64), and 32 row classes times the previous code's size in the row (0, 1, 2, 3+): what
+  more context would buy over format 3's.
 
 The codes are unchanged by every layout: the artifact's state is the same in either format.
 """
@@ -41,6 +45,42 @@ def gaussian_bytes(codes: np.ndarray) -> float:
     cdf = torch.distributions.Normal(0.0, std)
     p = cdf.cdf(c + 0.5) - cdf.cdf(c - 0.5)
     return float(-p.clamp_min(1e-12).log2().sum() / 8)
+
+
+def context_bytes(sym: np.ndarray, cls: np.ndarray) -> float:
+    """Code length of symbols under one fitted table per class (the tables not counted)."""
+    k = int(cls.max()) + 1
+    counts = np.bincount(cls.astype(np.int64) * 256 + sym, minlength=k * 256).reshape(k, 256)
+    p = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    return float(-(counts[counts > 0] * np.log2(p[counts > 0])).sum() / 8)
+
+
+def equal_count_bins(value: np.ndarray, weight: np.ndarray, k: int) -> np.ndarray:
+    """Bins 0..k-1 of value, each holding about the same total weight (as format 3's classes)."""
+    order = np.argsort(value, kind="stable")
+    below = np.cumsum(weight[order].astype(np.int64))
+    edges = value[order][np.searchsorted(below, np.arange(1, k) * below[-1] / k)]
+    return np.searchsorted(edges, value)
+
+
+def context_sums(coded: list[np.ndarray]) -> dict[str, float]:
+    sym = np.concatenate([c.reshape(-1) for c in coded]).astype(np.int64) + 128
+    spread = [np.abs(c.astype(np.float32)).mean(1) for c in coded]
+    widths = np.concatenate([np.full(len(c), c.shape[1]) for c in coded])
+    rows = {k: np.repeat(equal_count_bins(np.concatenate(spread), widths, k), widths)
+            for k in (32, 128)}
+    # a column's factor: its codes' size against their rows' spreads, averaged down the column
+    column = [(np.abs(c.astype(np.float32)) / np.maximum(r[:, None], 1e-3)).mean(0)
+              for c, r in zip(coded, spread)]
+    both = np.concatenate([np.log(np.outer(r, q / q.mean()) + 1e-4).reshape(-1)
+                           for r, q in zip(spread, column)])
+    prev = np.concatenate([np.minimum(np.abs(np.pad(c[:, :-1], ((0, 0), (1, 0)))), 3).reshape(-1)
+                           for c in coded]).astype(np.int64)
+    return {"context_rows32": context_bytes(sym, rows[32]),
+            "context_rows128": context_bytes(sym, rows[128]),
+            "context_rows_columns64": context_bytes(
+                sym, equal_count_bins(both, np.ones(len(both), np.int64), 64)),
+            "context_rows32_previous4": context_bytes(sym, rows[32] * 4 + prev)}
 
 
 def main(path: str) -> None:
@@ -72,6 +112,8 @@ def main(path: str) -> None:
             sums[f"classes{k}"] += sum(z(c[group == g]) for g in range(k) if (group == g).any())
             sums[f"classes{k}"] += len(c) * math.log2(k) / 8
     sums["format3"] = sum(map(len, tg.rans_pack(coded, tg.zstd22))) if coded else 0
+    if coded:
+        sums.update(context_sums(coded))
     files = {f: head + len(tg.serialize(packed, shape, fmt=f)) for f in tg.ARTIFACT_MAGICS}
     print(f"artifact {path}: {len(blob)} bytes, format {fmt}")
     print(f"file format1:{files[1]} format2:{files[2]} format3:{files[3]} "
