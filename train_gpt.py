@@ -1908,17 +1908,21 @@ def rans_coded(kind: str, shape, fmt: int) -> bool:
     return fmt >= 3 and kind in RANS_KINDS and math.prod(shape) > 0
 
 
+def equal_count_bins(value: np.ndarray, weight: np.ndarray, k: int) -> np.ndarray:
+    """Bins 0..k-1 of value, each holding about the same total of the integer weights."""
+    order = np.argsort(value, kind="stable")
+    below = np.cumsum(weight[order])
+    edges = value[order][np.searchsorted(below, np.arange(1, k) * below[-1] / k)]
+    return np.searchsorted(edges, value)
+
+
 def rans_pack(matrices: list[np.ndarray], compress) -> list[bytes]:
     """The codes of matrices in one rANS stream: each row's class (RANS_CLASSES bins of equal
     code counts over its mean |code|, which sets how its codes spread), the class tables, the
     lanes' states and words. The first two frames go through compress."""
     spread = np.concatenate([np.abs(m.astype(np.float32)).mean(1) for m in matrices])
     widths = np.concatenate([np.full(len(m), m.shape[1]) for m in matrices])
-    by_spread = np.argsort(spread, kind="stable")
-    codes_below = np.cumsum(widths[by_spread])
-    edges = spread[by_spread][np.searchsorted(
-        codes_below, np.arange(1, RANS_CLASSES) * codes_below[-1] / RANS_CLASSES)]
-    classes = np.searchsorted(edges, spread).astype(np.uint8)
+    classes = equal_count_bins(spread, widths, RANS_CLASSES).astype(np.uint8)
     sym = np.concatenate([m.reshape(-1) for m in matrices]).astype(np.int16) + 127
     if sym.min() < 0:
         raise ValueError("rANS codes are -127..127: a code of -128 cannot be stored")
@@ -2815,7 +2819,7 @@ def run(held: ExitStack) -> int:
     report = dict(seed=args.seed, step=0, step_avg_ms=None, pre_quant_val_bpb=None,
                   artifact=args.load_artifact or args.artifact_path)
     code_bytes, digest = os.path.getsize(__file__), None
-    t_eval = time.perf_counter()  # the evaluation's clock (with LOAD_ARTIFACT; else below)
+    t_eval = None  # the evaluation's clock: from the loop's end, else final_evaluation's start
 
     if weights is None:  # train, average, export
         model = compile_fn(base_model, dynamic=False)

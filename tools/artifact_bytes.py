@@ -55,19 +55,11 @@ def context_bytes(sym: np.ndarray, cls: np.ndarray) -> float:
     return float(-(counts[counts > 0] * np.log2(p[counts > 0])).sum() / 8)
 
 
-def equal_count_bins(value: np.ndarray, weight: np.ndarray, k: int) -> np.ndarray:
-    """Bins 0..k-1 of value, each holding about the same total weight (as format 3's classes)."""
-    order = np.argsort(value, kind="stable")
-    below = np.cumsum(weight[order].astype(np.int64))
-    edges = value[order][np.searchsorted(below, np.arange(1, k) * below[-1] / k)]
-    return np.searchsorted(edges, value)
-
-
 def context_sums(coded: list[np.ndarray]) -> dict[str, float]:
     sym = np.concatenate([c.reshape(-1) for c in coded]).astype(np.int64) + 128
     spread = [np.abs(c.astype(np.float32)).mean(1) for c in coded]
     widths = np.concatenate([np.full(len(c), c.shape[1]) for c in coded])
-    rows = {k: np.repeat(equal_count_bins(np.concatenate(spread), widths, k), widths)
+    rows = {k: np.repeat(tg.equal_count_bins(np.concatenate(spread), widths, k), widths)
             for k in (32, 128)}
     # a column's factor: its codes' size against their rows' spreads, averaged down the column
     column = [(np.abs(c.astype(np.float32)) / np.maximum(r[:, None], 1e-3)).mean(0)
@@ -79,7 +71,7 @@ def context_sums(coded: list[np.ndarray]) -> dict[str, float]:
     return {"context_rows32": context_bytes(sym, rows[32]),
             "context_rows128": context_bytes(sym, rows[128]),
             "context_rows_columns64": context_bytes(
-                sym, equal_count_bins(both, np.ones(len(both), np.int64), 64)),
+                sym, tg.equal_count_bins(both, np.ones(len(both), np.int64), 64)),
             "context_rows32_previous4": context_bytes(sym, rows[32] * 4 + prev)}
 
 
