@@ -1108,9 +1108,14 @@ class GPT(nn.Module):
 
     def token_nll(self, ids: Tensor, targets: Tensor) -> Tensor:
         """Per-token negative log-likelihood (fp32), [B, T]."""
-        h = self.hidden(ids)
-        logits = lora_add(F.linear(h, self.tok_emb.weight.to(self.act_dtype)), h,
-                          self.head_lora).float()
+        return self.logits_nll(self.logits(self.hidden(ids)), targets)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """The tied head's logits (fp32), before the softcap."""
+        return lora_add(F.linear(h, self.tok_emb.weight.to(self.act_dtype)), h,
+                        self.head_lora).float()
+
+    def logits_nll(self, logits: Tensor, targets: Tensor) -> Tensor:
         logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
         return nll.view_as(targets)
@@ -1502,9 +1507,9 @@ def is_gptq_matrix(name: str, t: Tensor) -> bool:
     return export_kind(name, t) == "int6"
 
 
-def gptq_codes(w: Tensor, scale: Tensor, qmax: int, hessian: Tensor,
-               block: int = 128) -> Tensor | None:
-    """GPTQ: columns rounded in turn, each error moved onto the rest by the inverse Hessian."""
+def gptq_factor(hessian: Tensor) -> tuple[Tensor, Tensor] | None:
+    """GPTQ's column order (largest input first) and the upper Cholesky factor U of the damped
+    inverse Hessian in that order; None if it does not factor."""
     h = hessian.float().clone()
     dead = h.diagonal() == 0  # an input always 0: its column is plainly rounded
     h[dead, dead] = 1.0
@@ -1514,8 +1519,27 @@ def gptq_codes(w: Tensor, scale: Tensor, qmax: int, hessian: Tensor,
     chol, info = torch.linalg.cholesky_ex(h)
     if info.item() == 0:
         chol, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-    if info.item() != 0:
+    return None if info.item() != 0 else (order, chol)
+
+
+def gptq_energy(hessian: Tensor) -> Tensor:
+    """What a unit of rounding variance costs a row's d^T H d under GPTQ, per weight. GPTQ leaves
+    d = U^T e, e_j column j's rounding error over U_jj, so the cost is mean (U H U^T)_jj / U_jj^2:
+    mean 1 / U_jj^2 but for the damping, and mean(diag H) for uncorrelated inputs."""
+    factor = gptq_factor(hessian)
+    if factor is None:  # rounded to the nearest: every column's error stays as it is
+        return hessian.diagonal().double().mean()
+    order, u = factor[0], factor[1].double()
+    h = hessian.double()[order][:, order]
+    return (((u @ h) * u).sum(1) / u.diagonal().square()).mean()
+
+
+def gptq_codes(w: Tensor, scale: Tensor, qmax: int, hessian: Tensor,
+               block: int = 128) -> Tensor | None:
+    """GPTQ: columns rounded in turn, each error moved onto the rest by the inverse Hessian."""
+    if (factor := gptq_factor(hessian)) is None:
         return None
+    order, chol = factor
     wt, cols = w.float().t()[order].contiguous(), w.size(1)  # one column per row of wt
     codes, scale = torch.empty_like(wt), scale.float()
     for i1 in range(0, cols, block):
@@ -1731,17 +1755,20 @@ def fisher_steps(state, packed, hessians, fisher, budget_bytes, size, file_bytes
     and c the least that fits, found on measured sizes. To second order, rounding a row at step d
     costs the loss about F_r mean(diag H_m) d^2 / 12 (F_r its output's summed squared gradient,
     H_m its inputs' X^T X), so at one price per bit of an entropy-coded file the loss is least at
-    steps in proportion to t_r. None when no c tried fits. qmax above 31 (a study's, not the
-    rule's) lets a row finer than s_r, down to the step that codes its largest weight to qmax."""
-    names = [n for n, v in packed.items() if v[0] == "int6"]
+    steps in proportion to t_r. An int8 embedding with a weight in fisher (that product already,
+    no Hessian) is stepped alike from its absmax step. None when no c tried fits. qmax above 31
+    (a study's, not the rule's) lets an int6 row finer than s_r, down to the step that codes its
+    largest weight to qmax."""
+    names = [n for n, v in packed.items() if v[0] == "int6" or v[0] == "int8" and n in fisher]
     least = {n: packed[n][2].double() for n in names}
+    top = {n: 127 if packed[n][0] == "int8" else qmax for n in names}
     ratio = {}
     for n in names:
-        energy = hessians[n].diagonal().double().mean().cpu()
+        energy = gptq_energy(hessians[n]).cpu() if n in hessians else 1.0
         t = (fisher[n].double().cpu() * energy).clamp_min(1e-300).rsqrt()
         ratio[n] = (t / least[n]).clamp(2 ** -40, 2 ** 40)
     finest = {n: (state[n].double().abs().amax(1) / qmax / least[n]).clamp(max=1)
-              if qmax > 31 else torch.ones_like(least[n]) for n in names}
+              if qmax > 31 and n in hessians else torch.ones_like(least[n]) for n in names}
     counts = {n: least[n].numel() * state[n].size(1) for n in names}
     params = sum(counts.values())
     # t on the scale of s: c = 1 widens no row on a geometric average over the parameters
@@ -1750,10 +1777,11 @@ def fisher_steps(state, packed, hessians, fisher, budget_bytes, size, file_bytes
     def stepped(lc: float) -> dict[str, tuple]:
         out = dict(packed)
         for n in names:
-            w = state[n].to(hessians[n].device, torch.float32)
+            hessian = hessians.get(n)
+            w = state[n].float() if hessian is None else state[n].to(hessian.device, torch.float32)
             factor = torch.maximum(ratio[n] * 2 ** (lc - shift), finest[n]).clamp(max=64)
             scales = stored_scales((least[n] * factor).float().to(w.device))
-            out[n] = ("int6", round_rows(w, scales, qmax, hessians[n]).to(torch.int8).cpu(),
+            out[n] = (packed[n][0], round_rows(w, scales, top[n], hessian).to(torch.int8).cpu(),
                       scales.half().cpu())
         return out
 
@@ -2251,16 +2279,24 @@ def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, w
                      device: torch.device, time_left_ms=None,
                      piece_ms: float = 0.0) -> tuple[dict, dict, dict]:
     """GPTQ's X^T X of each matrix's inputs over one step's tokens, within time_left_ms; for
-    EXPORT_RULE=fisher also each output row's squared gradient of the tokens' summed loss."""
+    EXPORT_RULE=fisher also each output row's squared gradient of the tokens' summed loss, and
+    each embedding row's loss weight on the matrices' scale (fisher_steps)."""
     linears = {f"{name}.weight": module for name, module in base_model.named_modules()
                if isinstance(module, CastedLinear)
                and is_gptq_matrix(f"{name}.weight", module.weight)}
+    lookups = {f"{name}.weight": module for name, module in base_model.named_modules()
+               if isinstance(module, nn.Embedding) and f"{name}.weight" in EMBEDDINGS
+               } if args.export_rule == "fisher" else {}
     # Every key from the start: ranks that fed no piece still join each sum.
     hessians = {name: torch.zeros(m.in_features, m.in_features, device=device)
                 for name, m in linears.items()}
     fisher = {name: torch.zeros(m.out_features, device=device) for name, m in linears.items()
               } if args.export_rule == "fisher" else {}
-    outputs = []  # (name, output, the gain folded into its rows) of the piece's forward
+    fisher |= {name: torch.zeros(m.num_embeddings, device=device) for name, m in lookups.items()}
+    # the tied head's rows: squared logit gradients, and its inputs' mean square, summed
+    head = dict(rows=torch.zeros(base_model.tok_emb.num_embeddings, device=device),
+                energy=torch.zeros(1, device=device)) if fisher else {}
+    outputs = []  # (name, output, the gain folded into its rows or a lookup's ids) of a forward
 
     def accumulate(name: str):
         def hook(module, inputs):
@@ -2270,6 +2306,9 @@ def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, w
 
     def keep_output(name: str):
         def hook(module, inputs, kwargs, out):
+            if name in lookups:
+                outputs.append((name, out, inputs[0]))
+                return
             gain = kwargs.get("out_scale", inputs[1] if len(inputs) > 1 else None)
             outputs.append((name, out, None if gain is None else gain.detach().float().view(-1)))
         return hook
@@ -2277,7 +2316,7 @@ def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, w
     hooks = [module.register_forward_pre_hook(accumulate(name)) for name, module in linears.items()]
     if fisher:
         hooks += [module.register_forward_hook(keep_output(name), with_kwargs=True)
-                  for name, module in linears.items()]
+                  for name, module in (linears | lookups).items()]
     loader = DistributedTokenLoader(train_files, rank, world_size, device, args.data_order,
                                     args.seed)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -2292,13 +2331,21 @@ def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, w
             base_model.hidden(x)
             return
         with torch.enable_grad():  # gradients of the outputs alone: no weight's .grad is touched
-            grads = torch.autograd.grad(base_model.token_nll(x, y).sum(),
-                                        [out for _, out, _ in outputs], allow_unused=True)
+            h = base_model.hidden(x)
+            logits = base_model.logits(h)
+            *grads, g_head = torch.autograd.grad(base_model.logits_nll(logits, y).sum(),
+                                                 [out for _, out, _ in outputs] + [logits],
+                                                 allow_unused=True)
         for (name, _, gain), g in zip(outputs, grads):
             if g is None:  # an output the loss does not read: no weight on its rows
                 continue
+            if name in lookups:  # a row's per-element mean, summed over the tokens that read it
+                fisher[name].index_add_(0, gain.flatten(), g.float().square().mean(-1).flatten())
+                continue
             g2 = g.float().square().flatten(0, -2).sum(0)
             fisher[name].add_(g2 if gain is None else g2 * gain.square())
+        head["rows"].add_(g_head.float().square().flatten(0, -2).sum(0))
+        head["energy"].add_(h.detach().float().square().mean(-1).sum())
         outputs.clear()
 
     def go_on(slowest_ms: float) -> bool:
@@ -2329,9 +2376,15 @@ def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, w
         base_model.train()
     t0 = time.perf_counter()
     if world_size > 1:
-        for sums in (hessians, fisher):
+        for sums in (hessians, fisher, head):
             for name in sorted(sums):
                 dist.all_reduce(sums[name])
+    if lookups:
+        # The matrices' weight F_r mean(diag H) is the tokens' count times a weight's mean squared
+        # gradient; a lookup's sum is the latter, and the tied head is a matrix of its own.
+        for name in lookups:
+            fisher[name].mul_(tokens * world_size)
+        fisher["tok_emb.weight"].add_(head["rows"] * head["energy"])
     sync()
     reduce_ms = 1000.0 * (time.perf_counter() - t0)
     return hessians, fisher, dict(tokens=tokens, piece_ms=slowest_ms, reduce_ms=reduce_ms)

@@ -461,7 +461,8 @@ def test_export_ab_scores_each_rule_as_the_run_scores_its_artifact(dataset, tmp_
     and 'rate' with int5 matrices, 'fisher' (the default) with none; the line of the rule the run
     exported with reports the artifact's bytes and the run's own roundtrip score to the last digit
     (the tool scores as the run does); 'fisher_cal1', calibrated again after the run, packs the
-    artifact's bytes to its score, and 'fisher_cal2' fits too."""
+    artifact's bytes to its score, and 'fisher_cal2', 'fisher_matrices' and 'fisher_diag' (the
+    rule without the embeddings, then also with the diagonal's price) fit all-int6 too."""
     line = re.compile(r"export_ab rule:(\w+) int6:(\d+) int5:(\d+) bytes:(\d+) "
                       r"roundtrip val_bpb:(\d+\.\d{8}) gap:-?\d+\.\d{8}")
 
@@ -475,11 +476,14 @@ def test_export_ab_scores_each_rule_as_the_run_scores_its_artifact(dataset, tmp_
     _, ample = run("ab_ample")
     budget = int(0.97 * int(ample["int6"].group(4)))
     log, rules = run("ab", ARTIFACT_LIMIT_BYTES=str(budget + SCRIPT.stat().st_size),
-                     EXPORT_AB_RULES="fisher,fill,rate,int6,fisher_cal1,fisher_cal2")
+                     EXPORT_AB_RULES="fisher,fill,rate,int6,fisher_cal1,fisher_cal2,"
+                                     "fisher_matrices,fisher_diag")
     assert set(ample) == {"fisher", "fill", "rate", "int6"}, log[-3000:]
-    assert set(rules) == set(ample) | {"fisher_cal1", "fisher_cal2"}, log[-3000:]
+    others = {"fisher_cal1", "fisher_cal2", "fisher_matrices", "fisher_diag"}
+    assert set(rules) == set(ample) | others, log[-3000:]
     assert rules["fisher_cal1"].group(2, 3, 4, 5) == rules["fisher"].group(2, 3, 4, 5)
-    assert int(rules["fisher_cal2"].group(4)) <= budget
+    for rule in others:
+        assert int(rules[rule].group(4)) <= budget and int(rules[rule].group(3)) == 0, rule
     assert int(rules["int6"].group(4)) > budget >= max(int(rules[r].group(4))
                                                        for r in ("fisher", "fill", "rate"))
     assert int(rules["fill"].group(3)) > 0 and int(rules["rate"].group(3)) > 0

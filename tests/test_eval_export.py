@@ -16,6 +16,7 @@ import sentencepiece as spm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 import zstandard
 
 import parts
@@ -591,8 +592,11 @@ def test_collect_hessians_sums_each_int6_products_inputs(tmp_path):
 def test_collect_hessians_weighs_each_output_row_by_its_squared_loss_gradient(tmp_path):
     """EXPORT_RULE=fisher: per int6 matrix and output row, the squared gradient of the pieces'
     summed token losses at that row's output, summed over tokens, times the square of the gain
-    folded into the row (out_scale), as autograd gives it on each piece alone; the Hessians are
-    those of 'fill'; no weight's .grad is written and every hook is gone."""
+    folded into the row (out_scale), as autograd gives it on each piece alone; per embedding row,
+    the mean squared gradient at the lookup's output summed over the tokens that read the row,
+    times the tokens' count, plus for the tied head its rows' squared logit gradients (here in
+    closed form: softmax minus target through the softcap) times its inputs' summed mean square;
+    the Hessians are those of 'fill'; no weight's .grad is written and every hook is gone."""
     torch.manual_seed(0)
     model = tg.GPT(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2,
                    mlp_mult=2, max_seq_len=16, bigram_vocab_size=16, bigram_dim=8, xsa_last_n=1,
@@ -605,13 +609,17 @@ def test_collect_hessians_weighs_each_output_row_by_its_squared_loss_gradient(tm
                                  vocab_size=64, train_batch_tokens=64, grad_accum_steps=2,
                                  train_seq_len=16, micro_batch_tokens=32, export_rule="fisher")
     hessians, fisher, stats = tg.collect_hessians(args, model, [str(path)], 0, 1, CPU)
-    assert set(fisher) == set(hessians) == parts.of_role(model, "matrix") and stats["tokens"] == 64
+    embeddings = parts.of_role(model, "embedding")
+    assert set(hessians) == parts.of_role(model, "matrix") and stats["tokens"] == 64
+    assert set(fisher) == set(hessians) | embeddings == set(hessians) | {
+        "tok_emb.weight", "bigram.embed.weight"}
     assert all(p.grad is None for p in model.parameters())
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
     assert all(torch.equal(h, want) for h, want in zip(
         hessians.values(), tg.collect_hessians(dict_args(args, export_rule="fill"), model,
                                                [str(path)], 0, 1, CPU)[0].values()))
     want = {n: torch.zeros_like(f) for n, f in fisher.items()}
+    head_rows, head_energy, cap = torch.zeros(64), 0.0, model.logit_softcap
     loader = tg.DistributedTokenLoader([str(path)], 0, 1, CPU, args.data_order, args.seed)
     for _ in range(2):
         x, y = loader.next_batch(32, 16)
@@ -626,9 +634,22 @@ def test_collect_hessians_weighs_each_output_row_by_its_squared_loss_gradient(tm
                 hook.remove()
             grads = torch.autograd.grad(loss, [out for _, out in outs.values()])
             for (n, (inp, _)), g in zip(outs.items(), grads):
+                if f"{n}.weight" in embeddings:
+                    for i, row in enumerate(inp[0].flatten().tolist()):
+                        want[f"{n}.weight"][row] += g.flatten(0, -2)[i].square().mean()
+                    continue
                 gain = inp[1].detach().view(-1) if len(inp) > 1 and inp[1] is not None else 1.0
                 want[f"{n}.weight"] += g.square().flatten(0, -2).sum(0) * gain ** 2
+            with torch.no_grad():
+                h = model.hidden(xs).flatten(0, 1)
+                soft = torch.tanh(h @ model.tok_emb.weight.t() / cap)
+                g = (torch.softmax(cap * soft, -1) - F.one_hot(ys.flatten(), 64)) * (1 - soft ** 2)
+                head_rows += g.square().sum(0)
+                head_energy += float(h.square().mean(-1).sum())
     assert any(len(inp) > 1 for inp, _ in outs.values())  # some matrix does fold a gain
+    for n in embeddings:
+        want[n] *= 64
+    want["tok_emb.weight"] += head_rows * head_energy
     for n in fisher:
         assert torch.allclose(fisher[n], want[n], rtol=1e-4, atol=1e-12), n
         assert (fisher[n] > 0).all(), n
@@ -938,74 +959,114 @@ def test_quantize_state_with_hessians_beats_largest_saving_first():
 
 @pytest.fixture(scope="module")
 def fisher_case():
-    """A trained-like state under GPTQ, each matrix's rows weighted unequally (over 100x) and
-    matrices unequally: the Fisher rule's inputs, with a budget between all-int5 and all-int6."""
+    """A trained-like state under GPTQ, each matrix's and embedding's rows weighted unequally (over
+    100x) and tensors unequally: the Fisher rule's inputs (an embedding's weight the product the
+    rule takes, no Hessian), with a budget between all-int5 and all-int6."""
     state = trained_like_state(num_layers=2, xsa_last_n=0, coda_last_n=0)
     hessians, fisher = {}, {}
     for i, (name, t) in enumerate(state.items()):
-        if tg.export_kind(name, t) == "int6":
-            x = correlated_inputs(i, 64, t.size(1))
-            hessians[name] = x.t() @ x
+        if tg.export_kind(name, t) in ("int6", "int8"):
             g = torch.Generator().manual_seed(100 + i)
             fisher[name] = 10 ** (2 * torch.rand(t.size(0), generator=g, dtype=torch.float64)
                                   + i % 3 - 1)
+        if tg.export_kind(name, t) == "int6":
+            x = correlated_inputs(i, 64, t.size(1))
+            hessians[name] = x.t() @ x
+    energy = float(hessians["blocks.0.attn.c_q.weight"].diagonal().mean())
+    for name in fisher.keys() - hessians.keys():  # on the matrices' scale: F_r mean(diag H)
+        fisher[name] *= energy
     full = tg.quantize_state(state, hessians=hessians)
     floor = file_bytes(tg.quantize_state(state, 0, hessians, rule="fill"))
     return state, hessians, fisher, full, 0.6 * floor + 0.4 * file_bytes(full)
 
 
 def loss_estimate(state, packed, hessians, fisher):
-    """What the Fisher rule minimises: the second-order loss, sum of F_r d_r^T H d_r."""
+    """What the Fisher rule minimises: the second-order loss, sum of F_r d_r^T H d_r (H = I, the
+    scale in F_r, for an embedding)."""
     deq, total = tg.dequantize_state(packed), 0.0
     for name in fisher:
         d = (deq[name] - state[name].float()).double()
-        total += float((fisher[name] * ((d @ hessians[name].double()) * d).sum(1)).sum())
+        h = hessians[name].double() if name in hessians else torch.eye(d.size(1)).double()
+        total += float((fisher[name] * ((d @ h) * d).sum(1)).sum())
     return total
 
 
 def test_fisher_rule_fills_the_budget_all_int6_at_one_price_per_bit(fisher_case):
-    """Every int6 matrix stays int6 and the file fits within 0.1% under the budget; every row's step
-    is its least-error step s_r times clamp(c t_r / s_r, 1, 64), t_r = (F_r mean(diag H))^-1/2, with
-    one c for all rows of all matrices (rows the clamp holds at s_r would want a finer step than
-    c t_r)."""
+    """Every int6 matrix stays int6, every embedding int8, and the file fits within 0.1% under the
+    budget; every row's step is its least-error (an embedding's: absmax) step s_r times
+    clamp(c t_r / s_r, 1, 64), t_r = (F_r e_m)^-1/2 with e_m GPTQ's energy (an embedding's
+    F_r^-1/2), with one c
+    for all rows of all matrices and embeddings (rows the clamp holds at s_r would want a finer
+    step than c t_r); the codes are their width's and their rows' rounding to the nearest."""
     state, hessians, fisher, full, budget = fisher_case
     packed = tg.quantize_state(state, budget, hessians, rule="fisher", fisher=fisher)
     assert budget * (1 - 1e-3) <= file_bytes(packed) <= budget
-    assert ({n for n, v in packed.items() if v[0] == "int6"}
-            == {n for n, v in full.items() if v[0] == "int6"})
-    cs, held = [], 0
+    assert {n: v[0] for n, v in packed.items()} == {n: v[0] for n, v in full.items()}
+    cs, held, embeddings = [], 0, [n for n in fisher if n not in hessians]
+    assert embeddings
     for name in fisher:
         step, least = packed[name][2].double(), full[name][2].double()
-        t = (fisher[name] * hessians[name].diagonal().double().mean()).rsqrt()
+        energy = tg.gptq_energy(hessians[name]) if name in hessians else 1.0
+        t = (fisher[name] * energy).rsqrt()
         wide = step > least * 1.002  # beyond fp16's rounding of the stored scale
         cs.append(step[wide] / t[wide])
         held += int((~wide).sum())
+        if name in embeddings:
+            assert wide.any(), name
+            want = torch.clamp(torch.round(state[name] / packed[name][2].float()[:, None]),
+                               -127, 127)
+            assert torch.equal(packed[name][1].float(), want), name
     cs = torch.cat(cs)
     assert len(cs) > 0.5 * sum(len(f) for f in fisher.values()) and held > 0
     assert float(cs.max() / cs.min()) < 1.002, (float(cs.min()), float(cs.max()))
 
 
+def test_gptq_energy_prices_a_rows_rounding_under_gptq(fisher_case):
+    """At a fine step d, GPTQ's error of a row costs d^T H d = e d^2 / 12 per weight with e the
+    matrix's gptq_energy, which correlated inputs put well under mean(diag H) (plain rounding's
+    price); e is mean(diag H) for uncorrelated inputs."""
+    state, hessians, *_ = fisher_case
+    for name in ("blocks.0.attn.c_q.weight", "blocks.0.mlp.proj.weight"):
+        w, h = state[name].double(), hessians[name].double()
+        step = w.abs().amax(1) / 255  # fine: each code's error uniform over a step
+        codes = tg.gptq_codes(w.float(), step.float(), 255, hessians[name])
+        d = codes.double() * step[:, None] - w
+        priced = tg.gptq_energy(hessians[name]) * step ** 2 / 12 * w.size(1)
+        ratio = ((d @ h) * d).sum(1).sum() / priced.sum()
+        assert 0.9 < float(ratio) < 1.1, (name, float(ratio))
+        assert tg.gptq_energy(hessians[name]) < 0.5 * h.diagonal().mean()
+    diagonal = torch.diag(torch.rand(64, dtype=torch.float64) + 0.5)
+    assert torch.allclose(tg.gptq_energy(diagonal), diagonal.diagonal().mean())
+
+
 def test_fisher_rule_beats_fill_and_one_factor_in_the_loss_it_estimates(fisher_case):
     """At the same budget, the Fisher rule's second-order loss is well under 'fill's and under the
-    rule that widens every row's step by one factor
-    (the Fisher rule with all F_r t_r^2 = s_r^-2)."""
+    rule that widens every row's step by one factor (the Fisher rule with all F_r t_r^2 = s_r^-2),
+    and under its own without the embeddings' weights (their rows then int8 at the absmax step)."""
     state, hessians, fisher, full, budget = fisher_case
     fisher_packed = tg.quantize_state(state, budget, hessians, rule="fisher", fisher=fisher)
     fill = tg.quantize_state(state, budget, hessians, rule="fill")
-    energy = {n: hessians[n].diagonal().double().mean() for n in fisher}
+    energy = {n: tg.gptq_energy(hessians[n]) if n in hessians else 1.0 for n in fisher}
     uniform = {n: full[n][2].double() ** -2 / energy[n] for n in fisher}  # t_r = s_r
     one_factor = tg.quantize_state(state, budget, hessians, rule="fisher", fisher=uniform)
-    assert max(file_bytes(p) for p in (fisher_packed, fill, one_factor)) <= budget
+    matrices_only = tg.quantize_state(state, budget, hessians, rule="fisher",
+                                      fisher={n: fisher[n] for n in hessians})
+    for n in fisher.keys() - hessians.keys():
+        assert all(torch.equal(a, b) for a, b in zip(matrices_only[n][1:], full[n][1:])), n
+    packings = (fisher_packed, fill, one_factor, matrices_only)
+    assert max(file_bytes(p) for p in packings) <= budget
     ours = loss_estimate(state, fisher_packed, hessians, fisher)
     assert ours < 0.8 * loss_estimate(state, fill, hessians, fisher)
     assert ours < 0.8 * loss_estimate(state, one_factor, hessians, fisher)
+    assert ours < 0.995 * loss_estimate(state, matrices_only, hessians, fisher)
 
 
 def test_fisher_rule_without_calibration_packs_as_fill(fisher_case):
-    """No Fisher weights (GPTQ=0, or no time left for the calibration): exactly 'fill'."""
+    """No Fisher weights (GPTQ=0, or no time left for the calibration), or none for a matrix:
+    exactly 'fill'."""
     state, hessians, fisher, _, budget = fisher_case
     fill = tg.quantize_state(state, budget, hessians, rule="fill")
-    for weights in (None, {}, dict(list(fisher.items())[1:])):
+    for weights in (None, {}, {n: f for n, f in fisher.items() if n != next(iter(hessians))}):
         packed = tg.quantize_state(state, budget, hessians, rule="fisher", fisher=weights)
         assert all(packed[n][0] == v[0]
                    and all(torch.equal(a, b) for a, b in zip(packed[n][1:], v[1:]))

@@ -996,8 +996,8 @@ def test_each_parameter_is_trained_once_and_decays_at_its_groups_rate(monkeypatc
 def test_each_matrix_is_stored_int6_quantization_aware_and_calibrated(monkeypatch, tmp_path):
     """The products' matrices, and only they, are what Muon trains, what the export rounds to int6
     (int5 under a budget), what LATE_QAT rounds in training and what GPTQ (and the Fisher rule)
-    calibrates; embeddings are stored int8, CoDA's gate matrix fp16, every other tensor (CoDA's
-    learned norm too) fp32."""
+    calibrates; embeddings are stored int8 (the Fisher rule weighs their rows too), CoDA's gate
+    matrix fp16, every other tensor (CoDA's learned norm too) fp32."""
     args, model = full_model(monkeypatch, LATE_QAT=0.5, CODA_HEAD_NORM="learned")
     assert "blocks.1.attn.coda_norm" in parts.of_role(model, "coda")
     roles = parts.parameter_roles(model)
@@ -1021,8 +1021,9 @@ def test_each_matrix_is_stored_int6_quantization_aware_and_calibrated(monkeypatc
     synth.write_shard(str(shard), list(range(VOCAB)) * 4)
     hessians, fisher, _ = tg.collect_hessians(args, model, [str(shard)], 0, 1, torch.device("cpu"))
     assert set(hessians) == matrices and all(h.any() for h in hessians.values())
-    assert args.export_rule == "fisher" and set(fisher) == matrices  # the default's row weights
-    assert all((f > 0).all() for f in fisher.values())
+    assert args.export_rule == "fisher"  # the default's row weights
+    assert set(fisher) == matrices | parts.of_role(model, "embedding")
+    assert all((fisher[n] > 0).all() for n in matrices | {"tok_emb.weight"})  # the head reads all
 
 
 # -----------------------------

@@ -19,9 +19,14 @@ file's dequantized weights (the plain roundtrip evaluation, no sliding window), 
   writes format 3 (int5/int6 codes by rANS): what each format buys;
 - `fisher_calN` (N a positive integer): `fisher` from a calibration of N steps' tokens (N
   micro-batches a rank, the first the run's own), taken again on the trained weights after the
-  run: what a larger calibration buys (the record's one step on 8 GPUs is the proxy's 8).
+  run: what a larger calibration buys (the record's one step on 8 GPUs is the proxy's 8);
+- `fisher_matrices`: `fisher` with the embeddings left out of the rule (int8 at their absmax
+  step, as before the rule weighed their rows);
+- `fisher_diag`: `fisher_matrices` with each matrix priced by mean(diag H) instead of GPTQ's
+  energy (gptq_energy): the rule as it was before both.
 
-EXPORT_AB_RULES=fisher,fill picks and orders the rules (default: all but the fisher_format ones).
+EXPORT_AB_RULES=fisher,fill picks and orders the rules (default: fisher, fill, rate, int6 and
+old).
 
 The run then goes on to its own evaluation of its artifact. With EVAL_STRIDE=0 TTT_ENABLED=0 the
 A/B costs little more than the training.
@@ -82,6 +87,10 @@ def final_evaluation(args, base_model, evaluate, artifact_path, weights, code_by
                  for rule in tg.EXPORT_RULES}
         rules["int6"] = lambda: tg.quantize_state(state, float("inf"), hessians, args.shape)
         rules["fisher_format1"] = rules["fisher_format2"] = rules["fisher"]  # format: below
+        matrices = {n: f for n, f in (seen["fisher"] or {}).items() if n not in tg.EMBEDDINGS}
+        rules["fisher_matrices"] = lambda: tg.quantize_state(state, budget, hessians, args.shape,
+                                                             fisher=matrices)
+        rules["fisher_diag"] = lambda: diagonal_priced(rules["fisher_matrices"])
         for name in REQUESTED:
             if match := CALIBRATED.fullmatch(name):
                 rules[name] = lambda steps=int(match[1]): tg.quantize_state(
@@ -91,7 +100,7 @@ def final_evaluation(args, base_model, evaluate, artifact_path, weights, code_by
             takes_shape = "shape" in inspect.signature(old.quantize_state).parameters
             rules["old"] = lambda: old.quantize_state(
                 state, 0.985 * budget, hessians, *[args.shape][:takes_shape])
-        chosen = REQUESTED or [name for name in rules if "_format" not in name]
+        chosen = REQUESTED or [name for name in (*tg.EXPORT_RULES, "int6", "old") if name in rules]
         rules = {name: rules[name] for name in chosen}
         path = f"{artifact_path}.ab"
         for name, rule in rules.items():
@@ -113,8 +122,19 @@ def final_evaluation(args, base_model, evaluate, artifact_path, weights, code_by
                                  log, digest)
 
 
+def diagonal_priced(rule):
+    """rule() with every matrix priced by mean(diag H), as before gptq_energy."""
+    energy = tg.gptq_energy
+    tg.gptq_energy = lambda hessian: hessian.diagonal().double().mean()
+    try:
+        return rule()
+    finally:
+        tg.gptq_energy = energy
+
+
 CALIBRATED = re.compile(r"fisher_cal([1-9][0-9]*)")
-RULES = (*tg.EXPORT_RULES, "int6", "fisher_format1", "fisher_format2",
+RULES = (*tg.EXPORT_RULES, "int6", "fisher_format1", "fisher_format2", "fisher_matrices",
+         "fisher_diag",
          *(["old"] if os.environ.get("OLD_TRAIN_GPT") else []))
 REQUESTED = os.environ["EXPORT_AB_RULES"].split(",") if os.environ.get("EXPORT_AB_RULES") else []
 if unknown := {name for name in REQUESTED
