@@ -744,6 +744,49 @@ def test_collect_hessians_ranks_feed_the_same_pieces_by_the_least_time_left(tmp_
     assert got == [[2, 16], [2, 16]], got  # 8 tokens a piece
 
 
+def _fisher_worker(rank, world_size, port, shard, out_dir):
+    """Both ranks read the same tokens: one process's calibration, then the two ranks'."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model = tg.GPT(vocab_size=64, num_layers=1, model_dim=16, num_heads=2, num_kv_heads=1,
+                       mlp_mult=2, max_seq_len=8, bigram_vocab_size=16, bigram_dim=8,
+                       act_dtype=torch.float32)
+        for p in model.parameters():
+            p.data.add_(0.05 * torch.randn_like(p))
+        args = types.SimpleNamespace(data_order="stream", seed=0,
+                                     vocab_size=64, train_batch_tokens=64, grad_accum_steps=1,
+                                     train_seq_len=8, micro_batch_tokens=32, export_rule="fisher")
+        loader = tg.DistributedTokenLoader
+        tg.DistributedTokenLoader = lambda files, _rank, _size, *rest: loader(files, 0, 1, *rest)
+        _, alone, _ = tg.collect_hessians(args, model, [shard], 0, 1, CPU)
+        _, both, _ = tg.collect_hessians(args, model, [shard], rank, world_size, CPU)
+    finally:
+        dist.destroy_process_group()
+    ratios = {n: (both[n] / alone[n]).tolist() for n in alone}
+    with open(os.path.join(out_dir, f"fisher{rank}.json"), "w") as f:
+        json.dump(ratios, f)
+
+
+def test_collect_hessians_on_two_ranks_weighs_as_one_process_over_their_tokens(tmp_path):
+    """Two ranks that read the same tokens: each matrix's row weights are twice one process's
+    (a sum over twice the tokens), each embedding's four times (the tokens' count doubles as well
+    as the sum, and the tied head's squared gradients and its inputs' energy are each summed over
+    both ranks before their product), on both ranks alike."""
+    path = tmp_path / "fineweb_train_000000.bin"
+    synth.write_shard(str(path), list(np.random.default_rng(0).integers(0, 64, 400)))
+    mp.spawn(_fisher_worker, args=(2, free_port(), str(path), str(tmp_path)), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"fisher{rank}.json").read_text()) for rank in (0, 1)]
+    assert got[0] == got[1]
+    assert {"tok_emb.weight", "bigram.embed.weight", "blocks.0.mlp.fc.weight"} <= set(got[0])
+    for name, ratios in got[0].items():
+        want = 4.0 if name in tg.EMBEDDINGS else 2.0
+        seen = [r for r in ratios if r == r]  # a bucket no token read: 0 / 0
+        assert seen and all(abs(r - want) < 1e-4 for r in seen), (name, ratios[:4])
+
+
 def test_gptq_export_refuses_a_matrix_without_calibration(tmp_path):
     """With GPTQ=1 every int6 matrix must have a Hessian: one that is missing (a hook that never
     fired) stops the export before anything is written, instead of silently rounding that matrix."""
