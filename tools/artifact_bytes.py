@@ -16,7 +16,10 @@ codes in one rANS stream), and, over its quantized matrices' codes (int6/int5):
 - the ideal code length (tables not counted) under context models a coder like format 3's could
   use: classes of row spread alone (32, as format 3, and 128), of row spread times a per-column
   factor (64), and 32 row classes times the previous code's size in the row (0, 1, 2, 3+): what
-  more context would buy over format 3's.
+  more context would buy over format 3's;
+- per int8 embedding: its zstd frame as written (rows by scale), what format 3's rANS coder would
+  take for it alone (classes, tables and stream), its order-0 entropy and its mean |code| (the
+  Fisher rule coarsens rows of little weight, which shrinks their codes).
 
 The codes are unchanged by every layout: the artifact's state is the same in either format.
 """
@@ -115,6 +118,12 @@ def main(path: str) -> None:
     base = sums["format1"]
     for key, value in sums.items():
         print(f"int_codes {key}:{value:.0f} ({value / base:.4f} of format1)")
+    for name, (kind, codes, *scales) in sorted(packed.items()):
+        if kind == "int8":
+            c = codes.numpy()
+            print(f"int8 {name} rows:{len(c)} zstd:{z(c[tg.scale_order(scales[0])])} "
+                  f"rans:{sum(map(len, tg.rans_pack([c], tg.zstd22)))} "
+                  f"order0:{entropy_bytes(c):.0f} mean_abs_code:{np.abs(c).mean():.2f}")
 
 
 if __name__ == "__main__":
