@@ -2297,11 +2297,13 @@ def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, w
     head = dict(rows=torch.zeros(base_model.tok_emb.num_embeddings, device=device),
                 energy=torch.zeros(1, device=device)) if fisher else {}
     outputs = []  # (name, output, the gain folded into its rows or a lookup's ids) of a forward
+    applied = dict.fromkeys(linears, 0)  # rows each matrix read: the tokens times its uses a token
 
     def accumulate(name: str):
         def hook(module, inputs):
             x = inputs[0].detach().flatten(0, -2).float()
             hessians[name].addmm_(x.t(), x)
+            applied[name] += x.size(0)
         return hook
 
     def keep_output(name: str):
@@ -2381,10 +2383,14 @@ def collect_hessians(args, base_model: GPT, train_files: list[str], rank: int, w
                 dist.all_reduce(sums[name])
     if lookups:
         # The matrices' weight F_r mean(diag H) is the tokens' count times a weight's mean squared
-        # gradient; a lookup's sum is the latter, and the tied head is a matrix of its own.
+        # gradient (uses times that, for a matrix a token uses more than once: recurrence, so
+        # divided by them); a lookup's sum is the latter, and the tied head is a matrix of its own.
         for name in lookups:
             fisher[name].mul_(tokens * world_size)
         fisher["tok_emb.weight"].add_(head["rows"] * head["energy"])
+        for name in linears:
+            if applied[name] > tokens:
+                fisher[name].mul_(tokens / applied[name])
     sync()
     reduce_ms = 1000.0 * (time.perf_counter() - t0)
     return hessians, fisher, dict(tokens=tokens, piece_ms=slowest_ms, reduce_ms=reduce_ms)

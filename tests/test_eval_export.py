@@ -655,6 +655,43 @@ def test_collect_hessians_weighs_each_output_row_by_its_squared_loss_gradient(tm
         assert (fisher[n] > 0).all(), n
 
 
+def test_collect_hessians_prices_a_matrix_a_token_runs_twice_per_use(tmp_path):
+    """Depth recurrence runs block 0 twice a token: its matrices' F_r and X^T X each sum over both
+    uses, so their product is twice a single use's scale; their weights are halved back onto the
+    scale the embeddings' rows are priced on, and block 1's, run once, are the plain sums."""
+    torch.manual_seed(0)
+    model = tg.GPT(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2,
+                   mlp_mult=2, max_seq_len=16, bigram_vocab_size=0, xsa_last_n=0,
+                   act_dtype=torch.float32, recur_layers=(0,))
+    model.recurring = True
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    path = tmp_path / "fineweb_train_000000.bin"
+    synth.write_shard(str(path), list(np.random.default_rng(0).integers(0, 64, 200)))
+    args = types.SimpleNamespace(data_order="stream", seed=0,
+                                 vocab_size=64, train_batch_tokens=32, grad_accum_steps=1,
+                                 train_seq_len=16, micro_batch_tokens=32, export_rule="fisher")
+    hessians, fisher, stats = tg.collect_hessians(args, model, [str(path)], 0, 1, CPU)
+    raw = {n: torch.zeros_like(f) for n, f in fisher.items() if n in hessians}
+    loader = tg.DistributedTokenLoader([str(path)], 0, 1, CPU, args.data_order, args.seed)
+    x, y = loader.next_batch(32, 16)
+    for xs, ys in zip(x.split(max(1, len(x) // tg.CALIBRATION_PIECES)),
+                      y.split(max(1, len(x) // tg.CALIBRATION_PIECES))):
+        outs = []
+        hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: outs.append((n, inp, out)))
+                 for n, m in model.named_modules() if f"{n}.weight" in raw]
+        loss = model.token_nll(xs, ys).sum()
+        for hook in hooks:
+            hook.remove()
+        for (n, inp, _), g in zip(outs, torch.autograd.grad(loss, [o for *_, o in outs])):
+            gain = inp[1].detach().view(-1) if len(inp) > 1 and inp[1] is not None else 1.0
+            raw[f"{n}.weight"] += g.square().flatten(0, -2).sum(0) * gain ** 2
+    uses = {n: 2 if n.startswith("blocks.0.") else 1 for n in raw}
+    assert sorted(set(uses.values())) == [1, 2]
+    for n in raw:
+        assert torch.allclose(fisher[n], raw[n] / uses[n], rtol=1e-4, atol=1e-12), n
+
+
 def dict_args(args, **changes):
     return types.SimpleNamespace(**dict(vars(args), **changes))
 

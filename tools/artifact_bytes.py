@@ -18,8 +18,9 @@ codes in one rANS stream), and, over its quantized matrices' codes (int6/int5):
   factor (64), and 32 row classes times the previous code's size in the row (0, 1, 2, 3+): what
   more context would buy over format 3's;
 - per int8 embedding: its zstd frame as written (rows by scale), what format 3's rANS coder would
-  take for it alone (classes, tables and stream), its order-0 entropy and its mean |code| (the
-  Fisher rule coarsens rows of little weight, which shrinks their codes).
+  take for it alone (classes, tables and stream), its order-0 entropy, its mean |code| (the
+  Fisher rule coarsens rows of little weight, which shrinks their codes) and how many rows reach
+  a code of +-127 (rows at their int8 step: the rule's clamp, or a row it left as it was).
 
 The codes are unchanged by every layout: the artifact's state is the same in either format.
 """
@@ -123,7 +124,8 @@ def main(path: str) -> None:
             c = codes.numpy()
             print(f"int8 {name} rows:{len(c)} zstd:{z(c[tg.scale_order(scales[0])])} "
                   f"rans:{sum(map(len, tg.rans_pack([c], tg.zstd22)))} "
-                  f"order0:{entropy_bytes(c):.0f} mean_abs_code:{np.abs(c).mean():.2f}")
+                  f"order0:{entropy_bytes(c):.0f} mean_abs_code:{np.abs(c).mean():.2f} "
+                  f"at_code_127:{int((np.abs(c).max(1) == 127).sum())}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ The run then goes on to its own evaluation of its artifact. With EVAL_STRIDE=0 T
 A/B costs little more than the training.
 """
 import copy
+import functools
 import importlib.util
 import inspect
 import os
@@ -90,7 +91,7 @@ def final_evaluation(args, base_model, evaluate, artifact_path, weights, code_by
         matrices = {n: f for n, f in (seen["fisher"] or {}).items() if n not in tg.EMBEDDINGS}
         rules["fisher_matrices"] = lambda: tg.quantize_state(state, budget, hessians, args.shape,
                                                              fisher=matrices)
-        rules["fisher_diag"] = lambda: diagonal_priced(rules["fisher_matrices"])
+        rules["fisher_diag"] = functools.partial(diagonal_priced, rules["fisher_matrices"])
         for name in REQUESTED:
             if match := CALIBRATED.fullmatch(name):
                 rules[name] = lambda steps=int(match[1]): tg.quantize_state(
