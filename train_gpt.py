@@ -1751,14 +1751,14 @@ def quantize_state(state: dict[str, Tensor], budget_bytes: float = math.inf,
 def fisher_steps(state, packed, hessians, fisher, budget_bytes, size, file_bytes, trials=10,
                  qmax=31):
     """Rule 'fisher' of quantize_state: every int6 matrix stays int6, row r of matrix m at the step
-    s_r * clamp(c * t_r / s_r, 1, 64), s_r its step of least error, t_r = (F_r mean(diag H_m))^-1/2
-    and c the least that fits, found on measured sizes. To second order, rounding a row at step d
-    costs the loss about F_r mean(diag H_m) d^2 / 12 (F_r its output's summed squared gradient,
-    H_m its inputs' X^T X), so at one price per bit of an entropy-coded file the loss is least at
-    steps in proportion to t_r. An int8 embedding with a weight in fisher (that product already,
-    no Hessian) is stepped alike from its absmax step. None when no c tried fits. qmax above 31
-    (a study's, not the rule's) lets an int6 row finer than s_r, down to the step that codes its
-    largest weight to qmax."""
+    s_r * clamp(c * t_r / s_r, 1, 64), s_r its step of least error, t_r = (F_r e_m)^-1/2 and c the
+    least that fits, found on measured sizes. To second order, rounding a row at step d costs the
+    loss about F_r e_m d^2 / 12 (F_r its output's summed squared gradient, e_m what a unit of
+    rounding variance costs its inputs' X^T X under GPTQ: gptq_energy), so at one price per bit of
+    an entropy-coded file the loss is least at steps in proportion to t_r. An int8 embedding with
+    a weight in fisher (that product already, no Hessian) is stepped alike from its absmax step.
+    None when no c tried fits. qmax above 31 (a study's, not the rule's) lets an int6 row finer
+    than s_r, down to the step that codes its largest weight to qmax."""
     names = [n for n, v in packed.items() if v[0] == "int6" or v[0] == "int8" and n in fisher]
     least = {n: packed[n][2].double() for n in names}
     top = {n: 127 if packed[n][0] == "int8" else qmax for n in names}
