@@ -620,35 +620,19 @@ def test_collect_hessians_weighs_each_output_row_by_its_squared_loss_gradient(tm
                                                [str(path)], 0, 1, CPU)[0].values()))
     want = {n: torch.zeros_like(f) for n, f in fisher.items()}
     head_rows, head_energy, cap = torch.zeros(64), 0.0, model.logit_softcap
-    loader = tg.DistributedTokenLoader([str(path)], 0, 1, CPU, args.data_order, args.seed)
-    for _ in range(2):
-        x, y = loader.next_batch(32, 16)
-        for xs, ys in zip(x.split(max(1, len(x) // tg.CALIBRATION_PIECES)),
-                          y.split(max(1, len(x) // tg.CALIBRATION_PIECES))):
-            outs = {}
-            hooks = [m.register_forward_hook(
-                         lambda mod, inp, out, n=n: outs.update({n: (inp, out)}))
-                     for n, m in model.named_modules() if f"{n}.weight" in fisher]
-            loss = model.token_nll(xs, ys).sum()
-            for hook in hooks:
-                hook.remove()
-            grads = torch.autograd.grad(loss, [out for _, out in outs.values()])
-            for (n, (inp, _)), g in zip(outs.items(), grads):
-                if f"{n}.weight" in embeddings:
-                    for i, row in enumerate(inp[0].flatten().tolist()):
-                        want[f"{n}.weight"][row] += g.flatten(0, -2)[i].square().mean()
-                    continue
-                gain = inp[1].detach().view(-1) if len(inp) > 1 and inp[1] is not None else 1.0
-                want[f"{n}.weight"] += g.square().flatten(0, -2).sum(0) * gain ** 2
-            with torch.no_grad():
-                h = model.hidden(xs).flatten(0, 1)
-                soft = torch.tanh(h @ model.tok_emb.weight.t() / cap)
-                g = (torch.softmax(cap * soft, -1) - F.one_hot(ys.flatten(), 64)) * (1 - soft ** 2)
-                head_rows += g.square().sum(0)
-                head_energy += float(h.square().mean(-1).sum())
-    assert any(len(inp) > 1 for inp, _ in outs.values())  # some matrix does fold a gain
+    for xs, ys in calibration_pieces(path, args):
+        weights, gained = autograd_row_weights(model, xs, ys, fisher, embeddings)
+        for n in want:
+            want[n] += weights[n]
+        with torch.no_grad():
+            h = model.hidden(xs).flatten(0, 1)
+            soft = torch.tanh(h @ model.tok_emb.weight.t() / cap)
+            g = (torch.softmax(cap * soft, -1) - F.one_hot(ys.flatten(), 64)) * (1 - soft ** 2)
+            head_rows += g.square().sum(0)
+            head_energy += float(h.square().mean(-1).sum())
     for n in embeddings:
         want[n] *= 64
+    assert gained  # some matrix does fold a gain
     want["tok_emb.weight"] += head_rows * head_energy
     for n in fisher:
         assert torch.allclose(fisher[n], want[n], rtol=1e-4, atol=1e-12), n
@@ -673,23 +657,48 @@ def test_collect_hessians_prices_a_matrix_a_token_runs_twice_per_use(tmp_path):
                                  train_seq_len=16, micro_batch_tokens=32, export_rule="fisher")
     hessians, fisher, stats = tg.collect_hessians(args, model, [str(path)], 0, 1, CPU)
     raw = {n: torch.zeros_like(f) for n, f in fisher.items() if n in hessians}
-    loader = tg.DistributedTokenLoader([str(path)], 0, 1, CPU, args.data_order, args.seed)
-    x, y = loader.next_batch(32, 16)
-    for xs, ys in zip(x.split(max(1, len(x) // tg.CALIBRATION_PIECES)),
-                      y.split(max(1, len(x) // tg.CALIBRATION_PIECES))):
-        outs = []
-        hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: outs.append((n, inp, out)))
-                 for n, m in model.named_modules() if f"{n}.weight" in raw]
-        loss = model.token_nll(xs, ys).sum()
-        for hook in hooks:
-            hook.remove()
-        for (n, inp, _), g in zip(outs, torch.autograd.grad(loss, [o for *_, o in outs])):
-            gain = inp[1].detach().view(-1) if len(inp) > 1 and inp[1] is not None else 1.0
-            raw[f"{n}.weight"] += g.square().flatten(0, -2).sum(0) * gain ** 2
+    for xs, ys in calibration_pieces(path, args):
+        for n, weights in autograd_row_weights(model, xs, ys, raw)[0].items():
+            raw[n] += weights
     uses = {n: 2 if n.startswith("blocks.0.") else 1 for n in raw}
     assert sorted(set(uses.values())) == [1, 2]
     for n in raw:
         assert torch.allclose(fisher[n], raw[n] / uses[n], rtol=1e-4, atol=1e-12), n
+
+
+def calibration_pieces(path, args):
+    """The pieces collect_hessians feeds one rank: each micro-batch cut in CALIBRATION_PIECES."""
+    loader = tg.DistributedTokenLoader([str(path)], 0, 1, CPU, args.data_order, args.seed)
+    for _ in range(args.grad_accum_steps):
+        x, y = loader.next_batch(args.micro_batch_tokens, args.train_seq_len)
+        size = max(1, len(x) // tg.CALIBRATION_PIECES)
+        yield from zip(x.split(size), y.split(size))
+
+
+def autograd_row_weights(model, xs, ys, names, embeddings=()) -> tuple[dict, set]:
+    """By autograd on one piece, per weight in names: each output row's squared gradient of the
+    summed loss, summed over tokens and every use of the module, times the square of a gain folded
+    into the row; for one of embeddings, each row's mean squared gradient at the lookup's output
+    summed over the tokens that read it. Also the names whose module folded a gain."""
+    outs = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: outs.append((n, inp, out)))
+             for n, m in model.named_modules() if f"{n}.weight" in names]
+    try:
+        loss = model.token_nll(xs, ys).sum()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    weights, gained = {n: torch.zeros_like(f) for n, f in names.items()}, set()
+    for (n, inp, _), g in zip(outs, torch.autograd.grad(loss, [out for *_, out in outs])):
+        name = f"{n}.weight"
+        if name in embeddings:
+            for i, row in enumerate(inp[0].flatten().tolist()):
+                weights[name][row] += g.flatten(0, -2)[i].square().mean()
+            continue
+        gain = inp[1].detach().view(-1) if len(inp) > 1 and inp[1] is not None else 1.0
+        weights[name] += g.square().flatten(0, -2).sum(0) * gain ** 2
+        gained |= {name} if len(inp) > 1 else set()
+    return weights, gained
 
 
 def dict_args(args, **changes):
